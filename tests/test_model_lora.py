@@ -1,0 +1,115 @@
+"""LoRA equals peft's: same A/B give the same logits and loss; merge and fresh-LoRA behave."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import torch
+from flax import nnx
+
+from hf_reference import hf_llama, jax_from_hf, random_batch
+from vtimellm_jax.models import lora
+from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models.vtimellm import causal_lm_loss
+
+RANK, ALPHA = 4, 8.0
+
+
+def _peft_model(hf, targets):
+  # get_peft_model rewrites `hf` in place, so read its base weights before calling this.
+  model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets)))
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_B" in name:
+        p.copy_(0.05 * torch.randn_like(p))  # peft starts B at 0; a non-zero B tests the math
+  return model.eval()
+
+
+def _copy_peft_factors(ours, peft_model):
+  state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
+  copied = 0
+  for path, layer in lora.lora_layers(ours):
+    if not layer.has_lora:
+      continue
+    prefix = "base_model.model." + ".".join(str(p) for p in path)
+    layer.lora_a[...] = jnp.asarray(state[prefix + ".lora_A.default.weight"].T)
+    layer.lora_b[...] = jnp.asarray(state[prefix + ".lora_B.default.weight"].T)
+    copied += 1
+  return copied
+
+
+def _setup(targets=lora.ALL_TARGETS):
+  config = LlamaConfig.tiny()
+  hf = hf_llama(config)
+  ours = jax_from_hf(hf, config)
+  peft_model = _peft_model(hf, targets)
+  n = lora.attach_lora(ours, lora.LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=tuple(targets)), nnx.Rngs(3))
+  assert n == config.num_layers * len(targets)
+  assert _copy_peft_factors(ours, peft_model) == n
+  return config, peft_model, ours
+
+
+def test_lora_logits_and_loss_match_peft():
+  config, peft_model, ours = _setup()
+  ids, mask = random_batch(config.vocab_size, 2, 12, [12, 8])
+  labels = np.where(mask == 1, ids, -100)
+  labels[:, :3] = -100
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+  logits = ours(jnp.asarray(ids), jnp.asarray(mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], rtol=1e-4, atol=1e-4)
+  loss, count = causal_lm_loss(logits, jnp.asarray(labels))
+  assert int(count) == int((labels[:, 1:] != -100).sum())
+  np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)
+
+
+def test_lora_subset_of_targets_matches_peft():
+  config, peft_model, ours = _setup(targets=("q_proj", "v_proj", "down_proj"))
+  ids, mask = random_batch(config.vocab_size, 1, 9, [9])
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), ref, rtol=1e-4, atol=1e-4)
+  assert not ours.model.layers[0].self_attn.k_proj.has_lora
+
+
+def test_merge_equals_unmerged_and_fresh_lora_starts_from_merged():
+  config, _, ours = _setup()
+  ids, mask = random_batch(config.vocab_size, 2, 10, [10, 6])
+  before = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  layer = ours.model.layers[1].mlp.up_proj
+  by_hand = np.asarray(layer.kernel[...]) + (ALPHA / RANK) * np.asarray(layer.lora_a[...]) @ np.asarray(layer.lora_b[...])
+  assert len(nnx.state(ours, nnx.LoRAParam)) > 0
+  assert lora.merge_lora(ours) == config.num_layers * 7
+  assert len(jax.tree.leaves(nnx.state(ours, nnx.LoRAParam))) == 0
+  np.testing.assert_allclose(np.asarray(layer.kernel[...]), by_hand, rtol=1e-6, atol=1e-7)
+  merged = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(merged, before, rtol=1e-4, atol=1e-4)
+  # Stage 3: a fresh LoRA (B = 0) leaves the merged model's outputs unchanged and is what trains.
+  lora.attach_lora(ours, lora.LoraConfig(rank=8, alpha=16.0, dropout=0.05), nnx.Rngs(7))
+  ours.eval()
+  fresh = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(fresh, merged, rtol=1e-6, atol=1e-6)
+  trainable = nnx.state(ours, nnx.LoRAParam)
+  frozen = nnx.state(ours, lora.BASE_PARAMS)
+  n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+  expected = config.num_layers * 8 * sum(
+      i + o for i, o in [(64, 64)] * 4 + [(64, 176), (64, 176), (176, 64)])
+  assert n_lora == expected
+  assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def test_lora_dropout_is_active_only_in_training():
+  config = LlamaConfig.tiny()
+  from vtimellm_jax.models.llama import LlamaForCausalLM
+  model = LlamaForCausalLM(config, nnx.Rngs(0))
+  lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5), nnx.Rngs(1))
+  for _, layer in lora.lora_layers(model):
+    layer.lora_b[...] = jnp.ones_like(layer.lora_b[...]) * 0.1
+  ids = jnp.arange(3, 11)[None]
+  model.train()
+  a, b = model(ids), model(ids)
+  assert not np.allclose(np.asarray(a), np.asarray(b))
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))

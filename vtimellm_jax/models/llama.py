@@ -1,0 +1,335 @@
+"""LLaMA / Vicuna decoder in Flax NNX, numerically the HF `LlamaForCausalLM`.
+
+Parameter names mirror HF (`model.layers.N.self_attn.q_proj`, `input_layernorm`, `lm_head`) so
+conversion is a table (see `vtimellm_jax/convert/llama.py`). Kernels are stored [in, out]. RoPE
+uses HF's rotate-half layout, so HF q/k weights load without permutation.
+
+Shapes: B batch, T query length, S key length, D model width, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.models.lora import Linear
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture and numerics of a LLaMA-2-style decoder."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 4096
+  dtype: str = "float32"  # compute
+  param_dtype: str = "float32"  # storage of the (frozen) base weights
+  attention_impl: str = "auto"  # auto | xla | cudnn
+  remat: str = "none"  # none | full | save_dots
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads and self.head_dim is None:
+      raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+    if self.remat not in ("none", "full", "save_dots"):
+      raise ValueError(f"remat must be none, full or save_dots, got {self.remat!r}")
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> LlamaConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def vicuna_7b(cls, **overrides) -> LlamaConfig:
+    return cls(**overrides)
+
+  @classmethod
+  def vicuna_13b(cls, **overrides) -> LlamaConfig:
+    return cls(**{**dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40), **overrides})
+
+  @classmethod
+  def tiny(cls, **overrides) -> LlamaConfig:
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=4, max_position_embeddings=2048)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> LlamaConfig:
+    presets = {"vicuna_7b": cls.vicuna_7b, "7b": cls.vicuna_7b, "vicuna_13b": cls.vicuna_13b, "13b": cls.vicuna_13b, "tiny": cls.tiny}
+    if name not in presets:
+      raise ValueError(f"unknown LLaMA preset {name!r}; choose from {sorted(presets)}")
+    return presets[name](**overrides)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
+    """Returns the config of an HF `config.json` dict; non-LLaMA architectures are refused."""
+    problems = []
+    if hf.get("model_type") not in ("llama", None):
+      problems.append(f"model_type is {hf.get('model_type')!r}, expected 'llama'")
+    arch = hf.get("architectures") or ["LlamaForCausalLM"]
+    if not any(a.startswith("Llama") for a in arch):
+      problems.append(f"architectures {arch} is not a LLaMA causal LM")
+    if hf.get("tie_word_embeddings"):
+      problems.append("tie_word_embeddings=true is not LLaMA-2/Vicuna (untied lm_head expected)")
+    rope_scaling = hf.get("rope_scaling")
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+      problems.append(f"rope_scaling {rope_scaling} is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+      problems.append(f"hidden_act {hf.get('hidden_act')!r}, expected 'silu'")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    problems += [f"missing key {k!r}" for k in required if k not in hf]
+    if problems:
+      raise UserError(f"{source}: not a supported LLaMA config:\n" + "\n".join(f"  - {p}" for p in problems))
+    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        **overrides,
+    )
+
+  @classmethod
+  def from_hf_file(cls, path: str | pathlib.Path, **overrides) -> LlamaConfig:
+    path = pathlib.Path(path)
+    if path.is_dir():
+      path = path / "config.json"
+    if not path.is_file():
+      raise UserError(f"{path}: config.json not found")
+    try:
+      hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}: invalid JSON ({e})") from e
+    return cls.from_hf_dict(hf, source=str(path), **overrides)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """Returns an HF LLaMA `config.json` dict describing this architecture."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_size, "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0, "attention_bias": False, "mlp_bias": False,
+    }
+
+
+class RMSNorm(nnx.Module):
+  """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",), eager_sharding=False)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(dtype) * h.astype(dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """Returns (cos, sin) float32[B, T, H] for integer positions[B, T], HF layout (halves repeated)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x[B, T, heads, H] by position (HF's rotate_half convention)."""
+  half = x_btnh.shape[-1] // 2
+  rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x_btnh.dtype), sin[:, :, None, :].astype(x_btnh.dtype)
+  return x_btnh * cos + rotated * sin
+
+
+def _attention_impl(config: LlamaConfig) -> str:
+  if config.attention_impl != "auto":
+    return config.attention_impl
+  # cuDNN flash attention on GPU for 16-bit compute; the exact XLA path elsewhere.
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+class LlamaAttention(nnx.Module):
+  """Causal self-attention with grouped KV heads and an optional KV cache."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.config = config
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_size
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
+    self.q_proj = Linear(d, n * h, axes=("embed", "q_heads"), **kw)
+    self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **kw)
+    self.o_proj = Linear(n * h, d, axes=("q_heads", "embed"), **kw)
+
+  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, cache_index_b=None):
+    """Returns (out float[B, T, D], updated cache or None).
+
+    Without a cache: causal attention over the T tokens, keys past each row's length masked
+    (right padding). With a cache {"k","v": [B, S, K, H]}: the T new tokens of row b are written
+    at cache_index_b[b] onward and attend to cache slots < cache_index_b[b] + t + 1.
+    """
+    cfg = self.config
+    b, t, _ = x_btd.shape
+    q = self.q_proj(x_btd).reshape(b, t, cfg.num_heads, cfg.head_size)
+    k = self.k_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+    v = self.v_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is None:
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, key_value_seq_lengths=lengths_b, implementation=_attention_impl(cfg)
+      )
+      new_cache = None
+    else:
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+      k_all = write(cache["k"], k.astype(cache["k"].dtype), cache_index_b)
+      v_all = write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)
+      s = k_all.shape[1]
+      query_pos = cache_index_b[:, None] + jnp.arange(t)[None, :]  # [B, T]
+      mask = jnp.arange(s)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
+      out = jax.nn.dot_product_attention(
+          q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[:, None], implementation="xla"
+      )
+      new_cache = {"k": k_all, "v": v_all}
+    return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_size)), new_cache
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    d, m = config.hidden_size, config.intermediate_size
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
+    self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear(m, d, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x_btd):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+class LlamaDecoderLayer(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
+    self.self_attn = LlamaAttention(config, rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
+    self.mlp = LlamaMLP(config, rngs)
+
+  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, cache_index_b=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, lengths_b, cache, cache_index_b)
+    x_btd = x_btd + h
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    return x_btd, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LlamaModel(nnx.Module):
+  """Embeddings, decoder layers and the final norm (HF `LlamaModel`)."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.config = config
+    embed = nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), config.storage_dtype)
+    self.embed_tokens = nnx.Param(embed, out_sharding=("vocab", "embed"), eager_sharding=False)
+    self.layers = nnx.List([LlamaDecoderLayer(config, rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
+
+  def embed(self, input_ids_bt: jax.Array) -> jax.Array:
+    """Returns float[B, T, D] token embeddings (ids < 0 map to row 0; callers replace them)."""
+    ids = jnp.where(input_ids_bt < 0, 0, input_ids_bt)
+    return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.config.compute_dtype)
+
+  def __call__(self, inputs_embeds_btd, positions_bt, lengths_b, cache=None, cache_index_b=None, return_hidden_states=False):
+    """Returns (final hidden float[B, T, D], per-layer caches or None, hidden states tuple or None)."""
+    cfg = self.config
+    cos, sin = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta)
+    x = inputs_embeds_btd.astype(cfg.compute_dtype)
+    hidden_states = [x] if return_hidden_states else None
+    new_caches = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      if cfg.remat != "none" and cache is None:
+        call = nnx.remat(lambda mod, *a: mod(*a), policy=_REMAT_POLICIES[cfg.remat])
+        x, c = call(layer, x, cos, sin, lengths_b)
+      else:
+        x, c = layer(x, cos, sin, lengths_b, layer_cache, cache_index_b)
+      if new_caches is not None:
+        new_caches.append(c)
+      if return_hidden_states:
+        hidden_states.append(x)
+    x = self.norm(x)
+    if return_hidden_states:
+      hidden_states[-1] = x  # HF reports the last layer's output after the final norm
+    return x, new_caches, (tuple(hidden_states) if return_hidden_states else None)
+
+
+class LlamaForCausalLM(nnx.Module):
+  """LLaMA with its untied `lm_head`."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.config = config
+    self.model = LlamaModel(config, rngs)
+    self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"),
+                          dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
+
+  def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None, return_hidden_states=False):
+    """Returns logits float[B, T, V] (and hidden states when asked) for right-padded token ids."""
+    b, t = input_ids_bt.shape
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask_bt is None else attention_mask_bt
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    hidden, _, states = self.model(self.model.embed(input_ids_bt), positions, mask.sum(-1).astype(jnp.int32),
+                                   return_hidden_states=return_hidden_states)
+    logits = self.lm_head(hidden)
+    return (logits, states) if return_hidden_states else logits
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
+    """Returns zeroed per-layer KV caches {"k","v": [B, max_len, K, H]}."""
+    cfg = self.config
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_size)
+    dtype = dtype or cfg.compute_dtype
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
