@@ -113,3 +113,21 @@ def test_lora_dropout_is_active_only_in_training():
   assert not np.allclose(np.asarray(a), np.asarray(b))
   model.eval()
   np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+
+
+def test_saved_lora_model_loads_whole(tmp_path):
+  from vtimellm_jax.models.load import load_model, save_model
+  from vtimellm_jax.models.vtimellm import VTimeLLM
+  config = LlamaConfig.tiny(num_layers=1)
+  model = VTimeLLM(config, nnx.Rngs(0))
+  lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=("q_proj", "up_proj")), nnx.Rngs(1))
+  for _, layer in lora.lora_layers(model):
+    if layer.has_lora:
+      layer.lora_b[...] = jnp.full_like(layer.lora_b[...], 0.01)
+  save_model(model, tmp_path / "m")
+  loaded = load_model(tmp_path / "m")
+  assert isinstance(loaded, VTimeLLM) and loaded.model.layers[0].self_attn.q_proj.lora_scaling == 4.0
+  ids = jnp.array([[1, -200, 5, 6]])
+  feats = jnp.ones((1, 2, 768))
+  np.testing.assert_array_equal(np.asarray(loaded(ids, jnp.ones_like(ids), feats)[0]),
+                                np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))

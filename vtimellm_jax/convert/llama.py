@@ -7,6 +7,7 @@ one `ConversionError`. Export is the same table read backwards.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 import shutil
@@ -47,7 +48,7 @@ def abstract_params(config: LlamaConfig, model_cls=LlamaForCausalLM) -> dict[str
 def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: dict[str, jax.ShapeDtypeStruct],
                     dtype, source: str, rules=LLAMA_TABLE, ignored=IGNORED) -> dict[str, np.ndarray]:
   """Returns {path: array in `dtype`} from (file, hf_name, array) triples, or raises listing all problems."""
-  out, problems = {}, []
+  out, problems, seen = {}, [], set()
   for file_name, name, array in tensors:
     mapped = table.translate(name, rules)
     if mapped is None:
@@ -55,6 +56,7 @@ def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: di
         problems.append(f"unexpected tensor {name} (in {pathlib.Path(file_name).name})")
       continue
     path, transform = mapped
+    seen.add(path)
     if path not in expected:
       problems.append(f"tensor {name} maps to {path}, which this config does not have")
       continue
@@ -63,7 +65,7 @@ def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: di
       problems.append(f"{name}: shape {tuple(array.shape)} does not fit {path} {tuple(expected[path].shape)}")
       continue
     out[path] = value.astype(dtype)
-  problems += [f"missing tensor for {path}" for path in expected if path not in out]
+  problems += [f"missing tensor for {path}" for path in expected if path not in seen]
   if problems:
     raise ConversionError(source, problems)
   return out
@@ -115,7 +117,7 @@ def convert_llama(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
   expected = abstract_params(config)
   np_dtype = jax.numpy.dtype(config.storage_dtype)
   flat = convert_tensors(torch_files.iter_checkpoint(src), expected, np_dtype, str(src))
-  model_io.save_model_dir(out, kind="llama", config=_config_dict(config), params=nest(flat), source=str(src.absolute()))
+  model_io.save_model_dir(out, kind="llama", config=dataclasses.asdict(config), params=nest(flat), source=str(src.absolute()))
   copy_tokenizer(src, out)
   return config
 
@@ -128,21 +130,3 @@ def copy_tokenizer(src: str | pathlib.Path, out: str | pathlib.Path) -> list[str
       shutil.copy2(pathlib.Path(src) / name, pathlib.Path(out) / name)
       copied.append(name)
   return copied
-
-
-def _config_dict(config: LlamaConfig) -> dict:
-  import dataclasses
-
-  return dataclasses.asdict(config)
-
-
-def load_llama(directory: str | pathlib.Path, model_cls=LlamaForCausalLM, rngs: nnx.Rngs | None = None, **overrides):
-  """Returns the `LlamaForCausalLM` (or subclass) stored in a model directory written by `convert llama`.
-
-  `overrides` replace config fields (e.g. dtype="bfloat16", attention_impl="xla").
-  """
-  meta = model_io.read_model_json(directory)
-  config = LlamaConfig(**{**meta["config"], **overrides})
-  model = model_cls(config, rngs or nnx.Rngs(0))
-  model_io.assign_params(model, model_io.load_params(directory), str(directory), allow_missing=model_cls is not LlamaForCausalLM)
-  return model
