@@ -20,12 +20,16 @@ _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("extract-features",): ("vtimellm_jax.video.extract_cli", "videos or images -> CLIP feature .npy files"),
     ("data", "preview"): ("vtimellm_jax.data.preview_cli", "show one record's prompt, tokens and labels"),
     ("data", "check"): ("vtimellm_jax.data.check_cli", "report every unusable record of a dataset"),
+    ("train",): ("vtimellm_jax.training.train_cli", "train a stage from a config file (resumes from --workdir)"),
+    ("export",): ("vtimellm_jax.training.export_cli", "a training workdir -> one inference model directory"),
     ("metrics",): ("vtimellm_jax.evaluation.metrics_cli", "grounding and dense-captioning metrics of an answer log"),
+    ("chat",): ("vtimellm_jax.inference.chat_cli", "ask a model about a video (one question or a session)"),
+    ("eval",): ("vtimellm_jax.inference.eval_cli", "answer the release's grounding/captioning queries into a log"),
 }
 
 
 def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
-  parser = argparse.ArgumentParser(prog="vtimellm-jax", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="vtimellm-jax", description=__doc__.splitlines()[0], allow_abbrev=False)
   subparsers = {(): parser.add_subparsers(dest="command", metavar="COMMAND", required=True)}
   parsers = {}
   for path, (module_name, help_text) in _COMMANDS.items():
@@ -49,8 +53,12 @@ def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser, _ = _build_parser(argv)
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
   module = importlib.import_module(args._module)
+  # Commands that take a config accept `--config.a.b=value` overrides; anything else is an error.
+  if extra and not (getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False) and all(e.startswith("--config.") for e in extra)):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.config_overrides = extra
   try:
     return int(module.run(args) or 0)
   except errors.UserError as e:

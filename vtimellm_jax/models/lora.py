@@ -103,7 +103,9 @@ class Linear(nnx.Module):
     self.lora_a = nnx.data(_param(nnx.LoRAParam, a, (self.axes[0], None)))
     self.lora_b = nnx.data(_param(nnx.LoRAParam, jnp.zeros((config.rank, self.out_features), param_dtype), (None, self.axes[1])))
     self.lora_scaling = config.scaling
-    self.lora_dropout = nnx.data(nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None)
+    # The trainer reseeds the "dropout" stream every step, so dropout masks follow the step number.
+    dropout_rngs = nnx.Rngs(dropout=rngs.params())
+    self.lora_dropout = nnx.data(nnx.Dropout(config.dropout, rngs=dropout_rngs) if config.dropout > 0 else None)
 
   def merge_lora(self) -> None:
     """Folds the factors into the kernel (W + alpha/r * A @ B, in fp32) and removes them."""

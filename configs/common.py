@@ -1,0 +1,83 @@
+"""The VTimeLLM recipe shared by every stage (SPEC section 3). Stage files change only what differs.
+
+Sizes: `tiny` (CPU tests, quickstart), `7b`, `13b`. Global batch 128 = micro_batch x accumulation x
+data-parallel ranks; accumulation is derived at run time from the device count, so the global
+batch stays 128 on any mesh.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = ("tiny", "7b", "13b")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Returns {key: value} of a big_vision-style argument: `tiny` or `size=7b,runlocal`."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if not value and key in SIZES:
+      key, value = "size", key
+    out[key] = value or "True"
+  out.setdefault("size", "tiny")
+  if out["size"] not in SIZES:
+    raise ValueError(f"size must be one of {SIZES}, got {out['size']!r}")
+  return out
+
+
+def recipe(size: str) -> ml_collections.ConfigDict:
+  """Returns the hyperparameters common to all stages for `size`."""
+  tiny = size == "tiny"
+  c = ml_collections.ConfigDict()
+  c.stage = ""
+  c.size = size
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[size]
+  c.model.base = ""  # model directory (convert llama / an export); "" = random init of the preset
+  c.model.vocab_size = 0  # 0: the base's or the preset's
+  c.model.dtype = "float32" if tiny else "bfloat16"  # compute
+  c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
+  c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)
+  c.model.attention_impl = "auto"
+
+  c.trainable = "lora"  # adapter | lora | all
+  c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, dropout=0.05, targets=LORA_TARGETS))
+  if tiny:
+    c.lora.rank, c.lora.alpha = 8, 16.0
+
+  c.load = ml_collections.ConfigDict()
+  c.load.adapter = ""  # a stage-1 workdir (or model dir) whose mm_projector is loaded
+  c.load.merge_lora = ""  # a stage-2 workdir whose LoRA is merged into the base before training
+
+  c.data = ml_collections.ConfigDict()
+  c.data.json = ""
+  c.data.features = ""
+  c.data.tokenizer = ""  # "" = the tokenizer files of model.base
+  c.data.template = "v1"
+  c.data.max_length = 2048
+  c.data.num_buckets = 8
+  c.data.skip_bad_records = False
+  c.data.workers = 0 if tiny else 4
+
+  c.global_batch = 16 if tiny else 128
+  c.micro_batch = 4 if tiny else 8  # rows per data-parallel rank per micro-step
+  c.epochs = 2
+  c.max_steps = 0  # > 0 stops early (smoke runs)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.warmup_ratio = 0.03
+  c.optim.weight_decay = 0.0
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+  c.optim.max_grad_norm = 1.0
+
+  # -1: all remaining devices. devices > 0 uses only the first that many devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50 if tiny else 500, keep=2, async_save=True))
+  c.log_every = 5 if tiny else 10
+  return c

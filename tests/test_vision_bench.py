@@ -1,0 +1,12 @@
+"""The CLIP benchmark runs on CPU with the tiny config and prints one JSON line per measurement."""
+
+import json
+
+from vtimellm_jax.bench import clip as bench_clip
+
+
+def test_bench_smoke(capsys):
+  assert bench_clip.main(["--config", "tiny", "--batch-sizes", "8", "--warmup", "1", "--iters", "1"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert len(records) == 1
+  assert records[0]["batch"] == 8 and records[0]["out"] == [8, 768] and records[0]["frames_per_s"] > 0

@@ -1,0 +1,148 @@
+"""`extract-features` end to end: good and broken videos, resume, splits, images mode."""
+
+import functools
+import json
+
+import av
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from vtimellm_jax import cli
+from vtimellm_jax.models import clip as clip_model
+from vtimellm_jax.video import preprocess
+
+
+def _write_video(path, frames, width, height, fps=24):
+  container = av.open(str(path), "w")
+  stream = container.add_stream("libx264", rate=fps)
+  stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+  stream.codec_context.gop_size = 8
+  rng = np.random.default_rng(frames * width)
+  for i in range(frames):
+    image = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+      container.mux(packet)
+  for packet in stream.encode():
+    container.mux(packet)
+  container.close()
+
+
+def _reference_features(path, split=None):
+  """The tiny-random CLIP's features, from a plain front-to-back decode and the release's index rule."""
+  with av.open(str(path)) as container:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate)
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+  start, end = 0, len(frames) - 1
+  if split is not None:
+    start, end = max(int(fps * split[0]), 0), min(int(fps * split[1]), len(frames) - 1)
+  pixels = preprocess.preprocess_frames(frames[np.linspace(start, end, 100, dtype=np.int32)])
+  return _tiny_random_encode(pixels)
+
+
+@functools.cache
+def _tiny_random_model():
+  return clip_model.init_random(clip_model.tiny(), seed=0)
+
+
+@nnx.jit
+def _encode(model, pixels):
+  return model.encode_image(pixels)
+
+
+def _tiny_random_encode(pixels):
+  return np.asarray(_encode(_tiny_random_model(), jnp.asarray(pixels)))
+
+
+def _extract(videos, out, *extra):
+  return cli.main(["extract-features", "--videos", str(videos), "--clip", "tiny-random", "--out", str(out),
+                   "--batch-size", "200", "--workers", "2", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("videos")
+  _write_video(root / "alpha.mp4", 40, 32, 32)
+  _write_video(root / "beta.mp4", 130, 48, 32)
+  (root / "nested").mkdir()
+  _write_video(root / "nested" / "gamma.mkv", 25, 32, 48)
+  good = (root / "beta.mp4").read_bytes()
+  (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
+  (root / "garbage.mp4").write_bytes(b"\x00\x01 not a video " * 50)
+  (root / "notes.json").write_text("{}")  # not a video extension: not an input
+  return root
+
+
+def test_good_videos_extracted_bad_ones_listed(video_dir, tmp_path, capsys):
+  out = tmp_path / "feat"
+  assert _extract(video_dir, out) == 1
+  assert "2 input(s) failed" in capsys.readouterr().err
+  failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+  assert sorted(f["id"] for f in failures) == ["garbage", "truncated"]
+  assert all(f["reason"] for f in failures)
+  assert sorted(p.name for p in out.glob("*.npy")) == ["alpha.npy", "beta.npy", "gamma.npy"]
+  for name, path in [("alpha", video_dir / "alpha.mp4"), ("beta", video_dir / "beta.mp4"),
+                     ("gamma", video_dir / "nested" / "gamma.mkv")]:
+    features = np.load(out / f"{name}.npy")
+    assert features.shape == (100, 768) and features.dtype == np.float16
+    np.testing.assert_allclose(features.astype(np.float32), _reference_features(path), atol=5e-3, rtol=5e-3)
+  assert not list(out.glob(".*tmp"))
+
+
+def test_resume_skips_finished_ids(video_dir, tmp_path, capsys):
+  out = tmp_path / "feat"
+  _extract(video_dir, out)
+  (out / "alpha.npy").unlink()
+  kept = {name: (out / name).stat().st_mtime_ns for name in ("beta.npy", "gamma.npy")}
+  assert _extract(video_dir, out) == 1
+  assert "1 extracted, 2 already done, 2 failed" in capsys.readouterr().err
+  assert (out / "alpha.npy").exists()
+  assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+
+
+def test_list_file_and_splits(video_dir, tmp_path):
+  (video_dir / "list.txt").write_text("beta.mp4\n\n# a comment\nnested/gamma.mkv\n")
+  (tmp_path / "splits.json").write_text(json.dumps([{"id": "beta", "meta": {"split": [1.0, 3.5]}}, {"id": "gamma"}]))
+  out = tmp_path / "feat"
+  assert _extract(video_dir / "list.txt", out, "--splits", str(tmp_path / "splits.json")) == 0
+  assert (out / "failures.jsonl").read_text() == ""
+  np.testing.assert_allclose(np.load(out / "beta.npy").astype(np.float32),
+                             _reference_features(video_dir / "beta.mp4", [1.0, 3.5]), atol=5e-3, rtol=5e-3)
+  np.testing.assert_allclose(np.load(out / "gamma.npy").astype(np.float32),
+                             _reference_features(video_dir / "nested" / "gamma.mkv"), atol=5e-3, rtol=5e-3)
+
+
+def test_images_mode(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for name, size in [("a.png", (300, 200)), ("b.jpg", (224, 224))]:
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(images / name)
+  (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+  out = tmp_path / "feat"
+  assert _extract(images, out, "--images") == 1
+  assert [json.loads(line)["id"] for line in (out / "failures.jsonl").read_text().splitlines()] == ["broken"]
+  for name in ("a.png", "b.jpg"):
+    # OpenAI CLIP's image preprocess: PIL bicubic resize (shorter side 224), center crop, normalise.
+    with Image.open(images / name) as image:
+      w, h = image.size
+      scale = 224 / min(w, h)
+      image = image.convert("RGB").resize((max(224, int(w * scale)), max(224, int(h * scale))), Image.BICUBIC)
+    arr = np.asarray(image, np.float32) / 255
+    top, left = int(round((arr.shape[0] - 224) / 2)), int(round((arr.shape[1] - 224) / 2))
+    pixels = (arr[top:top + 224, left:left + 224] - preprocess.MEAN) / preprocess.STD
+    expected = _tiny_random_encode(pixels[None])[0]
+    features = np.load(out / name.replace(".png", ".npy").replace(".jpg", ".npy"))
+    assert features.shape == (768,) and features.dtype == np.float16
+    np.testing.assert_allclose(features.astype(np.float32), expected, atol=5e-3, rtol=5e-3)
+
+
+def test_bad_arguments_are_user_errors(tmp_path, capsys):
+  assert _extract(tmp_path / "missing", tmp_path / "out") == 2
+  assert "no such file or directory" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert _extract(tmp_path / "empty", tmp_path / "out") == 2
+  assert "no video files found" in capsys.readouterr().err

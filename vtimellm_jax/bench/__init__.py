@@ -1,0 +1,1 @@
+"""Benchmarks (run as modules: `python -m vtimellm_jax.bench.<name>`); JSON lines on stdout."""

@@ -1,0 +1,110 @@
+"""CLIP encoder throughput (frames/s per batch size) and end-to-end extraction (videos/s).
+
+  python -m vtimellm_jax.bench.clip --config clip_vit_l14 --batch-sizes 100,800 --dtype float16
+  python -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --iters 3     # CPU smoke test
+  python -m vtimellm_jax.bench.clip --config tiny --videos some_videos/ --workers 8  # + end to end
+
+Weights are random (numpy, `models.clip.random_params`): speed does not depend on their values.
+Each result is one JSON line on stdout, in the shape of `shared/bench/torch_clip_baseline.py`'s, so
+both can be run in one device session and compared line by line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.bench.clip", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="clip_vit_l14", choices=("clip_vit_l14", "tiny"))
+  parser.add_argument("--batch-sizes", default="100,800", help="comma-separated frames per call")
+  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                      help="jax.nn.dot_product_attention implementation (auto lets jax choose)")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--videos", default=None, help="also time extract-features over these videos")
+  parser.add_argument("--workers", type=int, default=8, help="decoding threads for --videos")
+  parser.add_argument("--e2e-batch-size", type=int, default=800, help="frames per encoder call for --videos")
+  return parser.parse_args(argv)
+
+
+def _emit(**record) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def bench_encoder(model, batch_size: int, warmup: int, iters: int) -> dict:
+  """Returns timing of the jitted encoder on random float[batch_size, 224, 224, 3] inputs."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def encode(state, pixels):
+    return nnx.merge(graphdef, state).encode_image(pixels)
+
+  size = model.cfg.image_size
+  pixels = jax.device_put(np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32))
+  start = time.perf_counter()
+  compiled = encode.lower(state, pixels).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    out = compiled(state, pixels)
+  out.block_until_ready()
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = compiled(state, pixels)
+  out.block_until_ready()
+  seconds = (time.perf_counter() - start) / iters
+  return dict(batch=batch_size, s=round(seconds, 4), frames_per_s=round(batch_size / seconds, 1),
+              compile_s=round(compile_s, 1), out=list(out.shape))
+
+
+def bench_end_to_end(model, videos: str, workers: int, batch_size: int) -> dict:
+  """Returns videos/s of the whole extract-features pipeline (decode + preprocess + encode + save)."""
+  from vtimellm_jax.video import extract, sampling
+
+  items, failures = extract.list_inputs(videos, images=False)
+  encoder = extract.BatchEncoder(model, max(1, batch_size // sampling.NUM_FRAMES) * sampling.NUM_FRAMES)
+  # Compile before the clock starts, so the rate is the steady state.
+  encoder(np.zeros((1, model.cfg.image_size, model.cfg.image_size, 3), np.float32))()
+  with tempfile.TemporaryDirectory() as out:
+    start = time.perf_counter()
+    summary = extract.extract(items, failures, pathlib.Path(out), encoder, images=False, workers=workers,
+                              progress=False)
+    seconds = time.perf_counter() - start
+  return dict(videos=summary.done, failed=summary.failed, workers=workers, s=round(seconds, 2),
+              videos_per_s=round(summary.done / seconds, 2),
+              frames_per_s=round(summary.done * sampling.NUM_FRAMES / seconds, 1))
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  import jax
+
+  from vtimellm_jax.models import clip as clip_model
+  from vtimellm_jax.video import extract_cli
+
+  cfg = clip_model.PRESETS[args.config]()
+  dtype = extract_cli.compute_dtype(args.dtype)
+  attention = None if args.attention == "auto" else args.attention
+  model = clip_model.init_random(cfg, seed=0, dtype=dtype, attention_impl=attention)
+  device = jax.devices()[0]
+  common = dict(what=f"jax_clip_{args.config}_{dtype.name}", device=device.device_kind, backend=device.platform,
+                attention=args.attention)
+  for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+    _emit(**common, **bench_encoder(model, batch_size, args.warmup, args.iters))
+  if args.videos:
+    _emit(**common, mode="end_to_end", **bench_end_to_end(model, args.videos, args.workers, args.e2e_batch_size))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""`vtimellm-jax convert clip`: OpenAI / HF / open_clip CLIP vision weights -> a model directory.
+
+  vtimellm-jax convert clip --src checkpoints/clip/ViT-L-14.pt --out ckpt/clip-vit-l14
+  vtimellm-jax convert clip --src openai/clip-vit-large-patch14/ --out ckpt/clip-vit-l14
+  vtimellm-jax convert clip --src open_clip_dir/ --out ckpt/clip   # open_clip_config.json + weights
+
+The output uses `model_io`'s layout (model.json with kind "clip" + an orbax params/ folder), which
+`extract-features --clip` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--src", required=True,
+                      help="OpenAI ViT-L-14.pt (TorchScript) or state dict, HF CLIP directory, or open_clip "
+                           "directory / state dict")
+  parser.add_argument("--out", required=True, help="output model directory")
+  parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                      help="stored weight dtype (OpenAI's fp16 weights are exact in float32)")
+  parser.add_argument("--act", default=None, choices=("quick_gelu", "gelu"),
+                      help="activation for OpenAI-layout state dicts without a config (default quick_gelu; "
+                           "open_clip's own non-OpenAI trainings use gelu)")
+  parser.add_argument("--heads", type=int, default=None, help="attention heads, if not width / 64")
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax.numpy as jnp
+  import numpy as np
+
+  from vtimellm_jax import model_io
+  from vtimellm_jax.convert import clip as convert_clip
+  from vtimellm_jax.models import clip as clip_model
+
+  dtype = np.dtype(jnp.dtype(args.dtype))
+  cfg, params, kind = convert_clip.convert(args.src, act=args.act, heads=args.heads, dtype=dtype)
+  model_io.save_model_dir(args.out, kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(params),
+                          source=str(args.src), source_format=kind)
+  count = sum(int(np.prod(v.shape)) for v in params.values())
+  print(f"converted {args.src} ({kind}) -> {args.out}: {cfg.layers} layers, width {cfg.width}, "
+        f"{cfg.image_size}px/{cfg.patch_size}, {cfg.act}, {count / 1e6:.1f}M parameters, {args.dtype}")
+  return 0

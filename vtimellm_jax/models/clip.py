@@ -1,0 +1,345 @@
+"""CLIP vision transformer (OpenAI ViT-L/14 and friends) in Flax NNX.
+
+The frozen visual encoder of VTimeLLM: pre-LN ViT with a class token, QuickGELU MLPs, and the
+output `ln_post(CLS) @ proj` (what OpenAI's `encode_image` returns, 768-d for ViT-L/14).
+
+Parameter paths mirror Hugging Face's `CLIPVisionModelWithProjection` without the `vision_model.`
+prefix (`encoder.layers.3.self_attn.q_proj.kernel`, `pre_layrnorm.scale` -- HF's spelling), so
+that converting a checkpoint is a table (`vtimellm_jax.convert.clip`), not a puzzle.
+Images are channels-last: `float[B, H, W, 3]`, already normalised with CLIP's mean and std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vtimellm_jax.errors import UserError
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig:
+  """Shape of a CLIP vision tower; the defaults are OpenAI's ViT-L/14 at 224 px."""
+
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1024
+  layers: int = 24
+  heads: int = 16
+  mlp_ratio: float = 4.0
+  output_dim: int = 768
+  act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    problems = []
+    if self.act not in ACTIVATIONS:
+      problems.append(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+    if self.image_size % self.patch_size:
+      problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.width % self.heads:
+      problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+    if self.width * self.mlp_ratio != int(self.width * self.mlp_ratio):
+      problems.append(f"width * mlp_ratio = {self.width * self.mlp_ratio} is not an integer")
+    if problems:
+      raise UserError("invalid CLIP vision config: " + "; ".join(problems))
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_positions(self) -> int:
+    return self.grid * self.grid + 1
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.width * self.mlp_ratio)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ClipVisionConfig":
+    """Returns the config held in `values` (e.g. a model.json's "config"), rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise UserError(f"{source}: unknown CLIP config key(s) {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def clip_vit_l14() -> ClipVisionConfig:
+  """Returns OpenAI's ViT-L/14 at 224 px, the release's visual encoder."""
+  return ClipVisionConfig()
+
+
+def tiny() -> ClipVisionConfig:
+  """Returns a 2-layer, 64-wide CLIP for tests and the CPU quickstart (still 224 px, 768-d out)."""
+  return ClipVisionConfig(image_size=224, patch_size=32, width=64, layers=2, heads=2, output_dim=768)
+
+
+PRESETS = {"clip_vit_l14": clip_vit_l14, "tiny": tiny}
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+  # OpenAI's approximation, used by every OpenAI CLIP checkpoint; it is not interchangeable with GELU.
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """LayerNorm computed in float32 whatever the activations' dtype, as OpenAI's fp16 CLIP does."""
+
+  def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    return super().__call__(x.astype(jnp.float32), *args, **kwargs).astype(x.dtype)
+
+
+def _layer_norm(cfg: ClipVisionConfig, param_dtype, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Patchify + class token + learned positions: float[B, H, W, 3] -> float[B, 1 + grid^2, D]."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    init = nnx.initializers.normal(0.02)
+    p = cfg.patch_size
+    # kernel[ph, pw, c, d]: HF/OpenAI's conv weight [d, c, ph, pw] transposed.
+    self.patch_embedding = nnx.Conv(3, cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                                    kernel_init=init, param_dtype=param_dtype, rngs=rngs)
+    self.class_embedding = nnx.Param(init(rngs.params(), (cfg.width,), param_dtype))
+    self.position_embedding = nnx.Embed(cfg.num_positions, cfg.width, embedding_init=init,
+                                        param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
+    cfg, p = self.cfg, self.cfg.patch_size
+    b, h, w, c = pixels_bhwc.shape
+    if (h, w, c) != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"expected pixels [B, {cfg.image_size}, {cfg.image_size}, 3], got {pixels_bhwc.shape}")
+    gh, gw = h // p, w // p
+    # A stride-p conv with a p x p kernel is one matmul over flattened patches; this form maps
+    # onto the tensor cores directly instead of going through the convolution emitters.
+    patches = pixels_bhwc.astype(self.dtype).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, gh * gw, p * p * c)
+    kernel = self.patch_embedding.kernel[...].astype(self.dtype).reshape(p * p * c, cfg.width)
+    tokens_bnd = jnp.einsum("BNK,KD->BND", patches, kernel)
+    cls_b1d = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, cfg.width))
+    x_btd = jnp.concatenate([cls_b1d, tokens_bnd], axis=1)
+    return x_btd + self.position_embedding.embedding[...].astype(self.dtype)[None]
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention without masking (every token sees every token)."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, attention_impl: str | None, rngs: nnx.Rngs):
+    self.heads = cfg.heads
+    self.attention_impl = attention_impl
+    make = lambda: nnx.Linear(cfg.width, cfg.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj, self.out_proj = make(), make(), make(), make()
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    b, t, d = x_btd.shape
+    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q_btnh, k_btnh, v_btnh = split(self.q_proj(x_btd)), split(self.k_proj(x_btd)), split(self.v_proj(x_btd))
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, implementation=self.attention_impl)
+    return self.out_proj(out_btnh.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> QuickGELU (or GELU) -> fc2."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.act = _quick_gelu if cfg.act == "quick_gelu" else _gelu
+    self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x_btd)))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+    self.layer_norm1 = _layer_norm(cfg, param_dtype, rngs)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+    self.layer_norm2 = _layer_norm(cfg, param_dtype, rngs)
+    self.mlp = Mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x_btd = x_btd + self.self_attn(self.layer_norm1(x_btd))
+    return x_btd + self.mlp(self.layer_norm2(x_btd))
+
+
+class Encoder(nnx.Module):
+  """The stack of encoder layers."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+    self.layers = nnx.List([
+        EncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+        for _ in range(cfg.layers)
+    ])
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    for layer in self.layers:
+      x_btd = layer(x_btd)
+    return x_btd
+
+
+class ClipVisionOutput(NamedTuple):
+  image_embeds: jax.Array  # float32[B, output_dim]: ln_post(CLS) @ proj
+  last_hidden_state: jax.Array  # [B, 1 + grid^2, width]: last layer's tokens, before post_layernorm
+
+
+class ClipVision(nnx.Module):
+  """CLIP's image tower; `encode_image` gives the projected CLS embedding."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl: str | None = None, rngs: nnx.Rngs):
+    """`dtype` is the compute dtype; `attention_impl` is passed to `jax.nn.dot_product_attention`."""
+    self.cfg = cfg
+    self.embeddings = Embeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.pre_layrnorm = _layer_norm(cfg, param_dtype, rngs)
+    self.encoder = Encoder(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+    self.post_layernorm = _layer_norm(cfg, param_dtype, rngs)
+    self.visual_projection = nnx.Linear(cfg.width, cfg.output_dim, use_bias=False, dtype=dtype,
+                                        param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, pixels_bhwc: jax.Array) -> ClipVisionOutput:
+    """Returns the projected CLS embedding (float32) and the last layer's tokens."""
+    x_btd = self.pre_layrnorm(self.embeddings(pixels_bhwc))
+    x_btd = self.encoder(x_btd)
+    pooled_bd = self.post_layernorm(x_btd[:, 0])
+    return ClipVisionOutput(self.visual_projection(pooled_bd).astype(jnp.float32), x_btd)
+
+  def encode_image(self, pixels_bhwc: jax.Array) -> jax.Array:
+    """Returns float32[B, output_dim] = ln_post(CLS) @ proj for normalised float[B, H, W, 3] images."""
+    return self(pixels_bhwc).image_embeds
+
+
+# --- parameters as flat {dotted name: array} dicts (the converters' and model_io's currency) ---
+
+
+def _dotted(path: tuple) -> str:
+  return ".".join(str(k) for k in path)
+
+
+def abstract_params(cfg: ClipVisionConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Returns {dotted name: ShapeDtypeStruct(float32)} of every parameter, without allocating any."""
+  model = nnx.eval_shape(lambda: ClipVision(cfg, rngs=nnx.Rngs(0)))
+  return {_dotted(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def flat_params(model: ClipVision) -> dict[str, jax.Array]:
+  """Returns {dotted name: array} of the model's parameters."""
+  return {_dotted(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """Returns the nested {name: {...}} dict (string keys) that `model_io.save_model_dir` stores."""
+  out: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split(".")
+    node = out
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Returns {dotted name: leaf} of a nested dict (the inverse of `nest`)."""
+  out = {}
+  for key, value in nested.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def from_params(cfg: ClipVisionConfig, params: dict[str, Any], *, dtype=jnp.float32, param_dtype=None,
+                attention_impl: str | None = None, source: str = "params") -> ClipVision:
+  """Returns a ClipVision holding `params` (flat or nested), every name and shape checked.
+
+  `param_dtype` (default: `dtype`) is what the weights are stored as on the device; LayerNorms
+  always compute in float32.
+  """
+  param_dtype = dtype if param_dtype is None else param_dtype
+  flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
+  model = nnx.eval_shape(lambda: ClipVision(cfg, dtype=dtype, param_dtype=param_dtype,
+                                            attention_impl=attention_impl, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  problems = []
+  seen = set()
+  for path, var in nnx.to_flat_state(state):
+    name = _dotted(path)
+    if not isinstance(var, nnx.Param):
+      continue
+    seen.add(name)
+    if name not in flat:
+      problems.append(f"missing parameter {name} {tuple(var.get_value().shape)}")
+      continue
+    value = flat[name]
+    expected = tuple(var.get_value().shape)
+    if tuple(np.shape(value)) != expected:
+      problems.append(f"{name}: shape {tuple(np.shape(value))}, expected {expected}")
+      continue
+    var.set_value(jnp.asarray(value, dtype=param_dtype))
+  problems += [f"unexpected parameter {name}" for name in sorted(set(flat) - seen)]
+  if problems:
+    raise UserError(f"{source}: parameters do not fit {cfg}:\n" + "\n".join(f"  - {p}" for p in problems))
+  return nnx.merge(graphdef, state)
+
+
+def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Returns flat random float32 parameters: N(0, 1/fan_in) kernels, N(0, 0.02) embeddings, LN at identity.
+
+  Drawn with numpy, so `--clip tiny-random` gives the same weights whatever the jax version, and
+  without compiling an initialiser per parameter shape (seconds on a CPU).
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, spec in abstract_params(cfg).items():
+    shape = tuple(spec.shape)
+    if name.endswith(".scale"):
+      out[name] = np.ones(shape, np.float32)
+    elif name.endswith(".bias"):
+      out[name] = np.zeros(shape, np.float32)
+    elif name.endswith(".kernel"):
+      out[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
+    else:
+      out[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  return out
+
+
+def init_random(cfg: ClipVisionConfig, seed: int = 0, **kwargs) -> ClipVision:
+  """Returns a ClipVision with `random_params(cfg, seed)` (for `--clip tiny-random` and tests)."""
+  return from_params(cfg, random_params(cfg, seed), source=f"random(seed={seed})", **kwargs)
+
+
+def num_params(cfg: ClipVisionConfig) -> int:
+  """Returns the number of parameters of a model with this config."""
+  return sum(math.prod(s.shape) for s in abstract_params(cfg).values())
+
+
+def load(directory, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None) -> ClipVision:
+  """Returns the ClipVision stored in a model directory written by `convert clip`."""
+  from vtimellm_jax import model_io
+
+  meta = model_io.read_model_json(directory, kind="clip")
+  cfg = ClipVisionConfig.from_dict(meta["config"], source=f"{directory}/{model_io.MODEL_JSON}")
+  return from_params(cfg, model_io.load_params(directory), dtype=dtype, param_dtype=param_dtype,
+                     attention_impl=attention_impl, source=str(directory))

@@ -1,0 +1,70 @@
+"""Training checkpoints: what trains, its optimizer state, the step and the data iterator's state.
+
+One orbax `CheckpointManager` per workdir (`{workdir}/checkpoints/{step}/`) with four items:
+`params` (trainable parameters only; the frozen base is referenced by the run's config),
+`opt_state`, `data` (the Grain iterator state, so a resumed run continues on the exact next batch)
+and `meta` (step, config). Saves are asynchronous and atomic: a run killed mid-save leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _manager(workdir: str | pathlib.Path, every_steps: int = 1, keep: int | None = None,
+             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=every_steps, enable_async_checkpointing=async_save,
+      create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+                               item_names=("params", "opt_state", "data", "meta"))
+
+
+class TrainCheckpointer:
+  """Saves and restores the training state of one workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path, every_steps: int, keep: int, async_save: bool = True):
+    self.manager = _manager(workdir, every_steps, keep, async_save)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, params: Any, opt_state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
+    """Saves when `step` is due (or `force`); returns whether a save started."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict, dict]:
+    """Returns (params, opt_state, data_state, meta) of `step`, placed like the abstract targets."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return restored.params, restored.opt_state, restored.data, restored.meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def restore_params(workdir: str | pathlib.Path, step: int | None = None) -> dict | None:
+  """Returns the trained parameters (nested dict) of a workdir's latest (or given) checkpoint, or None."""
+  path = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  if not path.is_dir():
+    return None
+  manager = _manager(workdir, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  manager.close()
+  return jax.tree.map(lambda x: x, restored.params)

@@ -1,0 +1,43 @@
+"""Turning a training workdir into an inference model directory."""
+
+from __future__ import annotations
+
+import pathlib
+
+from flax import nnx
+
+from vtimellm_jax import model_io
+from vtimellm_jax.convert.llama import copy_tokenizer
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import lora
+from vtimellm_jax.models.load import save_model
+from vtimellm_jax.training import checkpointing, model_setup
+
+
+def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lora: bool = False,
+                   step: int | None = None) -> pathlib.Path:
+  """Writes the model a run trained (base + loads + trained parameters) to `out`; returns `out`."""
+  config = model_setup._read_run_config(str(workdir))
+  params = checkpointing.restore_params(workdir, step)
+  if params is None:
+    raise UserError(f"{workdir}: no checkpoint to export")
+  model = model_setup.build_train_model(config, vocab_size=_vocab_size(config))
+  trainable = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
+  model_io.assign_params(model, params, f"{workdir} (trained parameters)", variable_filter=trainable)
+  if not keep_lora:
+    lora.merge_lora(model)
+  # Inference runs in the run's compute dtype with no rematerialisation.
+  model.config = model.config.replace(remat="none")
+  save_model(model, out, source_workdir=str(pathlib.Path(workdir).absolute()), stage=config.stage)
+  tokenizer_dir = config.data.tokenizer or config.model.base
+  if tokenizer_dir:
+    copy_tokenizer(tokenizer_dir, out)
+  return pathlib.Path(out)
+
+
+def _vocab_size(config) -> int | None:
+  if config.model.base or config.model.vocab_size:
+    return None
+  from vtimellm_jax.data import tokenizer as tokenizer_lib
+
+  return len(tokenizer_lib.load_tokenizer(config.data.tokenizer))

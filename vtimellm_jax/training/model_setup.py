@@ -1,0 +1,97 @@
+"""Builds the model a stage trains: base weights, then what the config loads, then fresh LoRA.
+
+Stages differ only in config: `load.adapter` brings a stage-1 adapter, `load.merge_lora` merges a
+stage-2 LoRA into the base (stage 3), `lora` attaches fresh factors, and `trainable` says which
+variables the optimizer sees. The same function rebuilds the base of a run for `export`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+from flax import nnx
+
+from vtimellm_jax import model_io
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import lora
+from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models.load import load_model
+from vtimellm_jax.models.vtimellm import VTimeLLM
+
+TRAINABLE = {
+    "adapter": nnx.PathContains("mm_projector"),
+    "lora": nnx.LoRAParam,
+    "all": nnx.Param,
+}
+
+RUN_JSON = "run.json"  # the config of a training run, written into its workdir
+
+
+def trainable_filter(name: str):
+  """Returns the nnx filter of the variables a stage trains ('adapter', 'lora' or 'all')."""
+  if name not in TRAINABLE:
+    raise UserError(f"config.trainable must be one of {sorted(TRAINABLE)}, got {name!r}")
+  return TRAINABLE[name]
+
+
+def _model_overrides(config: ml_collections.ConfigDict) -> dict:
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+  c = config.lora
+  return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
+
+
+def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:
+  """Returns the VTimeLLM of `model.base` (or a seeded random preset) with the configured loads applied."""
+  rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+  overrides = _model_overrides(config)
+  if config.model.base:
+    model = load_model(config.model.base, VTimeLLM, rngs=rngs, **overrides)
+  else:
+    vocab = config.model.vocab_size or vocab_size
+    extra = {"vocab_size": vocab} if vocab else {}
+    model = VTimeLLM(LlamaConfig.preset(config.model.preset, **overrides, **extra), rngs)
+  if config.load.adapter:
+    tree = trained_params(config.load.adapter)
+    if "mm_projector" not in tree:
+      raise UserError(f"{config.load.adapter}: holds no mm_projector (is it a stage-1 run?)")
+    model_io.assign_params(model.mm_projector, tree["mm_projector"], f"{config.load.adapter} (adapter)")
+  if config.load.merge_lora:
+    source = config.load.merge_lora
+    tree = trained_params(source)
+    run = _read_run_config(source)
+    lora.attach_lora(model, lora_config(run), nnx.Rngs(0))
+    model_io.assign_params(model, tree, f"{source} (LoRA to merge)", variable_filter=nnx.LoRAParam)
+    lora.merge_lora(model)
+  return model
+
+
+def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:
+  """Returns the stage's model: its base (see `build_base`) plus fresh LoRA when LoRA trains."""
+  model = build_base(config, vocab_size)
+  if config.trainable == "lora":
+    lora.attach_lora(model, lora_config(config), nnx.Rngs(params=config.seed + 2))
+  return model
+
+
+def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / RUN_JSON
+  if not path.is_file():
+    raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def trained_params(workdir: str) -> dict:
+  """Returns the trained parameters of the latest checkpoint of a training workdir."""
+  from vtimellm_jax.training import checkpointing
+
+  params = checkpointing.restore_params(workdir)
+  if params is None:
+    raise UserError(f"{workdir}: no checkpoint found")
+  return params

@@ -1,0 +1,80 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters carry logical names (`("embed", "mlp")`, see models/); activations' batch axis is
+"batch". A dimension whose size the mesh axis does not divide is replicated rather than failing,
+so tiny test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vtimellm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes). FSDP shards the frozen base along "embed"; tensor
+# parallelism splits heads, MLP width and vocabulary.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "norm": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """Returns a (data, fsdp, tensor) mesh over `devices` (default: all); -1 fills the rest."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1 or known == 0 or len(devices) % known:
+    raise UserError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise UserError(f"mesh data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _mesh_axes(logical, dim: int, mesh: Mesh):
+  target = LOGICAL_RULES.get(logical) if logical is not None else None
+  if target is None:
+    return None
+  size = int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))]))
+  return target if dim % size == 0 else None
+
+
+def spec_for(logical_axes, shape, mesh: Mesh) -> P:
+  """Returns the mesh PartitionSpec of an array with these logical axes and shape."""
+  if not logical_axes:
+    return P()
+  return P(*(_mesh_axes(name, dim, mesh) for name, dim in zip(logical_axes, shape)))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+  """Returns a NamedSharding pytree matching `state` (from each variable's `out_sharding` names)."""
+
+  def one(variable):
+    if not isinstance(variable, nnx.Variable):
+      return NamedSharding(mesh, P())
+    names = variable.get_metadata().get("out_sharding")
+    return variable.replace(NamedSharding(mesh, spec_for(names, variable.get_value().shape, mesh)))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Returns the sharding of a batch array whose `batch_axis` is split over the data axes."""
+  spec = [None] * ndim
+  spec[batch_axis] = LOGICAL_RULES["batch"]
+  return NamedSharding(mesh, P(*spec))

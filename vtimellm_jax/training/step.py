@@ -1,0 +1,84 @@
+"""The optimizer and the jitted train step: gradient accumulation as a `lax.scan` over micro-batches.
+
+The loss is the mean next-token cross-entropy over every labelled token of the global batch, so
+1 x 16 and 4 x 4 micro-batches give the same update. (The release, on transformers 4.31, averaged
+per-micro-batch means instead; the two agree when micro-batches hold equal token counts.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from vtimellm_jax.models.vtimellm import IGNORE_INDEX
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "features")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """Returns (AdamW with clipping, lr schedule): linear warmup over warmup_ratio, then cosine to 0."""
+  warmup = math.ceil(total_steps * optim.warmup_ratio)  # as HF's get_cosine_schedule_with_warmup
+  schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1), 0.0)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.max_grad_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
+  )
+  return tx, schedule
+
+
+def nll_sum(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns (summed next-token NLL over labelled positions, their count) in fp32."""
+  logits = logits_btv[:, :-1].astype(jnp.float32)
+  targets = labels_bt[:, 1:]
+  valid = targets != IGNORE_INDEX
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, has_dropout: bool):
+  """Returns step(trainable, opt_state, frozen, batch, step, key) -> (trainable, opt_state, metrics).
+
+  `batch` arrays are [A, b, ...]: A micro-batches of b rows, scanned in order.
+  """
+
+  def micro_loss(trainable, frozen, micro_batch, key):
+    # Fresh Variable objects at this trace level (unflattening makes new ones), so the dropout
+    # stream may be reseeded here; the State passed in belongs to the enclosing scan.
+    model = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
+    if has_dropout:
+      nnx.reseed(model, dropout=key)
+    logits, labels = model(micro_batch["input_ids"], micro_batch["attention_mask"], micro_batch["features"],
+                           micro_batch["labels"])
+    total, count = nll_sum(logits, labels)
+    return total, count
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(trainable, opt_state, frozen, batch, step_index, key):
+    step_key = jax.random.fold_in(key, step_index)
+    accum = batch["input_ids"].shape[0]
+
+    def body(carry, xs):
+      grads_sum, nll_total, count_total = carry
+      micro_batch, i = xs
+      (nll, count), grads = grad_fn(trainable, frozen, micro_batch, jax.random.fold_in(step_key, i))
+      grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+      return (grads_sum, nll_total + nll, count_total + count), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (grads, nll, count), _ = jax.lax.scan(body, init, ({k: batch[k] for k in BATCH_KEYS}, jnp.arange(accum)))
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads), "tokens": count}
+    return trainable, opt_state, metrics
+
+  return step

@@ -1,0 +1,234 @@
+"""The training loop shared by every stage: data, sharded state, compiled step, checkpoints, logs.
+
+`train(config, workdir)` runs a stage to the end, resuming from the workdir's latest checkpoint on
+the exact next batch. One compiled step per bucket length; memory analysis printed before step 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.training import checkpointing, model_setup, sharding, step as step_lib
+from vtimellm_jax.training.metrics_log import MetricsLog
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process run when the environment describes one (launch scripts set these)."""
+  if jax.distributed.is_initialized():
+    return
+  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()  # jax reads the SLURM environment itself
+
+
+def _tokenizer(config):
+  from vtimellm_jax.data import tokenizer as tokenizer_lib
+
+  path = config.data.tokenizer or config.model.base
+  if not path:
+    raise UserError("config.data.tokenizer is empty and there is no model.base to take the tokenizer from")
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def build_data(config, shard_index: int, shard_count: int):
+  """Returns the planned Grain pipeline of this host for the stage's data."""
+  from vtimellm_jax.data import pipeline
+
+  if not config.data.json:
+    raise UserError("config.data.json is empty: pass --config.data.json=<annotations.json>")
+  source = pipeline.JsonSource(config.data.json, config.data.features)
+  return pipeline.build_pipeline(
+      source, _tokenizer(config), template=config.data.template, batch_size=config.global_batch // shard_count,
+      seed=config.seed, num_buckets=config.data.num_buckets, num_epochs=config.epochs,
+      shard_index=shard_index, shard_count=shard_count, skip_bad_records=config.data.skip_bad_records,
+      worker_count=config.data.workers, max_length=config.data.max_length)
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+  """Returns how many micro-batches make the global batch on this mesh; refuses uneven splits."""
+  per_micro = micro_batch * data_parallel
+  if global_batch % per_micro:
+    raise UserError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x "
+                    f"{data_parallel} data-parallel devices; change --config.micro_batch or the mesh")
+  return global_batch // per_micro
+
+
+class TrainState:
+  """The sharded model split into what trains and what stays frozen, plus its optimizer."""
+
+  def __init__(self, config, mesh, vocab_size: int | None, total_steps: int):
+    model = model_setup.build_train_model(config, vocab_size)
+    self.model_config = model.config
+    trainable_filter = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
+    self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    if not jax.tree.leaves(trainable):
+      raise UserError(f"config.trainable={config.trainable!r} selects no parameter of this model")
+    # Trainable parameters and the optimizer state live in fp32 whatever the base's dtype.
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+    self.trainable_sharding = sharding.state_shardings(trainable, mesh)
+    self.frozen_sharding = sharding.state_shardings(frozen, mesh)
+    self.trainable = jax.device_put(trainable, self.trainable_sharding)
+    self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    self.tx, self.schedule = step_lib.make_optimizer(config.optim, total_steps)
+    # Optimizer moments are sharded like their parameters; counters are replicated.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.opt_sharding = optax.tree_map_params(
+        self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, self.trainable), self.trainable_sharding,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.trainable)
+    self.has_dropout = config.trainable == "lora" and config.lora.dropout > 0
+    self.num_trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
+    self.num_frozen = sum(getattr(x, "size", 0) for x in jax.tree.leaves(self.frozen))
+
+
+def _host_batch_to_global(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
+  out = {}
+  for key in step_lib.BATCH_KEYS:
+    local = np.asarray(batch[key])
+    local = local.reshape((accum, local.shape[0] // accum) + local.shape[1:])
+    global_shape = (accum, local.shape[1] * jax.process_count()) + local.shape[2:]
+    out[key] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim, 1), local, global_shape)
+  return out
+
+
+def _abstract_batch(rows: int, length: int, num_features: int, accum: int, mesh):
+  shapes = {"input_ids": ((accum, rows // accum, length), jnp.int32),
+            "labels": ((accum, rows // accum, length), jnp.int32),
+            "attention_mask": ((accum, rows // accum, length), jnp.int32),
+            "features": ((accum, rows // accum, num_features, 768), jnp.float16)}
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s), 1)) for k, (s, d) in shapes.items()}
+
+
+def _format_memory(compiled) -> str:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return "memory analysis unavailable on this backend"
+  gib = lambda b: b / 2**30  # noqa: E731
+  return (f"per device: arguments {gib(analysis.argument_size_in_bytes):.3f} GiB, outputs "
+          f"{gib(analysis.output_size_in_bytes):.3f} GiB, temporaries {gib(analysis.temp_size_in_bytes):.3f} GiB, "
+          f"code {gib(analysis.generated_code_size_in_bytes):.3f} GiB")
+
+
+def lora_flops_per_token(config, trains_base: bool) -> float:
+  """Returns the matmul FLOPs of one training token: forward, input gradients (+ weight gradients)."""
+  c = config
+  per_layer = (2 * c.hidden_size * c.num_heads * c.head_size + 2 * c.hidden_size * c.num_kv_heads * c.head_size
+               + 3 * c.hidden_size * c.intermediate_size)
+  matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+  return (6.0 if trains_base else 4.0) * matmul_params
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_run: bool = False,
+          log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) a stage; returns a summary {steps, final_loss, compiled, ...}.
+
+  `on_step(step)` is called after each step's checkpoint decision (tests use it to kill a run).
+  """
+  maybe_initialize_distributed()
+  workdir = pathlib.Path(workdir)
+  devices = jax.devices()[:config.mesh.devices] if config.mesh.devices > 0 else None
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  dp = sharding.data_parallel_size(mesh)
+  accum = accumulation_steps(config.global_batch, config.micro_batch, dp)
+  data = build_data(config, jax.process_index(), jax.process_count())
+  total_steps = len(data) if config.max_steps <= 0 else min(config.max_steps, len(data))
+  log(f"[{config.stage}] mesh {dict(mesh.shape)}, global batch {config.global_batch} = micro {config.micro_batch} x "
+      f"accumulation {accum} x data-parallel {dp}; {total_steps} steps; buckets {data.bucket_lengths}; "
+      f"padding {100 * data.padding_fraction:.1f}%; data {dict(data.stats)}")
+
+  state = TrainState(config, mesh, len(_tokenizer(config)), total_steps)
+  log(f"[{config.stage}] trainable parameters: {state.num_trainable:,} ({config.trainable}); frozen: {state.num_frozen:,}")
+  step_fn = jax.jit(step_lib.make_train_step(state.graphdef, state.tx, state.has_dropout),
+                    in_shardings=(state.trainable_sharding, state.opt_sharding, state.frozen_sharding, None, None, None),
+                    out_shardings=(state.trainable_sharding, state.opt_sharding, None), donate_argnums=(0, 1))
+  key = jax.random.key(config.seed + 3)
+  compiled: dict[int, Any] = {}
+
+  def compile_for(length: int):
+    if length not in compiled:
+      batch = _abstract_batch(config.global_batch, length, data.num_features, accum, mesh)
+      compiled[length] = step_fn.lower(state.trainable, state.opt_state, state.frozen, batch,
+                                       jnp.int32(0), key).compile()
+      log(f"[{config.stage}] compiled step for text length {length}: {_format_memory(compiled[length])}")
+    return compiled[length]
+
+  if dry_run:
+    for length in data.bucket_lengths:
+      compile_for(length)
+    return {"steps": 0, "compiled": len(compiled), "dry_run": True}
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / model_setup.RUN_JSON).write_text(config.to_json(indent=2))
+  ckpt = checkpointing.TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                         config.checkpoint.async_save)
+  iterator = data.iterator()
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)  # noqa: E731
+    params, opt_state, data_state, _ = ckpt.restore(
+        latest, abstract(state.trainable.to_pure_dict(), state.trainable_sharding.to_pure_dict()),
+        abstract(state.opt_state, state.opt_sharding))
+    nnx.replace_by_pure_dict(state.trainable, params)
+    state.opt_state = opt_state
+    iterator.set_state(data_state)
+    start = latest
+    log(f"[{config.stage}] resumed from step {latest}")
+
+  metrics_log = MetricsLog(workdir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
+  flops_per_token = lora_flops_per_token(state.model_config, trains_base=config.trainable == "all")
+  summary: dict[str, Any] = {"steps": start, "compiled": 0}
+  step_index, last_loss = start, math.nan
+  try:
+    while step_index < total_steps:
+      host_batch = next(iterator)
+      length = host_batch["input_ids"].shape[1]
+      batch = _host_batch_to_global(host_batch, accum, mesh)
+      step_executable = compile_for(length)
+      t0 = time.perf_counter()
+      new_trainable, new_opt, metrics = step_executable(state.trainable, state.opt_state, state.frozen, batch,
+                                                            jnp.int32(step_index), key)
+      loss = float(metrics["loss"])
+      seconds = time.perf_counter() - t0
+      if not math.isfinite(loss):
+        raise UserError(f"[{config.stage}] loss is {loss} at step {step_index + 1}; stopping. The last good "
+                        f"checkpoint (step {ckpt.latest_step()}) is intact in {workdir / checkpointing.CHECKPOINT_DIR}")
+      state.trainable, state.opt_state = new_trainable, new_opt
+      step_index += 1
+      last_loss = loss
+      real = int(host_batch["attention_mask"].sum()) + (data.num_features - 1) * int(host_batch["valid"].sum())
+      metrics_log.record(step_index, {
+          "loss": loss, "lr": float(state.schedule(step_index - 1)), "grad_norm": float(metrics["grad_norm"]),
+          "step_time": seconds, "tokens_per_s": real * jax.process_count() / seconds,
+          "padding": 1 - real / (host_batch["input_ids"].shape[0] * (length - 1 + data.num_features)),
+          "tflops_per_s": flops_per_token * real * jax.process_count() / seconds / 1e12,
+          "labelled_tokens": int(metrics["tokens"]), "bucket": length})
+      # Parameters are saved as a plain nested dict (what `export` and stage hand-offs read).
+      ckpt.save(step_index, state.trainable.to_pure_dict(), state.opt_state, iterator.get_state(),
+                {"step": step_index, "stage": config.stage}, force=step_index == total_steps)
+      if on_step is not None:
+        on_step(step_index)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    metrics_log.close()
+  summary.update(steps=step_index, final_loss=last_loss, compiled=len(compiled))
+  log(f"[{config.stage}] done: {step_index} steps, last loss {last_loss:.4f}, checkpoints in {workdir / checkpointing.CHECKPOINT_DIR}")
+  return summary

@@ -1,0 +1,228 @@
+"""The feature-extraction pipeline: list inputs, decode in CPU threads, encode in jitted batches, save.
+
+Decoding and preprocessing run in a thread pool (FFmpeg and numpy release the GIL), a bounded
+window of videos ahead of the encoder, while the main thread packs whole videos into fixed-size
+batches for the jitted CLIP encoder (one compilation) and writes each `{id}.npy` atomically
+(temp file + rename), so an interrupted run resumes by skipping the ids already written.
+Unreadable inputs are recorded in `failures.jsonl` with the reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import numpy as np
+
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.video import decode, preprocess, sampling
+
+VIDEO_EXTENSIONS = frozenset(".mp4 .mkv .webm .avi .mov .m4v .flv .mpg .mpeg .wmv .3gp .ts .ogv".split())
+IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .webp .gif .tif .tiff".split())
+LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+FAILURES = "failures.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  id: str
+  path: pathlib.Path
+
+
+@dataclasses.dataclass
+class Failure:
+  id: str
+  path: str
+  reason: str
+
+
+def list_inputs(spec: str | pathlib.Path, images: bool) -> tuple[list[Item], list[Failure]]:
+  """Returns (inputs, failures) for a directory (searched recursively), a file, or a .txt list of paths.
+
+  The id of a file is its name without extension; a second file with the same id is a failure.
+  Paths in a list file are relative to the list file's folder.
+  """
+  spec = pathlib.Path(spec)
+  extensions = IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS
+  if spec.is_dir():
+    paths = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in extensions
+                   and not p.name.startswith("."))
+  elif spec.is_file() and spec.suffix.lower() in LIST_EXTENSIONS:
+    try:
+      lines = spec.read_text().splitlines()
+    except UnicodeDecodeError as e:
+      raise UserError(f"{spec}: a list file must be UTF-8 text, one path a line ({e})") from e
+    paths = [(spec.parent / line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
+  elif spec.is_file():
+    paths = [spec]
+  else:
+    raise UserError(f"{spec}: no such file or directory")
+  items: list[Item] = []
+  failures: list[Failure] = []
+  seen: dict[str, pathlib.Path] = {}
+  for path in paths:
+    vid = path.stem
+    if vid in seen:
+      failures.append(Failure(vid, str(path), f"duplicate id: {seen[vid]} has the same name"))
+    elif not path.is_file():
+      failures.append(Failure(vid, str(path), "file not found"))
+    else:
+      seen[vid] = path
+      items.append(Item(vid, path))
+  if not items and not failures:
+    kind = "image" if images else "video"
+    raise UserError(f"{spec}: no {kind} files found (extensions: {' '.join(sorted(extensions))})")
+  return items, failures
+
+
+def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes `array` to `path` through a temp file and a rename, so `path` is never half-written."""
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+  os.replace(tmp, path)
+
+
+class BatchEncoder:
+  """Encodes normalised float[N, 224, 224, 3] pixels in fixed-size, data-parallel jitted batches."""
+
+  def __init__(self, model, batch_size: int):
+    import jax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    # Every batch has one shape (one compilation), split evenly over the local devices.
+    self.batch_size = -(-max(batch_size, 1) // len(devices)) * len(devices)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    self.in_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    graphdef, state = nnx.split(model)
+    self.state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    self.output_dim = model.cfg.output_dim
+
+    @jax.jit
+    def encode(state, pixels):
+      return nnx.merge(graphdef, state).encode_image(pixels)
+
+    self._encode = encode
+    self._jax = jax
+
+  def __call__(self, pixels: np.ndarray):
+    """Starts encoding up to batch_size images; returns a function giving float32[N, D] when called."""
+    n = pixels.shape[0]
+    if n < self.batch_size:
+      pixels = np.concatenate([pixels, np.zeros((self.batch_size - n,) + pixels.shape[1:], pixels.dtype)])
+    out = self._encode(self.state, self._jax.device_put(pixels, self.in_sharding))
+    return lambda: np.asarray(out)[:n]
+
+
+def load_video(item: Item, split, num_frames: int) -> np.ndarray:
+  """Returns float32[num_frames, 224, 224, 3]: the release's sampled, preprocessed frames of a video."""
+  frames, _ = decode.read_frames(item.path, split, num_frames)
+  return preprocess.preprocess_frames(frames)
+
+
+def load_image(item: Item) -> np.ndarray:
+  """Returns float32[1, 224, 224, 3]: one preprocessed image."""
+  return preprocess.read_image(item.path)[None]
+
+
+@dataclasses.dataclass
+class Summary:
+  done: int = 0
+  skipped: int = 0
+  failed: int = 0
+
+
+def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
+            ) -> Iterator[tuple[Item, np.ndarray | None, str | None]]:
+  """Yields (item, pixels or None, failure reason or None) in input order, decoding `workers` at a time."""
+  with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    window: collections.deque = collections.deque()
+    pending = iter(items)
+    # Two videos per worker in flight keeps every worker busy without holding many decoded videos.
+    for item in pending:
+      window.append((item, pool.submit(load, item)))
+      if len(window) >= 2 * workers:
+        break
+    while window:
+      item, future = window.popleft()
+      nxt = next(pending, None)
+      if nxt is not None:
+        window.append((nxt, pool.submit(load, nxt)))
+      try:
+        yield item, future.result(), None
+      except (decode.DecodeError, sampling.SamplingError) as e:
+        yield item, None, str(e)
+      except Exception as e:  # a bad file must not stop a long run; the reason names the error
+        yield item, None, f"unexpected {type(e).__name__}: {e}"
+
+
+def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
+            *, images: bool, splits: dict | None = None, workers: int = 4,
+            num_frames: int = sampling.NUM_FRAMES, progress: bool = True) -> Summary:
+  """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input."""
+  from tqdm import tqdm
+
+  out_dir.mkdir(parents=True, exist_ok=True)
+  summary = Summary()
+  todo = [item for item in items if not (out_dir / f"{item.id}.npy").exists()]
+  summary.skipped = len(items) - len(todo)
+  splits = splits or {}
+  if images:
+    load = load_image
+  else:
+    load = lambda item: load_video(item, splits.get(item.id), num_frames)
+  per_item = 1 if images else num_frames
+  videos_per_batch = max(1, encoder.batch_size // per_item)
+
+  # The failures file describes the latest run: ids that failed before are retried.
+  with open(out_dir / FAILURES, "w") as failures_file, \
+       tqdm(total=len(todo), unit="video" if not images else "image", disable=not progress,
+            dynamic_ncols=True, file=sys.stderr) as bar:
+
+    def fail(failure: Failure) -> None:
+      failures_file.write(json.dumps(dataclasses.asdict(failure)) + "\n")
+      failures_file.flush()
+      summary.failed += 1
+      bar.set_postfix(failed=summary.failed)
+
+    def finish(batch_items: list[Item], result) -> None:
+      features = result().astype(np.float16)
+      for n, item in enumerate(batch_items):
+        chunk = features[n * per_item:(n + 1) * per_item]
+        save_npy_atomic(out_dir / f"{item.id}.npy", chunk[0] if images else chunk)
+      summary.done += len(batch_items)
+      bar.update(len(batch_items))
+
+    for failure in prior_failures:
+      fail(failure)
+    batch_items: list[Item] = []
+    batch_pixels: list[np.ndarray] = []
+    in_flight = None  # (items, result): encoding on the device while the next batch is packed
+    for item, pixels, reason in _loaded(todo, load, workers):
+      if reason is not None:
+        fail(Failure(item.id, str(item.path), reason))
+        bar.update(1)
+        continue
+      batch_items.append(item)
+      batch_pixels.append(pixels)
+      if len(batch_items) == videos_per_batch:
+        started = (batch_items, encoder(np.concatenate(batch_pixels)))
+        if in_flight is not None:
+          finish(*in_flight)
+        in_flight, batch_items, batch_pixels = started, [], []
+    if batch_items:
+      started = (batch_items, encoder(np.concatenate(batch_pixels)))
+      if in_flight is not None:
+        finish(*in_flight)
+      in_flight = started
+    if in_flight is not None:
+      finish(*in_flight)
+  return summary
