@@ -22,6 +22,7 @@ _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "check"): ("vtimellm_jax.data.check_cli", "report every unusable record of a dataset"),
     ("train",): ("vtimellm_jax.training.train_cli", "train a stage from a config file (resumes from --workdir)"),
     ("export",): ("vtimellm_jax.training.export_cli", "a training workdir -> one inference model directory"),
+    ("bench",): ("vtimellm_jax.bench.bench_cli", "throughput benchmarks: train, decode, clip (JSON lines)"),
     ("metrics",): ("vtimellm_jax.evaluation.metrics_cli", "grounding and dense-captioning metrics of an answer log"),
     ("chat",): ("vtimellm_jax.inference.chat_cli", "ask a model about a video (one question or a session)"),
     ("eval",): ("vtimellm_jax.inference.eval_cli", "answer the release's grounding/captioning queries into a log"),

@@ -31,6 +31,20 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   return tx, schedule
 
 
+def training_flops_per_token(config, seq_len: int, trains_base: bool = False) -> float:
+  """Returns matmul FLOPs per training token, counted as `shared/bench/torch_peft_baseline.py` does.
+
+  Forward 2P and input gradients 2P over the frozen matmul parameters P (lm_head in, embeddings
+  out), plus 2P weight gradients when the base itself trains; attention 4 L d per layer, x3.
+  """
+  c = config
+  per_layer = (2 * c.hidden_size * c.num_heads * c.head_size + 2 * c.hidden_size * c.num_kv_heads * c.head_size
+               + 3 * c.hidden_size * c.intermediate_size)
+  matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+  attention = 4 * seq_len * c.num_heads * c.head_size * c.num_layers
+  return (6 if trains_base else 4) * matmul_params + 3 * attention
+
+
 def nll_sum(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Returns (summed next-token NLL over labelled positions, their count) in fp32."""
   logits = logits_btv[:, :-1].astype(jnp.float32)

@@ -126,15 +126,6 @@ def _format_memory(compiled) -> str:
           f"code {gib(analysis.generated_code_size_in_bytes):.3f} GiB")
 
 
-def lora_flops_per_token(config, trains_base: bool) -> float:
-  """Returns the matmul FLOPs of one training token: forward, input gradients (+ weight gradients)."""
-  c = config
-  per_layer = (2 * c.hidden_size * c.num_heads * c.head_size + 2 * c.hidden_size * c.num_kv_heads * c.head_size
-               + 3 * c.hidden_size * c.intermediate_size)
-  matmul_params = c.num_layers * per_layer + c.hidden_size * c.vocab_size
-  return (6.0 if trains_base else 4.0) * matmul_params
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_run: bool = False,
           log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) a stage; returns a summary {steps, final_loss, compiled, ...}.
@@ -193,7 +184,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
     log(f"[{config.stage}] resumed from step {latest}")
 
   metrics_log = MetricsLog(workdir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
-  flops_per_token = lora_flops_per_token(state.model_config, trains_base=config.trainable == "all")
   summary: dict[str, Any] = {"steps": start, "compiled": 0}
   step_index, last_loss = start, math.nan
   try:
@@ -218,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
           "loss": loss, "lr": float(state.schedule(step_index - 1)), "grad_norm": float(metrics["grad_norm"]),
           "step_time": seconds, "tokens_per_s": real * jax.process_count() / seconds,
           "padding": 1 - real / (host_batch["input_ids"].shape[0] * (length - 1 + data.num_features)),
-          "tflops_per_s": flops_per_token * real * jax.process_count() / seconds / 1e12,
+          "tflops_per_s": step_lib.training_flops_per_token(state.model_config, length - 1 + data.num_features,
+                                                            config.trainable == "all") * real * jax.process_count() / seconds / 1e12,
           "labelled_tokens": int(metrics["tokens"]), "bucket": length})
       # Parameters are saved as a plain nested dict (what `export` and stage hand-offs read).
       ckpt.save(step_index, state.trainable.to_pure_dict(), state.opt_state, iterator.get_state(),

@@ -1,0 +1,109 @@
+"""LoRA training-step throughput of the stage-2 recipe on random weights (tokens/s, TFLOP/s, memory).
+
+  python -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none
+  python -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 28 --iters 2   # CPU smoke test
+
+The step is the trainer's own (`training.step.make_train_step`), so what is measured is what
+trains. Shapes follow `shared/bench/torch_peft_baseline.py`: B rows of 100 video features + T_TEXT
+text tokens, labels on the text after the first 60 answer-free positions, and useful FLOPs counted
+the same way (4 x frozen matmul parameters + 3 x attention per token), so the JSON lines of both
+scripts compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+NUM_FEATURES = 100
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="vtimellm-jax bench train", description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"))
+  parser.add_argument("--batch", type=int, default=8)
+  # 157 text ids incl. the placeholder -> 256 positions, the baseline's L (156 text + 100 video).
+  parser.add_argument("--text-len", type=int, default=157, help="text ids per row incl. the placeholder (L = text + 99)")
+  parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+  parser.add_argument("--lora-rank", type=int, default=64)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--iters", type=int, default=10)
+  return parser.parse_args(argv)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+  """Returns the measurement dict of one configuration."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from flax import nnx
+
+  from vtimellm_jax.models import lora
+  from vtimellm_jax.models.llama import LlamaConfig
+  from vtimellm_jax.models.vtimellm import VTimeLLM
+  from vtimellm_jax.training import step as step_lib
+
+  on_cpu = jax.default_backend() == "cpu"
+  dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
+  preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[args.size]
+  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat)
+
+  @nnx.jit
+  def create():
+    model = VTimeLLM(config, nnx.Rngs(0))
+    lora.attach_lora(model, lora.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, dropout=0.05), nnx.Rngs(1))
+    return model
+
+  model = create()
+  graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+  optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                                         max_grad_norm=1.0))
+  tx, _ = step_lib.make_optimizer(optim, 1000)
+  opt_state = tx.init(trainable)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, has_dropout=True), donate_argnums=(0, 1))
+
+  b, t = args.batch, args.text_len
+  rng = np.random.RandomState(0)
+  ids = rng.randint(3, config.vocab_size, (1, b, t)).astype(np.int32)
+  # The baseline splices its features after text token 40 and trains on text from token 60 on.
+  placeholder = min(40, t // 4)
+  ids[:, :, placeholder] = -200
+  labels = np.full((1, b, t), -100, np.int32)
+  answer_from = min(placeholder + 21, t - 1)
+  labels[:, :, answer_from:] = ids[:, :, answer_from:]
+  batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "attention_mask": jnp.ones((1, b, t), jnp.int32),
+           "features": jnp.asarray(rng.randn(1, b, NUM_FEATURES, 768).astype(np.float16))}
+  key = jax.random.key(0)
+
+  t_compile = time.perf_counter()
+  compiled = step.lower(trainable, opt_state, frozen, batch, jnp.int32(0), key).compile()
+  t_compile = time.perf_counter() - t_compile
+  for i in range(args.warmup):
+    trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(i), key)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for i in range(args.iters):
+    trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(i), key)
+  loss = float(metrics["loss"])
+  seconds = (time.perf_counter() - t0) / args.iters
+  seq = t - 1 + NUM_FEATURES
+  tokens_per_s = b * seq / seconds
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
+              backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
+              useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
+              peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),
+              loss=loss)
+
+
+def main(argv=None) -> int:
+  print(json.dumps(run_bench(_parse_args(argv))), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
