@@ -17,6 +17,7 @@ from vtimellm_jax import errors
 _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "llama"): ("vtimellm_jax.convert.llama_cli", "HF LLaMA/Vicuna directory -> JAX checkpoint"),
     ("convert", "clip"): ("vtimellm_jax.convert.clip_cli", "OpenAI / HF / open_clip CLIP -> JAX checkpoint"),
+    ("convert", "release"): ("vtimellm_jax.convert.release_cli", "released VTimeLLM (Vicuna + projector + LoRA folders) -> JAX model"),
     ("extract-features",): ("vtimellm_jax.video.extract_cli", "videos or images -> CLIP feature .npy files"),
     ("data", "preview"): ("vtimellm_jax.data.preview_cli", "show one record's prompt, tokens and labels"),
     ("data", "check"): ("vtimellm_jax.data.check_cli", "report every unusable record of a dataset"),

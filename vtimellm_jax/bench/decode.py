@@ -1,0 +1,111 @@
+"""Generation speed at batch 1: prefill seconds, decode tokens/s, and tokens/s end to end.
+
+  python -m vtimellm_jax.bench.decode --size 7b --dtype bfloat16          # GPU, Vicuna-7B shapes
+  python -m vtimellm_jax.bench.decode --size tiny --new-tokens 32 --repeats 2   # CPU smoke test
+  python ../shared/bench/torch_peft_baseline.py                           # HF generate, same shapes
+
+Weights are random (speed does not depend on their values) and the stop token is disabled, so
+every run generates exactly --new-tokens tokens. The default shapes are those of the torch baseline
+(a prompt of 160 embeddings: 100 frame features + 60 text tokens; 128 new tokens, greedy), whose
+`tokens_per_s` is new tokens over the whole `generate` call; `tokens_per_s` here is the same ratio.
+`decode_tokens_per_s` leaves out the prefill: (new_tokens - 1) / (t(new_tokens) - t(1)), and
+`weight_gb_per_s` is the parameter bytes read per second at that rate, to compare with the
+device's memory bandwidth (decode at batch 1 is bound by reading every weight once per token).
+One JSON line on stdout per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.bench.decode", description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"), help="LLaMA preset")
+  parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                      help="weights and compute; auto: bfloat16 on GPU/TPU, float32 on CPU")
+  parser.add_argument("--prompt-len", type=int, default=160, help="prompt embeddings (default: %(default)s)")
+  parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default: %(default)s)")
+  parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: %(default)s)")
+  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the release samples at 0.05")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
+  return parser.parse_args(argv)
+
+
+def _dtype(name: str) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if name != "auto":
+    return name
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def random_model(size: str, dtype: str):
+  """Returns a LLaMA of preset `size` with random weights created on the device."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+
+  config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
+  # Initialising inside jit builds the weights on the device, without a host copy of 13 GB.
+  return nnx.jit(lambda: LlamaForCausalLM(config, nnx.Rngs(0)))()
+
+
+def _best_time(fn, repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: float, repeats: int) -> dict:
+  """Returns the timings of generating `new_tokens` after random prompts of `prompt_len` embeddings."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
+
+  cfg = model.config
+  ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len))
+  embeds = jax.block_until_ready(model.model.embed(jax.numpy.asarray(ids)))
+  lengths = np.full((batch,), prompt_len, np.int32)
+
+  def run(n: int) -> None:
+    config = generate.GenerationConfig(max_new_tokens=n, temperature=temperature, eos_id=-1)
+    out = generate.generate(model, embeds, lengths, config, seed=0)
+    assert out.steps == n, (out.steps, n)
+
+  start = time.perf_counter()
+  run(new_tokens)  # compiles
+  run(1)
+  compile_s = time.perf_counter() - start
+  full = _best_time(lambda: run(new_tokens), repeats)
+  prefill = _best_time(lambda: run(1), repeats)
+  decode_rate = (new_tokens - 1) / max(full - prefill, 1e-9)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return dict(what="jax_decode", size=None, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+              dtype=cfg.dtype, temperature=temperature, s=round(full, 4), prefill_s=round(prefill, 4),
+              tokens_per_s=round(batch * new_tokens / full, 1),
+              decode_tokens_per_s=round(batch * decode_rate, 1),
+              weight_gb_per_s=round(weight_bytes * decode_rate / 1e9, 1), compile_s=round(compile_s, 1),
+              device=str(jax.devices()[0].device_kind))
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  model = random_model(args.size, _dtype(args.dtype))
+  for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    record = bench(model, batch, args.prompt_len, args.new_tokens, args.temperature, args.repeats)
+    record["size"] = args.size
+    print(json.dumps(record), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

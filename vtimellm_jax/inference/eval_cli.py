@@ -1,0 +1,72 @@
+"""`vtimellm-jax eval`: answer the release's grounding / dense-captioning queries into an answer log.
+
+  vtimellm-jax eval --model ckpt/vtimellm-7b --data val_2.json --features feat/ \\
+      --task all --out log/anet.jsonl --batch-size 16
+  vtimellm-jax metrics --log log/anet.jsonl --data val_2.json
+
+The log has the release's format and order, so `metrics` (or the release's metric.py) scores it.
+Queries are batched (--batch-size per generate call); the run is resumable: rerun the same command
+and it skips the queries already logged. Features are `{--features}/{id}.npy`, else CLIP is run on
+`{--videos}/{id}.{mp4,mkv,webm}` (the release's lookup order). A video with neither is an error
+naming it, or skipped and counted with --skip-missing (the release skips it silently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vtimellm_jax.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from vtimellm_jax.inference import answerer, generate  # pylint: disable=g-import-not-at-top
+
+  parser.formatter_class = argparse.RawDescriptionHelpFormatter
+  parser.epilog = __doc__.split("\n\n", 1)[1]
+  parser.add_argument("--model", required=True, help="VTimeLLM model directory (model.json, params/, tokenizer files)")
+  parser.add_argument("--data", required=True, help="annotations: ActivityNet-style JSON (e.g. val_2.json), or "
+                                                    "Charades-STA .txt with --durations")
+  parser.add_argument("--durations", help="video durations for a Charades-STA --data (CSV or JSON)")
+  parser.add_argument("--features", help="folder of {video_id}.npy features (float16 [100, 768])")
+  parser.add_argument("--videos", help="folder of {video_id}.mp4/.mkv/.webm, used when a .npy is missing")
+  parser.add_argument("--clip", help="CLIP model directory (with --videos)")
+  parser.add_argument("--task", choices=("grounding", "captioning", "all"), default="all",
+                      help="which queries (default: %(default)s)")
+  parser.add_argument("--out", required=True, help="answer log (JSON lines); appended to, resumable")
+  parser.add_argument("--batch-size", type=int, default=8, help="queries per generate call (default: %(default)s)")
+  parser.add_argument("--max-new-tokens", type=int, default=generate.RELEASE_MAX_NEW_TOKENS,
+                      help="most tokens per answer (default: the release's %(default)s)")
+  parser.add_argument("--temperature", type=float, default=generate.RELEASE_TEMPERATURE,
+                      help="sampling temperature, 0 = greedy (default: the release's %(default)s)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  parser.add_argument("--skip-missing", action="store_true", help="skip and count videos without features")
+  parser.add_argument("--max-batches", type=int, help="stop after this many batches (rerun to continue)")
+  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+                      help="compute/storage dtype; auto keeps the model directory's (default)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+  from vtimellm_jax.evaluation import annotations as annotations_lib  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import answerer, evaluate, features, generate  # pylint: disable=g-import-not-at-top
+
+  if args.max_batches is not None and args.max_batches < 1:
+    raise UserError(f"--max-batches must be at least 1, got {args.max_batches}")
+  config = generate.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p)
+  annotations = annotations_lib.read_annotations(args.data, args.durations)
+  bot = answerer.load_answerer(args.model, args.dtype)
+  source = features.FeatureSource(args.features, args.videos, args.clip, bot.feature_dim, args.dtype)
+  summary = evaluate.run_eval(bot, annotations, source, args.task, args.out, config,
+                              batch_size=args.batch_size, seed=args.seed, skip_missing=args.skip_missing,
+                              max_batches=args.max_batches, progress=not args.no_progress)
+  notes = []
+  if summary.torn_line_removed:
+    notes.append("removed a torn last line (interrupted write)")
+  if summary.skipped_videos:
+    notes.append(f"skipped {len(summary.skipped_videos)} video(s) without features")
+  print(f"{args.out}: {summary.answered} answered now, {summary.already_done} already logged, "
+        f"{summary.remaining} left of {summary.total}" + "".join(f"; {n}" for n in notes), file=sys.stderr)
+  return 0

@@ -1,0 +1,151 @@
+"""Frame features for inference: stored `.npy` files, or CLIP run on a video file on the spot.
+
+A stored feature file is what `extract-features` (or the release) writes: float16 [100, 768] for
+a video, [768] or [1, 768] for an image. Features computed from a video here go through the same
+pipeline (100 sampled frames, the release's preprocessing, CLIP `encode_image`) and are rounded to
+float16, as stored files are, so a video and its stored features give the same answers.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+from vtimellm_jax.errors import UserError
+
+VIDEO_EXTENSIONS = ("mp4", "mkv", "webm")  # the extensions the release's eval.py looks for, in its order
+
+
+def read_features(path: str | os.PathLike, feature_dim: int) -> np.ndarray:
+  """Returns float32[N, feature_dim] frame features from a `.npy` file ([feature_dim] -> N = 1)."""
+  path = pathlib.Path(path)
+  try:
+    array = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise UserError(f"{path}: feature file not found") from None
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable .npy feature file ({e})") from None
+  if array.ndim == 1:
+    array = array[None]
+  if array.ndim != 2 or array.shape[-1] != feature_dim or array.shape[0] < 1:
+    raise UserError(f"{path}: features of shape {list(np.shape(array))}; expected [N, {feature_dim}] "
+                    f"(a video: [100, {feature_dim}]) or [{feature_dim}] (an image)")
+  if not np.issubdtype(array.dtype, np.floating):
+    raise UserError(f"{path}: features of dtype {array.dtype}; expected floating point (float16 as stored)")
+  array = array.astype(np.float32)
+  if not np.isfinite(array).all():
+    raise UserError(f"{path}: features hold NaN or infinite values")
+  return array
+
+
+def video_duration(path: str | os.PathLike) -> float:
+  """Returns a video's length in seconds: its frame count over its average frame rate."""
+  from vtimellm_jax.video import decode  # pylint: disable=g-import-not-at-top
+
+  try:
+    index = decode.probe(path)
+  except (OSError, decode.DecodeError) as e:
+    raise UserError(f"{path}: cannot read the video ({e})") from None
+  if index.fps <= 0 or index.total_frames == 0:
+    raise UserError(f"{path}: the video has no frames or no frame rate")
+  return index.total_frames / index.fps
+
+
+class ClipFeaturizer:
+  """Computes a video's [100, 768] features with a CLIP model directory (loaded on first use)."""
+
+  def __init__(self, clip_spec: str, dtype: str = "auto"):
+    self.clip_spec = clip_spec
+    self.dtype = dtype
+    self._encode = None
+
+  def _load(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from vtimellm_jax.video import extract_cli  # pylint: disable=g-import-not-at-top
+
+    model = extract_cli.load_clip(self.clip_spec, extract_cli.compute_dtype(self.dtype))
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels))
+    self._encode = lambda pixels: encode(state, pixels)
+
+  def __call__(self, video_path: str | os.PathLike) -> np.ndarray:
+    """Returns float32[100, 768] features of a video file (values rounded through float16)."""
+    from vtimellm_jax.video import decode, extract, sampling  # pylint: disable=g-import-not-at-top
+
+    path = pathlib.Path(video_path)
+    if not path.is_file():
+      raise UserError(f"{path}: video file not found")
+    if self._encode is None:
+      self._load()
+    try:
+      pixels = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES)
+    except (OSError, decode.DecodeError) as e:
+      raise UserError(f"{path}: cannot decode the video ({e})") from None
+    return np.asarray(self._encode(pixels)).astype(np.float16).astype(np.float32)
+
+
+class FeatureSource:
+  """Finds a video's features: `{features_dir}/{id}.npy` first, else `{videos_dir}/{id}.{mp4,mkv,webm}` + CLIP.
+
+  This is the release's lookup order in its eval.py. Recently used videos stay in memory, because
+  an evaluation asks many queries about each video in a row.
+  """
+
+  def __init__(self, features_dir: str | None, videos_dir: str | None, clip_spec: str | None,
+               feature_dim: int, dtype: str = "auto", keep: int = 64):
+    if features_dir is None and videos_dir is None:
+      raise UserError("give --features (a folder of {id}.npy files) or --videos with --clip")
+    if videos_dir is not None and clip_spec is None:
+      raise UserError("--videos needs --clip (a CLIP model directory) to compute features")
+    for flag, folder in (("--features", features_dir), ("--videos", videos_dir)):
+      if folder is not None and not pathlib.Path(folder).is_dir():
+        raise UserError(f"{flag} {folder}: not a folder")
+    self.features_dir = None if features_dir is None else pathlib.Path(features_dir)
+    self.videos_dir = None if videos_dir is None else pathlib.Path(videos_dir)
+    self.featurizer = None if clip_spec is None else ClipFeaturizer(clip_spec, dtype)
+    self.feature_dim = feature_dim
+    self._keep = keep
+    self._cache: dict[str, np.ndarray] = {}
+
+  def locate(self, video_id: str) -> pathlib.Path | None:
+    """Returns the file the features of `video_id` come from (a .npy or a video), None if there is none."""
+    if self.features_dir is not None:
+      path = self.features_dir / f"{video_id}.npy"
+      if path.is_file():
+        return path
+    if self.videos_dir is not None:
+      for ext in VIDEO_EXTENSIONS:
+        path = self.videos_dir / f"{video_id}.{ext}"
+        if path.is_file():
+          return path
+    return None
+
+  def describe_lookup(self, video_id: str) -> str:
+    """Returns the paths tried for `video_id`, for error messages."""
+    tried = []
+    if self.features_dir is not None:
+      tried.append(str(self.features_dir / f"{video_id}.npy"))
+    if self.videos_dir is not None:
+      tried.append(str(self.videos_dir / f"{video_id}.{{{','.join(VIDEO_EXTENSIONS)}}}"))
+    return " or ".join(tried)
+
+  def __call__(self, video_id: str) -> np.ndarray:
+    """Returns float32[N, feature_dim] features of `video_id`; UserError if it has none."""
+    if video_id in self._cache:
+      return self._cache[video_id]
+    path = self.locate(video_id)
+    if path is None:
+      raise UserError(f"video {video_id!r}: no features ({self.describe_lookup(video_id)} not found)")
+    if path.suffix == ".npy":
+      features = read_features(path, self.feature_dim)
+    else:
+      print(f"computing CLIP features of {path}", file=sys.stderr)
+      features = self.featurizer(path)
+    if len(self._cache) >= self._keep:
+      self._cache.pop(next(iter(self._cache)))
+    self._cache[video_id] = features
+    return features

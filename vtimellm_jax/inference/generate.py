@@ -1,0 +1,209 @@
+"""Batched autoregressive generation: one jitted prefill + `while_loop` decode over a static KV cache.
+
+The prompt arrives as embeddings (`float[B, T, D]`, right-padded, real lengths `int[B]`), so the
+same code serves plain LLaMA ids (`model.model.embed`) and VTimeLLM prompts with spliced frame
+features (`model.embed_inputs`). One compiled program per batch size, prompt length, number of new
+tokens and sampling kind (greedy, sampled, sampled with top-p); temperature, top-p and the eos id
+are traced values:
+
+  prefill  all T prompt positions of every row are written to a cache of T + max_new_tokens slots;
+           each row's first new token comes from the hidden state at its own last real position.
+  decode   new token i (from 0) of row b is fed back at position lengths[b] + i (overwriting the
+           prompt padding the prefill left there) and attends to the slots at or before it, so rows of different
+           lengths decode together without left padding.
+
+A row stops at its first `eos_id`; the loop ends when every row has stopped or after
+`max_new_tokens`. Sampling follows HF's order (temperature, then top-p); every row draws from its
+own key folded with the step number, so a row's tokens do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vtimellm_jax.errors import UserError
+
+EOS_ID = 2
+RELEASE_TEMPERATURE = 0.05  # the release samples with this temperature at inference
+RELEASE_MAX_NEW_TOKENS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Decoding settings."""
+
+  max_new_tokens: int = RELEASE_MAX_NEW_TOKENS
+  temperature: float = RELEASE_TEMPERATURE  # 0: greedy (argmax)
+  top_p: float = 1.0  # 1: no nucleus filtering
+  eos_id: int = EOS_ID  # a negative id never matches: always max_new_tokens tokens
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+    if not self.temperature >= 0:
+      raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+def top_p_filter(logits_bv: jax.Array, top_p: jax.Array | float) -> jax.Array:
+  """Returns logits with every token outside the nucleus of mass `top_p` set to -inf.
+
+  The nucleus is the smallest set of most probable tokens whose probability reaches `top_p`
+  (HF's `TopPLogitsWarper`: a token stays if the mass strictly before it is below `top_p`); the
+  most probable token always stays.
+  """
+  order = jnp.argsort(-logits_bv, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits_bv, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < top_p).at[:, 0].set(True)
+  # Scatter the decision back to vocabulary order (ties keep their own decisions).
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_bv.shape[0])[:, None], order].set(keep_sorted)
+  return jnp.where(keep, logits_bv, -jnp.inf)
+
+
+def _choose(logits_bv, keys_b, temperature, top_p, *, greedy: bool, nucleus: bool):
+  """Returns int32[B] tokens; `greedy` and `nucleus` are static, temperature and top_p traced."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if greedy:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits_bv = logits_bv / temperature
+  if nucleus:
+    logits_bv = top_p_filter(logits_bv, top_p)
+  return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
+
+
+_choose_jit = jax.jit(_choose, static_argnames=("greedy", "nucleus"))
+
+
+def next_token(logits_bv: jax.Array, keys_b: jax.Array, config: GenerationConfig) -> jax.Array:
+  """Returns int32[B]: the chosen token of each row (argmax, or a draw with its own key)."""
+  return _choose_jit(logits_bv, keys_b, config.temperature, config.top_p, greedy=config.greedy,
+                     nucleus=config.top_p < 1)
+
+
+def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, *,
+              max_new_tokens: int, greedy: bool, nucleus: bool):
+  """Returns (tokens int32[B, max_new_tokens] with eos_id after a row stops, steps run)."""
+  model = nnx.merge(graphdef, state)
+  b, t, _ = embeds_btd.shape
+  n = max_new_tokens
+  rows = jnp.arange(b)
+  step_keys = lambda i: jax.vmap(jax.random.fold_in, (0, None))(keys_b, i)
+  choose = lambda logits, i: _choose(logits, step_keys(i), temperature, top_p, greedy=greedy, nucleus=nucleus)
+
+  cache = model.init_cache(b, t + n)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  hidden, cache, _ = model.model(embeds_btd, positions, lengths_b, cache=cache,
+                                 cache_index_b=jnp.zeros((b,), jnp.int32))
+  # Only each row's last real position is projected to the vocabulary.
+  first = choose(model.lm_head(hidden[rows, lengths_b - 1]), 0)
+  tokens = jnp.full((b, n), eos_id, jnp.int32).at[:, 0].set(first)
+  done = first == eos_id
+
+  def cond(carry):
+    i, _, done, _ = carry
+    return (i < n) & ~jnp.all(done)
+
+  def body(carry):
+    i, tokens, done, cache = carry
+    previous = tokens[:, i - 1]
+    index = lengths_b + i - 1
+    h, cache, _ = model.model(model.model.embed(previous[:, None]), index[:, None], lengths_b,
+                              cache=cache, cache_index_b=index)
+    token = jnp.where(done, eos_id, choose(model.lm_head(h[:, 0]), i))
+    tokens = tokens.at[:, i].set(token)
+    return i + 1, tokens, done | (token == eos_id), cache
+
+  steps, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, cache))
+  return tokens, steps
+
+
+# One compilation per (model, batch, prompt length, max_new_tokens, greedy, nucleus); the
+# temperature, top-p and eos id are traced values.
+_generate_jit = jax.jit(_generate, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "nucleus"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  """Generated tokens of a batch: `tokens[b, :lengths[b]]` is row b's answer (eos excluded)."""
+
+  tokens: np.ndarray  # int32[B, max_new_tokens]
+  lengths: np.ndarray  # int32[B]
+  steps: int  # decode iterations run (max over rows, eos included)
+
+  def rows(self) -> list[list[int]]:
+    """Returns every row's token ids, without the prompt and without the eos."""
+    return [self.tokens[b, :n].tolist() for b, n in enumerate(self.lengths)]
+
+
+def generate(model, embeds_btd: jax.Array, lengths_b: jax.Array | Sequence[int], config: GenerationConfig,
+             keys_b: jax.Array | None = None, *, seed: int = 0) -> Generated:
+  """Returns the tokens generated after each right-padded prompt of `embeds_btd`.
+
+  Args:
+    model: a `LlamaForCausalLM` or `VTimeLLM`.
+    embeds_btd: float[B, T, D] prompt embeddings, right-padded.
+    lengths_b: int[B] real prompt lengths (>= 1, <= T).
+    config: decoding settings.
+    keys_b: one PRNG key per row (`jax.random.split(key, B)`); default from `seed`. Unused if greedy.
+    seed: seed of the default keys.
+  """
+  b, t, _ = embeds_btd.shape
+  lengths = np.asarray(lengths_b, np.int32)
+  if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+    raise UserError(f"prompt lengths {lengths.tolist()} must be {b} values in [1, {t}]")
+  limit = model.config.max_position_embeddings
+  if t + config.max_new_tokens > limit:
+    raise UserError(f"prompt of {t} positions + {config.max_new_tokens} new tokens exceeds the model's "
+                    f"{limit} positions; lower --max-new-tokens")
+  if keys_b is None:
+    keys_b = jax.random.split(jax.random.key(seed), b)
+  graphdef, state = nnx.split(model)
+  tokens, steps = _generate_jit(graphdef, state, embeds_btd, jnp.asarray(lengths), keys_b,
+                                jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
+                                jnp.int32(config.eos_id), max_new_tokens=config.max_new_tokens,
+                                greedy=config.greedy, nucleus=config.top_p < 1)
+  tokens = np.asarray(tokens)
+  stopped = tokens == config.eos_id
+  answer_lengths = np.where(stopped.any(-1), stopped.argmax(-1), tokens.shape[1]).astype(np.int32)
+  return Generated(tokens, answer_lengths, int(steps))
+
+
+@nnx.jit
+def _embed_ids(model, ids_bt):
+  """Returns float[B, T, D] token embeddings."""
+  return model.model.embed(ids_bt)
+
+
+def generate_from_ids(model, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
+                      pad_multiple: int = 16, **kwargs) -> Generated:
+  """Returns the tokens generated after each prompt of token ids (plain LLaMA, no features)."""
+  ids, lengths = pad_right(prompts, multiple=pad_multiple)
+  return generate(model, _embed_ids(model, jnp.asarray(ids)), lengths, config, **kwargs)
+
+
+def pad_right(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (int32[B, T] ids right-padded with `pad_id`, int32[B] lengths); T rounds up to `multiple`.
+
+  Rounding T up lets prompts of nearby lengths share one compiled program.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("every prompt needs at least one token")
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  t = -(-int(lengths.max()) // multiple) * multiple
+  ids = np.full((len(prompts), t), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    ids[row, :len(prompt)] = prompt
+  return ids, lengths

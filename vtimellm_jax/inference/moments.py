@@ -1,0 +1,51 @@
+"""Moments named in an answer ("from SS to EE", frame indices of the 100 samples) and their times.
+
+VTimeLLM writes a moment as two two-digit indices 00-99 of the 100 frames sampled evenly over the
+video; its training data map a time t to `round(t / duration * 100)`, so index i stands for
+`i / 100 * duration` seconds, the reading the release's grounding metric uses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# "from 12 to 34"; the digits must not be part of a longer number ("from 100 to 120" is no moment).
+_MOMENT_RE = re.compile(r"\bfrom (\d{2}) to (\d{2})(?!\d)", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+  """One moment of an answer: frame indices (0-99) and where it sits in the answer text."""
+
+  start: int
+  end: int
+  span: tuple[int, int]  # character offsets of "from SS to EE" in the answer
+
+  def seconds(self, duration: float) -> tuple[float, float]:
+    """Returns (start, end) in seconds of a video `duration` seconds long."""
+    return self.start / 100 * duration, self.end / 100 * duration
+
+
+def find_moments(answer: str) -> list[Moment]:
+  """Returns every "from SS to EE" of an answer, in order."""
+  return [Moment(int(m.group(1)), int(m.group(2)), m.span()) for m in _MOMENT_RE.finditer(answer)]
+
+
+def moments_in_seconds(answer: str, duration: float | None) -> list[list[float]] | None:
+  """Returns [[start_s, end_s], ...] (rounded to 0.01 s) of an answer's moments; None without a duration."""
+  if duration is None:
+    return None
+  return [[round(s, 2), round(e, 2)] for s, e in (m.seconds(duration) for m in find_moments(answer))]
+
+
+def annotate(answer: str, duration: float | None) -> str:
+  """Returns the answer with each moment followed by its time span, e.g. "from 10 to 20 (3.0s-6.0s)"."""
+  if duration is None:
+    return answer
+  out, last = [], 0
+  for moment in find_moments(answer):
+    start, end = moment.seconds(duration)
+    out += [answer[last:moment.span[1]], f" ({start:.1f}s-{end:.1f}s)"]
+    last = moment.span[1]
+  return "".join(out) + answer[last:]

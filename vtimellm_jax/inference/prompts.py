@@ -1,0 +1,78 @@
+"""The release's inference prompts and queries, tokenized around `<video>`, and its answer clean-up.
+
+Every question goes into the Vicuna v1 conversation of SPEC section 2 ending in "ASSISTANT:" (no
+trailing space); the first user message of a conversation starts with `<video>`, which becomes the
+placeholder id that `VTimeLLM.embed_inputs` replaces with the projected frame features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vtimellm_jax.data import templates
+from vtimellm_jax.errors import UserError
+
+VIDEO_TAG = templates.VIDEO_TAG
+
+# The release's evaluation queries (its eval.py), verbatim.
+GROUNDING_QUERY = "During which frames can we see {}?"
+CAPTIONING_QUERY = (
+    "Could you please describe the events in the video in detail? Be specific about the activities of "
+    "individuals, their surroundings, and interactions with others. The output should be in JSON format, "
+    'structured as follows: {"event": "xx", "timestamps": "from xx to xx"}.')
+
+
+def grounding_sentence(sentence: str) -> str:
+  """Returns an annotated sentence as the release puts it in a query: stripped, lower-cased, no final '.'."""
+  sentence = sentence.strip().lower()
+  return sentence[:-1] if sentence.endswith(".") else sentence
+
+
+def grounding_question(sentence: str) -> str:
+  """Returns the release's first user message of a grounding query for an annotated sentence."""
+  return VIDEO_TAG + "\n" + GROUNDING_QUERY.format(grounding_sentence(sentence))
+
+
+def captioning_question() -> str:
+  """Returns the release's first user message of the dense-captioning query.
+
+  The release puts a space between "<video>\\n" and the query text here (and not for grounding).
+  """
+  return VIDEO_TAG + "\n " + CAPTIONING_QUERY
+
+
+def chat_question(query: str) -> str:
+  """Returns the first user message of a chat about a video: '<video>\\n' + query."""
+  return VIDEO_TAG + "\n" + query
+
+
+def conversation_prompt(history: Sequence[tuple[str, str]], question: str) -> str:
+  """Returns the v1 prompt of earlier (question, answer) rounds plus `question`, ending 'ASSISTANT:'.
+
+  Exactly one `<video>` must appear, in the first question (the release's single-video prompt).
+  """
+  turns = []
+  for asked, answered in history:
+    turns += [("human", asked), ("gpt", answered)]
+  turns.append(("human", question))
+  tags = sum(text.count(VIDEO_TAG) for _, text in turns)
+  if tags != 1 or VIDEO_TAG not in turns[0][1]:
+    raise UserError(f"a conversation needs exactly one {VIDEO_TAG}, in its first question; found {tags}")
+  return templates.v1_prompt(turns, generation_prompt=True)
+
+
+def tokenize_prompt(encoder, prompt: str) -> list[int]:
+  """Returns the release's ids of a prompt: BOS, text chunks, and one placeholder where `<video>` stood."""
+  return templates.tokenize_video_prompt(encoder, prompt)
+
+
+def decode_answer(encoder, token_ids: Sequence[int]) -> str:
+  """Returns the answer text of generated ids the way the release cleans it up.
+
+  Special tokens are dropped, whitespace stripped, and a trailing '</s>' removed (the release strips
+  its stop string again in case the tokenizer spelled it out).
+  """
+  text = encoder.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+  if text.endswith(templates.SEP2):
+    text = text[:-len(templates.SEP2)]
+  return text.strip()
