@@ -39,6 +39,11 @@ def recipe(size: str) -> ml_collections.ConfigDict:
   c.model.preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[size]
   c.model.base = ""  # model directory (convert llama / an export); "" = random init of the preset
   c.model.vocab_size = 0  # 0: the base's or the preset's
+  # 0 keeps the preset's value; the quickstart widens `tiny` with these.
+  c.model.hidden_size = 0
+  c.model.intermediate_size = 0
+  c.model.num_layers = 0
+  c.model.num_heads = 0
   c.model.dtype = "float32" if tiny else "bfloat16"  # compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
   c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)

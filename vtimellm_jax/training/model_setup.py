@@ -55,8 +55,11 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None)
     model = load_model(config.model.base, VTimeLLM, rngs=rngs, **overrides)
   else:
     vocab = config.model.vocab_size or vocab_size
+    sizes = {k: config.model[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads") if config.model[k]}
+    if "num_heads" in sizes:
+      sizes["num_kv_heads"] = sizes["num_heads"]
     extra = {"vocab_size": vocab} if vocab else {}
-    model = VTimeLLM(LlamaConfig.preset(config.model.preset, **overrides, **extra), rngs)
+    model = VTimeLLM(LlamaConfig.preset(config.model.preset, **overrides, **sizes, **extra), rngs)
   if config.load.adapter:
     tree = trained_params(config.load.adapter)
     if "mm_projector" not in tree:

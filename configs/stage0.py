@@ -1,0 +1,19 @@
+"""Stage 0 (quickstart only): pretrain a tiny LLaMA on the corpus text, standing in for Vicuna.
+
+Every parameter trains; records are plain-template samples whose "caption" is corpus text and whose
+feature is a zero vector, so the same data path and train step serve. Real runs start from Vicuna
+(`convert llama`) and skip this stage.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg)
+  c = common.recipe(args["size"])
+  c.stage = "stage0"
+  c.trainable = "all"
+  c.data.template = "plain"
+  c.epochs = 1
+  c.optim.lr = 1e-3
+  return c
