@@ -15,6 +15,7 @@ from vtimellm_jax import errors
 
 # command path -> (module, one-line help)
 _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("quickstart",): ("vtimellm_jax.quickstart", "the whole recipe on a synthetic corpus: videos in, metrics out"),
     ("convert", "llama"): ("vtimellm_jax.convert.llama_cli", "HF LLaMA/Vicuna directory -> JAX checkpoint"),
     ("convert", "clip"): ("vtimellm_jax.convert.clip_cli", "OpenAI / HF / open_clip CLIP -> JAX checkpoint"),
     ("convert", "release"): ("vtimellm_jax.convert.release_cli", "released VTimeLLM (Vicuna + projector + LoRA folders) -> JAX model"),

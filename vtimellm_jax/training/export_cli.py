@@ -1,25 +1,150 @@
-"""`vtimellm-jax export --workdir DIR --out DIR`: a training run -> one self-contained model directory.
+"""`vtimellm-jax export`: a training run or model directory -> a JAX model dir, the release's files, or HF.
 
-The base the run sat on, the adapter and merged LoRA it loaded, and its trained parameters become
-one VTimeLLM model directory (LoRA merged unless --keep-lora) with the tokenizer beside it, which
-`chat` and `eval` load.
+  vtimellm-jax export --model runs/stage3 --out ckpt/vtimellm-7b                  # JAX (LoRA merged)
+  vtimellm-jax export --model runs/stage3 --format release --out torch/stage3     # mm_projector.bin + lora/
+  vtimellm-jax export --model ckpt/vtimellm-7b --format hf --out torch/hf         # merged HF LLaMA + projector
+
+--model takes a training workdir (run.json + checkpoints/; --workdir is the same flag) or a model
+directory (model.json + params/). Formats:
+  jax      one VTimeLLM model directory with the tokenizer beside it (LoRA merged unless --keep-lora),
+           which `chat` and `eval` load.
+  release  what the release's PyTorch code loads: mm_projector.bin and, when the model holds unmerged
+           LoRA, a peft folder lora/ for its --stage2/--stage3 arguments (PeftModel.from_pretrained
+           reads it too). The LoRA applies on top of the model's base weights; --with-base also
+           writes those as an HF directory base/ (needed when the base is not plain Vicuna).
+  hf       a merged HF LLaMA directory (safetensors, config.json, tokenizer files) plus mm_projector.bin.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import tempfile
+
+FORMATS = ("jax", "release", "hf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", required=True, help="a training workdir (holds run.json and checkpoints/)")
-  parser.add_argument("--out", required=True, help="output model directory")
-  parser.add_argument("--keep-lora", action="store_true", help="keep the trained LoRA unmerged (to train on)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.formatter_class = argparse.RawDescriptionHelpFormatter
+  parser.epilog = __doc__.split("\n\n", 1)[1]
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--model", help="a training workdir (run.json) or a model directory (model.json)")
+  source.add_argument("--workdir", dest="model", help="same as --model")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--format", default="jax", choices=FORMATS, help="what to write (default: %(default)s)")
+  parser.add_argument("--keep-lora", action="store_true", help="jax: keep the trained LoRA unmerged (to train on)")
+  parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: the latest)")
+  parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                      help="hf / base weights dtype (default: the model's storage dtype)")
+  parser.add_argument("--adapter-format", default="bin", choices=("bin", "safetensors"),
+                      help="release: adapter_model.bin (default, what every peft >= 0.4 reads, as the release's "
+                           "own files) or adapter_model.safetensors")
+  parser.add_argument("--with-base", action="store_true", help="release: also write the base weights as HF base/")
+
+
+def _kind(path: pathlib.Path) -> str:
+  """Returns 'workdir' or 'model' for --model, or raises UserError."""
+  from vtimellm_jax import model_io
+  from vtimellm_jax.errors import UserError
+  from vtimellm_jax.training import model_setup
+
+  if (path / model_setup.RUN_JSON).is_file():
+    return "workdir"
+  if (path / model_io.MODEL_JSON).is_file():
+    return "model"
+  raise UserError(f"--model {path}: neither a training workdir ({model_setup.RUN_JSON}) nor a model directory "
+                  f"({model_io.MODEL_JSON})")
+
+
+def _export_jax_model_dir(src: pathlib.Path, out: pathlib.Path, keep_lora: bool) -> str:
+  """Re-saves a model directory (LoRA merged unless `keep_lora`); returns what was done."""
+  from vtimellm_jax import model_io
+  from vtimellm_jax.convert.llama import copy_tokenizer
+  from vtimellm_jax.models import load, lora
+
+  meta = model_io.read_model_json(src)
+  model = load.load_model(src)
+  merged = 0 if keep_lora else lora.merge_lora(model)
+  extra = {k: v for k, v in meta.items() if k not in ("kind", "config", "lora")}
+  load.save_model(model, out, **extra)
+  copy_tokenizer(src, out)
+  return f"{merged} LoRA layers merged" if merged else "no LoRA merged"
+
+
+def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: str | None = None,
+                 adapter_format: str = "bin", with_base: bool = False) -> list[str]:
+  """Writes the `release` or `hf` files of a model directory to `out`; returns lines describing them."""
+  from vtimellm_jax import model_io
+  from vtimellm_jax.convert import export_formats
+  from vtimellm_jax.errors import UserError
+  from vtimellm_jax.models import load, lora
+
+  meta = model_io.read_model_json(model_dir)
+  if meta["kind"] not in ("vtimellm", "llama"):
+    raise UserError(f"{model_dir}: holds a '{meta['kind']}' model; only VTimeLLM / LLaMA models export to PyTorch")
+  model = load.load_model(model_dir)
+  dtype = dtype or model.config.param_dtype
+  if fmt == "hf":
+    lora.merge_lora(model)
+  llm, projector, factors = export_formats.split_tree(model_io.params_tree(model))
+  out.mkdir(parents=True, exist_ok=True)
+  lines = []
+  if projector:
+    export_formats.write_projector(projector, out / export_formats.PROJECTOR_FILE)
+    lines.append(f"{out / export_formats.PROJECTOR_FILE}: the adapter (keys model.mm_projector.weight/.bias)")
+  elif fmt == "release":
+    raise UserError(f"{model_dir}: a plain LLaMA has no mm_projector to export in the release's format")
+  if fmt == "hf":
+    export_formats.write_hf_dir(llm, model.config, out, dtype, tokenizer_src=model_dir)
+    return lines + [f"{out}: merged HF LLaMA directory ({dtype})"]
+  if with_base:
+    export_formats.write_hf_dir(llm, model.config, out / export_formats.BASE_DIR, dtype, tokenizer_src=model_dir)
+    lines.append(f"{out / export_formats.BASE_DIR}: the base LLM as an HF directory ({dtype}), for --model_base")
+  if not factors:
+    return lines + ["the model holds no unmerged LoRA, so only the projector was written; its LLM weights "
+                    "are exported with --format hf (or --with-base)"]
+  source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+  base_name = str((out / export_formats.BASE_DIR).absolute()) if with_base else source.get("base")
+  export_formats.write_peft_folder(factors, meta["lora"], out / export_formats.LORA_DIR, base_name, adapter_format)
+  lines.append(f"{out / export_formats.LORA_DIR}: peft LoRA folder (r={meta['lora']['rank']}, "
+               f"alpha={meta['lora']['alpha']}, {len(factors) // 2} layers)")
+  if source.get("merged"):
+    lines.append("the LoRA applies on top of the base with these LoRA folders merged first, in order: "
+                 + ", ".join(source["merged"]))
+  elif not with_base:
+    lines.append("the LoRA applies on top of this model's base weights (pass --with-base to write them too)")
+  return lines
 
 
 def run(args: argparse.Namespace) -> int:
+  from vtimellm_jax.errors import UserError
   from vtimellm_jax.training import export
 
-  out = export.export_workdir(args.workdir, args.out, keep_lora=args.keep_lora, step=args.step)
-  print(f"exported {args.workdir} -> {out}")
+  src, out = pathlib.Path(args.model), pathlib.Path(args.out)
+  kind = _kind(src)
+  if out.exists() and src.resolve() == out.resolve():
+    raise UserError(f"--out {out} is the source itself; choose another directory")
+  if args.step is not None and kind != "workdir":
+    raise UserError("--step selects a checkpoint of a training workdir; --model is a model directory")
+  if args.keep_lora and args.format != "jax":
+    raise UserError(f"--keep-lora is for --format jax (--format {args.format} "
+                    f"{'writes LoRA separately' if args.format == 'release' else 'merges it'})")
+  if args.format == "jax":
+    if kind == "workdir":
+      export.export_workdir(src, out, keep_lora=args.keep_lora, step=args.step)
+      print(f"exported {src} -> {out}")
+    else:
+      print(f"exported {src} -> {out} ({_export_jax_model_dir(src, out, args.keep_lora)})")
+    return 0
+  if kind == "workdir":
+    # The run's model is assembled once as a model directory (LoRA unmerged), then exported.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+      export.export_workdir(src, tmp, keep_lora=True, step=args.step)
+      lines = export_torch(pathlib.Path(tmp), args.format, out, args.dtype, args.adapter_format, args.with_base)
+  else:
+    lines = export_torch(src, args.format, out, args.dtype, args.adapter_format, args.with_base)
+  print(f"exported {src} -> {out} ({args.format}):")
+  for line in lines:
+    print(f"  {line}")
   return 0

@@ -1,0 +1,144 @@
+"""A VTimeLLM model directory -> the files PyTorch users load: the release's layout, or plain HF.
+
+  release  `mm_projector.bin` (torch state dict, keys `model.mm_projector.weight` [d, 768] and
+           `.bias`, as the release's stage 1 saves it) and, when the model holds unmerged LoRA, a
+           peft folder `lora/` (adapter_config.json, adapter_model.bin or .safetensors, an empty
+           non_lora_trainables.bin) that `PeftModel.from_pretrained` and the release's `load_lora`
+           read unchanged. The LoRA applies on top of the model's own base weights; `with_base`
+           also writes those as an HF directory `base/`.
+  hf       a merged HF LLaMA directory (config.json, safetensors shards, tokenizer files) that
+           `transformers.LlamaForCausalLM.from_pretrained` loads, plus `mm_projector.bin`.
+Names come from the conversion tables (`RELEASE_TABLE`, `PEFT_LORA_TABLE`) read backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from vtimellm_jax.convert import llama, release, table
+from vtimellm_jax.errors import ConversionError, UserError
+from vtimellm_jax.models.llama import LlamaConfig
+
+PROJECTOR_FILE = "mm_projector.bin"
+LORA_DIR = "lora"
+BASE_DIR = "base"
+MAX_SHARD_BYTES = 5 * 2**30  # HF's default shard size
+HF_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _torch_tensor(array: np.ndarray, dtype: str | None = None):
+  """Returns a contiguous CPU torch tensor of `array` (bfloat16 included), cast to `dtype` if given."""
+  import torch
+
+  array = np.asarray(array)
+  if array.dtype.name == "bfloat16":
+    # numpy cannot hand bfloat16 to torch; reinterpret the bits.
+    tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(torch.bfloat16)
+  else:
+    tensor = torch.from_numpy(np.ascontiguousarray(array).copy())
+  return tensor if dtype is None else tensor.to(getattr(torch, dtype))
+
+
+def split_tree(tree: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Returns ({HF name: LLM weight}, {HF name: projector weight}, {peft key: LoRA factor}) of a params tree."""
+  llm, projector, lora, problems = {}, {}, {}, []
+  for path, value in llama.flatten(tree):
+    value = np.asarray(value)
+    lora_mapped = table.translate(path, release.PEFT_LORA_TABLE, reverse=True)
+    if lora_mapped is not None:
+      lora[lora_mapped[0]] = lora_mapped[1](value)
+      continue
+    mapped = table.translate(path, release.RELEASE_TABLE, reverse=True)
+    if mapped is None:
+      problems.append(f"no PyTorch name for {path}")
+      continue
+    name, transform = mapped
+    (projector if name.startswith("model.mm_projector.") else llm)[name] = transform(value)
+  if problems:
+    raise ConversionError("the model's parameters", problems)
+  return llm, projector, lora
+
+
+def write_projector(projector: dict[str, np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
+  """Writes the adapter as the release's `mm_projector.bin` (float32 torch state dict); returns its path."""
+  import torch
+
+  if set(projector) != {"model.mm_projector.weight", "model.mm_projector.bias"}:
+    raise UserError(f"the model has no complete mm_projector (found {sorted(projector)}); is it a VTimeLLM model?")
+  torch.save({name: _torch_tensor(value, "float32") for name, value in projector.items()}, path)
+  return pathlib.Path(path)
+
+
+def adapter_config(lora_spec: dict, base_name: str | None) -> dict:
+  """Returns a peft `adapter_config.json` dict for our LoRA spec {"rank", "alpha", "targets"}.
+
+  Only fields peft 0.4 already knew are written (the release asks for peft>=0.4.0 and older peft
+  refuses unknown fields); newer peft gives the rest (use_rslora, use_dora, ...) their defaults.
+  """
+  alpha = lora_spec["alpha"]
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "revision": None,
+      "r": int(lora_spec["rank"]), "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+      "target_modules": sorted(lora_spec["targets"]), "lora_dropout": 0.0, "bias": "none",
+      "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+      "layers_to_transform": None, "layers_pattern": None,
+  }
+
+
+def write_peft_folder(lora: dict[str, np.ndarray], lora_spec: dict, folder: str | pathlib.Path,
+                      base_name: str | None = None, weights_format: str = "bin") -> pathlib.Path:
+  """Writes a peft LoRA folder (config, factors in float32, empty non_lora_trainables.bin); returns it."""
+  import torch
+
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {key: _torch_tensor(value, "float32") for key, value in sorted(lora.items())}
+  if weights_format == "safetensors":
+    from safetensors.torch import save_file
+
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+  elif weights_format == "bin":
+    torch.save(tensors, folder / "adapter_model.bin")
+  else:
+    raise UserError(f"adapter weights format must be safetensors or bin, got {weights_format!r}")
+  (folder / release.ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lora_spec, base_name), indent=2) + "\n")
+  # The release's training writes this file beside every LoRA; empty: nothing but LoRA trained.
+  torch.save({}, folder / release.NON_LORA_TRAINABLES)
+  return folder
+
+
+def write_hf_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | pathlib.Path, dtype: str,
+                 tokenizer_src: str | pathlib.Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+  """Writes an HF LLaMA directory (config.json, safetensors shards + index); returns the tokenizer files copied."""
+  from safetensors.torch import save_file
+
+  if dtype not in HF_DTYPES:
+    raise UserError(f"--dtype must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  itemsize = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+  shards: list[list[str]] = [[]]
+  size = 0
+  for name, value in llm.items():
+    nbytes = value.size * itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  weight_map, total = {}, 0
+  for k, names in enumerate(shards):
+    file_name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = {name: _torch_tensor(llm[name], dtype) for name in names}
+    save_file(tensors, folder / file_name, metadata={"format": "pt"})
+    total += sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map.update({name: file_name for name in names})
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+  hf_config = {**config.to_hf_dict(), "torch_dtype": dtype}
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  return llama.copy_tokenizer(tokenizer_src, folder) if tokenizer_src else []

@@ -1,0 +1,339 @@
+"""The released VTimeLLM checkpoints (Vicuna + mm_projector.bin + peft LoRA folders) -> one model dir.
+
+The release's loader builds its model in this order, and so does `convert_release`:
+  1. the HF Vicuna base;
+  2. `mm_projector.bin`: every key containing `mm_projector.` gives the adapter's weight or bias;
+  3. per LoRA stage (stage 2, then stage 3): `non_lora_trainables.bin` is loaded over the model
+     (prefixes `base_model.` and a doubled `model.` stripped; keys the model lacks are ignored,
+     as the release loads it with strict=False), then the peft adapter is applied and merged:
+     W += scaling * B @ A, scaling = lora_alpha / r (/ sqrt(r) with use_rslora), and peft's
+     `modules_to_save` copies replace their modules.
+Everything happens in HF names while the base streams through one tensor at a time, in float32,
+so a 7B model never needs more than its converted copy in memory. Every problem found in any of
+the files is reported together in one `ConversionError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from vtimellm_jax import model_io
+from vtimellm_jax.convert import llama, table, torch_files
+from vtimellm_jax.errors import ConversionError, UserError
+from vtimellm_jax.models import lora as lora_lib
+from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models.vtimellm import VTimeLLM
+
+# The adapter in HF names, as the release's `VTimeLLMLlamaModel.mm_projector` (nn.Linear 768 -> d).
+PROJECTOR_TABLE: tuple[table.Rule, ...] = (
+    ("model.mm_projector.weight", "mm_projector/kernel", table.transpose),
+    ("model.mm_projector.bias", "mm_projector/bias", table.identity),
+)
+RELEASE_TABLE = llama.LLAMA_TABLE + PROJECTOR_TABLE
+# peft's names of the LoRA factors of our `Linear.lora_a` [in, r] / `lora_b` [r, out].
+PEFT_PREFIX = "base_model.model."
+PEFT_LORA_TABLE: tuple[table.Rule, ...] = tuple(
+    (f"{PEFT_PREFIX}model.layers.{{layer}}.{block}.{{proj}}.lora_{theirs}.weight",
+     f"model/layers/{{layer}}/{block}/{{proj}}/lora_{ours}", table.transpose)
+    for block in ("self_attn", "mlp") for theirs, ours in (("A", "a"), ("B", "b")))
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft prefers safetensors
+NON_LORA_TRAINABLES = "non_lora_trainables.bin"
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[\w-]+))?\.weight")
+
+
+@dataclasses.dataclass
+class Stage:
+  """One peft LoRA folder, read and checked: what it changes, in HF weight names."""
+
+  folder: pathlib.Path
+  # weight name -> (A float32[r, in], B float32[out, r], scaling)
+  lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = dataclasses.field(default_factory=dict)
+  # weight name -> replacement (non_lora_trainables first, then peft's modules_to_save copies)
+  overrides: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def apply(self, name: str, weight: np.ndarray, merge: bool = True) -> np.ndarray:
+    """Returns `weight` (HF layout) after this stage: replaced if overridden, plus the LoRA delta."""
+    if name in self.overrides:
+      weight = self.overrides[name]
+    if merge and name in self.lora:
+      a, b, scaling = self.lora[name]
+      weight = weight.astype(np.float32) + np.float32(scaling) * (b @ a)
+    return weight
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Returns {HF name: torch-layout shape} of every VTimeLLM weight (projector included)."""
+  shapes = {}
+  for path, struct in llama.abstract_params(config, VTimeLLM).items():
+    name, transform = table.translate(path, RELEASE_TABLE, reverse=True)
+    shapes[name] = transform(np.empty(struct.shape, np.int8)).shape
+  return shapes
+
+
+def _peft_module_name(key: str) -> str:
+  """Returns the HF weight name a non-LoRA peft key saves (a `modules_to_save` copy or a bias)."""
+  name = key[len(PEFT_PREFIX):]
+  return re.sub(r"\.modules_to_save(\.[\w-]+)?\.", ".", name)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+  """Returns peft's per-module `rank_pattern` / `alpha_pattern` value for `module`, else `default`."""
+  for pattern, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({pattern})$", module):
+      return value
+  return default
+
+
+def _targeted(target_modules, module: str) -> bool:
+  """Returns whether peft's `target_modules` (a list of names or one regex) selects `module`."""
+  if target_modules is None:
+    return False
+  if isinstance(target_modules, str):
+    if target_modules == "all-linear":
+      return not module.endswith("lm_head")
+    return re.fullmatch(target_modules, module) is not None
+  return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def _read_config(folder: pathlib.Path, problems: list[str]) -> dict | None:
+  path = folder / ADAPTER_CONFIG
+  if not path.is_file():
+    problems.append(f"{path}: missing (a peft LoRA folder holds {ADAPTER_CONFIG})")
+    return None
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    problems.append(f"{path}: invalid JSON ({e})")
+    return None
+  before = len(problems)
+  if config.get("peft_type", "LORA") != "LORA":
+    problems.append(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are supported")
+  for key in ("r", "lora_alpha"):
+    if not isinstance(config.get(key), (int, float)) or config.get(key) <= 0:
+      problems.append(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
+  if config.get("use_dora"):
+    problems.append(f"{path}: use_dora=true (DoRA) is not supported")
+  return config if len(problems) == before else None
+
+
+def _weights_file(folder: pathlib.Path, problems: list[str]) -> pathlib.Path | None:
+  found = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+  if not found:
+    problems.append(f"{folder}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    return None
+  return found[0]
+
+
+def _load(path: pathlib.Path, problems: list[str]) -> dict[str, np.ndarray]:
+  try:
+    return torch_files.load_weight_file(path)
+  except UserError as e:
+    problems.append(str(e))
+    return {}
+
+
+def read_non_lora_trainables(path: pathlib.Path, shapes: dict, problems: list[str], notes: list[str]) -> dict:
+  """Returns {HF name: array} of a `non_lora_trainables.bin`, keys normalised as the release does."""
+  tensors = _load(path, problems)
+  tensors = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in tensors.items()}
+  if any(k.startswith("model.model.") for k in tensors):
+    tensors = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in tensors.items()}
+  out = {}
+  for name, value in tensors.items():
+    if name not in shapes:
+      notes.append(f"{path}: {name} is not a weight of the model; ignored (the release loads this file non-strictly)")
+    elif tuple(value.shape) != shapes[name]:
+      problems.append(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {shapes[name]}")
+    else:
+      out[name] = value
+  return out
+
+
+def read_stage(folder: str | pathlib.Path, shapes: dict, problems: list[str], notes: list[str]) -> Stage:
+  """Returns one peft LoRA folder as a `Stage`, appending every problem found to `problems`."""
+  folder = pathlib.Path(folder)
+  stage = Stage(folder)
+  if not folder.is_dir():
+    problems.append(f"{folder}: not a folder (expected a peft LoRA folder with {ADAPTER_CONFIG})")
+    return stage
+  if (folder / NON_LORA_TRAINABLES).is_file():
+    stage.overrides.update(read_non_lora_trainables(folder / NON_LORA_TRAINABLES, shapes, problems, notes))
+  config, weights = _read_config(folder, problems), _weights_file(folder, problems)
+  if config is None or weights is None:
+    return stage
+  if config.get("fan_in_fan_out"):
+    notes.append(f"{folder / ADAPTER_CONFIG}: fan_in_fan_out=true does not apply to nn.Linear; peft uses false, so do we")
+  factors: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in _load(weights, problems).items():
+    match = _LORA_KEY.fullmatch(key)
+    if match:
+      factors.setdefault(match["module"], {})[match["factor"]] = value.astype(np.float32)
+    elif "lora_" in key:
+      problems.append(f"{weights}: {key} is a kind of LoRA tensor this converter does not support")
+    elif key.startswith(PEFT_PREFIX) and _peft_module_name(key) in shapes:
+      name = _peft_module_name(key)  # a modules_to_save copy (or a trained bias): replaces the weight
+      if tuple(value.shape) != shapes[name]:
+        problems.append(f"{weights}: {key} has shape {tuple(value.shape)}, {name} is {shapes[name]}")
+      else:
+        stage.overrides[name] = value
+    else:
+      problems.append(f"{weights}: unexpected tensor {key} (not a LoRA factor of a model weight)")
+  targets = config.get("target_modules")
+  for module, pair in sorted(factors.items()):
+    name = module + ".weight"
+    where = f"{weights}: {module}"
+    if name not in shapes or len(shapes[name]) != 2:
+      problems.append(f"{where}: not a linear layer of the model")
+      continue
+    if not _targeted(targets, module):
+      problems.append(f"{where}: has LoRA weights but {ADAPTER_CONFIG}'s target_modules {targets} does not "
+                      "select it (peft would silently drop them)")
+      continue
+    if set(pair) != {"A", "B"}:
+      problems.append(f"{where}: lora_{'B' if 'A' in pair else 'A'} is missing")
+      continue
+    a, b = pair["A"], pair["B"]
+    rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    out_dim, in_dim = shapes[name]
+    if a.shape != (rank, in_dim) or b.shape != (out_dim, rank):
+      problems.append(f"{where}: lora_A {a.shape} / lora_B {b.shape}, expected ({rank}, {in_dim}) / ({out_dim}, {rank}) "
+                      f"for r={rank}")
+      continue
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    stage.lora[name] = (a, b, scaling)
+  if isinstance(targets, list):
+    # A listed target with no weights in the file means a truncated or mismatched adapter.
+    hit = {t for t in targets for module in factors if _targeted([t], module)}
+    for target in sorted(set(targets) - hit):
+      problems.append(f"{folder / ADAPTER_CONFIG}: target_modules names {target!r} but {weights.name} has no "
+                      "LoRA weights for it")
+  if not stage.lora and not stage.overrides and not factors:
+    notes.append(f"{folder}: holds no weights that change the model")
+  return stage
+
+
+def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], notes: list[str]) -> dict:
+  """Returns {HF name: array} of a stage-1 `mm_projector.bin`, read as the release reads it."""
+  path = pathlib.Path(path)
+  found: dict[str, np.ndarray] = {}
+  before = len(problems)
+  for key, value in _load(path, problems).items():
+    if "mm_projector." not in key:
+      notes.append(f"{path}: {key} ignored (the release keeps only keys containing 'mm_projector')")
+      continue
+    suffix = key.split("mm_projector.")[1]
+    name = f"model.mm_projector.{suffix}"
+    if name not in shapes:
+      problems.append(f"{path}: {key} is not a weight of the projector (Linear: weight, bias)")
+    elif name in found:
+      problems.append(f"{path}: {key} repeats the projector's {suffix}")
+    elif tuple(value.shape) != shapes[name]:
+      problems.append(f"{path}: {key} has shape {tuple(value.shape)}, expected {shapes[name]}")
+    else:
+      found[name] = value
+  if len(problems) == before:
+    problems += [f"{path}: no {n} (key ending in mm_projector.{n.rsplit('.', 1)[1]})"
+                 for n in ("model.mm_projector.weight", "model.mm_projector.bias") if n not in found]
+  return found
+
+
+def _kept_lora(stage: Stage, config: LlamaConfig, problems: list[str]) -> tuple[dict, dict]:
+  """Returns (our {path: array} of the unmerged LoRA factors, model.json's "lora" entry)."""
+  params, scalings, targets = {}, set(), set()
+  for name, (a, b, scaling) in stage.lora.items():
+    mapped = table.translate(name, llama.LLAMA_TABLE)
+    module = name.rsplit(".", 2)[-2]
+    if mapped is None or module not in lora_lib.ALL_TARGETS:
+      problems.append(f"{stage.folder}: --keep-lora supports LoRA on {', '.join(lora_lib.ALL_TARGETS)} only, not {name}")
+      continue
+    layer_path = mapped[0].rsplit("/", 1)[0]
+    params[f"{layer_path}/lora_a"], params[f"{layer_path}/lora_b"] = table.transpose(a), table.transpose(b)
+    scalings.add((a.shape[0], scaling))
+    targets.add(module)
+  if len(scalings) > 1:
+    problems.append(f"{stage.folder}: --keep-lora needs one rank and alpha for every layer, found {sorted(scalings)}")
+  expected = {f"{layer}/{target}" for layer in range(config.num_layers) for target in targets}
+  covered = {p.split("/")[2] + "/" + p.split("/")[4] for p in params}
+  if expected - covered:
+    problems.append(f"{stage.folder}: --keep-lora needs LoRA on every layer of each target; missing "
+                    f"{', '.join(sorted(expected - covered))} (layer/target)")
+  if not stage.lora:
+    problems.append(f"{stage.folder}: --keep-lora, but this folder holds no LoRA factors to keep")
+  if not params or problems:
+    return {}, {}
+  rank, scaling = scalings.pop()
+  return params, {"rank": rank, "alpha": scaling * rank, "targets": sorted(targets)}
+
+
+def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out: str | pathlib.Path,
+                    stage2: str | pathlib.Path | None = None, stage3: str | pathlib.Path | None = None,
+                    dtype: str = "bfloat16", keep_lora: bool = False) -> tuple[LlamaConfig, list[str]]:
+  """Writes the release's model (base + projector + merged LoRA stages) to `out`; returns (config, notes).
+
+  With `keep_lora` the last stage's LoRA stays unmerged (model.json's "lora"), so training continues
+  from it. Raises `ConversionError` listing every problem of every file.
+  """
+  base = pathlib.Path(base)
+  if dtype not in ("bfloat16", "float32"):
+    raise UserError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
+  if keep_lora and stage2 is None and stage3 is None:
+    raise UserError("--keep-lora needs a LoRA folder (--stage2 or --stage3) to keep")
+  config = LlamaConfig.from_hf_file(base, param_dtype=dtype)
+  shapes = hf_shapes(config)
+  problems, notes = [], []
+  proj = read_projector(projector, shapes, problems, notes)
+  projector_ok = len(problems) == 0
+  stages = [read_stage(s, shapes, problems, notes) for s in (stage2, stage3) if s is not None]
+  kept, lora_meta = _kept_lora(stages[-1], config, problems) if keep_lora else ({}, {})
+  merged_stages = stages[:-1] if keep_lora else stages
+
+  def llm_tensors() -> Iterator[tuple[str, str, np.ndarray]]:
+    for file, name, array in torch_files.iter_checkpoint(base):
+      if "mm_projector" in name:
+        notes.append(f"{file.name}: {name} ignored (the projector comes from {projector})")
+        continue
+      yield str(file), name, through(name, array)
+
+  def through(name: str, array: np.ndarray) -> np.ndarray:
+    for stage in merged_stages:
+      array = stage.apply(name, array)
+    return stages[-1].apply(name, array, merge=False) if keep_lora else array
+
+  expected = llama.abstract_params(config, VTimeLLM)
+  in_projector = {path: s for path, s in expected.items() if path.startswith("mm_projector/")}
+  in_llm = {path: s for path, s in expected.items() if path not in in_projector}
+  flat: dict[str, np.ndarray] = {}
+  # The adapter stays float32 whatever the LLM's storage dtype (VTimeLLM builds it so).
+  for source, items, wanted, dtype_ in ((str(base), llm_tensors(), in_llm, jax.numpy.dtype(config.storage_dtype)),
+                                        (str(projector), ((str(projector), n, through(n, a)) for n, a in proj.items()),
+                                         in_projector, np.float32)):
+    try:
+      flat.update(llama.convert_tensors(items, wanted, dtype_, source, rules=RELEASE_TABLE))
+    except ConversionError as e:
+      # A projector file with problems is already reported in full by `read_projector`.
+      if wanted is in_llm or projector_ok:
+        problems += [f"{source}: {p}" for p in e.problems]
+  if problems:
+    raise ConversionError("the release checkpoint", problems)
+  extra = {"source": {"base": str(base.absolute()), "projector": str(pathlib.Path(projector).absolute()),
+                      "stage2": str(pathlib.Path(stage2).absolute()) if stage2 else None,
+                      "stage3": str(pathlib.Path(stage3).absolute()) if stage3 else None,
+                      "merged": [str(s.folder.absolute()) for s in merged_stages],
+                      "unmerged": str(stages[-1].folder.absolute()) if keep_lora else None}}
+  if lora_meta:
+    extra["lora"] = lora_meta
+  flat.update(kept)
+  model_io.save_model_dir(out, kind="vtimellm", config=dataclasses.asdict(config), params=llama.nest(flat), **extra)
+  llama.copy_tokenizer(base, out)
+  return config, notes

@@ -1,0 +1,99 @@
+"""The answer log written during evaluation: one JSON object per line.
+
+Each line is what the release's `eval.py` appends per query:
+  {"video_id": "v_x", "task": "grounding", "query_id": 0, "answer": "...", "info": {"sentence_id": 1, "iou": 0.2}}
+  {"video_id": "v_x", "task": "captioning", "query_id": 0, "answer": "..."}
+`info.iou` is what the release computed at generation time; metrics are recomputed here from the
+answer and the annotations, so a log is scored the same whoever wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from vtimellm_jax.errors import UserError
+
+TASKS = ("grounding", "captioning")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogRecord:
+  """One answered query; `line` is its 1-based line number in the log file."""
+
+  line: int
+  video_id: str
+  task: str
+  answer: str
+  sentence_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerLog:
+  """The records of a log, plus the numbers of the lines that were not JSON (skipped, as the release does)."""
+
+  path: str
+  records: tuple[LogRecord, ...]
+  unreadable_lines: tuple[int, ...] = ()
+
+  def of_task(self, task: str) -> list[LogRecord]:
+    """Returns the records of one task, in log order."""
+    return [r for r in self.records if r.task == task]
+
+
+def parse_record(obj, where: str, line: int) -> LogRecord | None:
+  """Returns the LogRecord of one decoded line, None for tasks other than ours; raises UserError if malformed."""
+  if not isinstance(obj, dict):
+    raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  missing = [k for k in ("video_id", "task", "answer") if k not in obj]
+  if missing:
+    raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
+  task = obj["task"]
+  if task not in TASKS:
+    # The release filters by task too; other tasks are someone else's queries.
+    return None
+  if not isinstance(obj["video_id"], str):
+    raise UserError(f"{where}: video_id must be a string, got {obj['video_id']!r}")
+  if not isinstance(obj["answer"], str):
+    raise UserError(f"{where}: answer must be a string, got {obj['answer']!r}")
+  sentence_id = None
+  if task == "grounding":
+    info = obj.get("info")
+    sentence_id = info.get("sentence_id") if isinstance(info, dict) else None
+    if isinstance(sentence_id, bool) or not isinstance(sentence_id, int):
+      raise UserError(f"{where}: a grounding record needs an integer info.sentence_id, got info={info!r}")
+  return LogRecord(line, obj["video_id"], task, obj["answer"], sentence_id)
+
+
+def parse_log_lines(lines: list[str], path: str = "<log>") -> AnswerLog:
+  """Returns the AnswerLog of the given lines (`path` only names the source in messages)."""
+  records, unreadable = [], []
+  for line_no, text in enumerate(lines, start=1):
+    if not text.strip():
+      continue
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError:
+      # A run killed mid-write leaves a torn last line; the release skips such lines and so do we.
+      unreadable.append(line_no)
+      continue
+    record = parse_record(obj, f"{path} line {line_no}", line_no)
+    if record is not None:
+      records.append(record)
+  return AnswerLog(path, tuple(records), tuple(unreadable))
+
+
+def read_log(path: str | os.PathLike) -> AnswerLog:
+  """Returns the AnswerLog of a JSON-lines answer log file."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      # Only "\n" ends a record (as when the release iterates the file); str.splitlines would also
+      # split inside answers holding U+2028 and friends.
+      lines = f.read().split("\n")
+  except OSError as e:
+    raise UserError(f"cannot read answer log {path}: {e.strerror or e}") from None
+  except UnicodeDecodeError as e:
+    raise UserError(f"answer log {path} is not UTF-8 text: {e}") from None
+  return parse_log_lines(lines, path)
