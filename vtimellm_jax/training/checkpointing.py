@@ -14,8 +14,15 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def workdir_path(workdir: str | pathlib.Path) -> epath.Path:
+  """Returns the workdir as a path that may be local or on a bucket (gs://...), made absolute."""
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else path.resolve()
 
 
 def _manager(workdir: str | pathlib.Path, every_steps: int = 1, keep: int | None = None,
@@ -23,7 +30,7 @@ def _manager(workdir: str | pathlib.Path, every_steps: int = 1, keep: int | None
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=every_steps, enable_async_checkpointing=async_save,
       create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
+  return ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINT_DIR, options=options,
                                item_names=("params", "opt_state", "data", "meta"))
 
 
@@ -58,7 +65,7 @@ class TrainCheckpointer:
 
 def restore_params(workdir: str | pathlib.Path, step: int | None = None) -> dict | None:
   """Returns the trained parameters (nested dict) of a workdir's latest (or given) checkpoint, or None."""
-  path = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  path = workdir_path(workdir) / CHECKPOINT_DIR
   if not path.is_dir():
     return None
   manager = _manager(workdir, read_only=True)

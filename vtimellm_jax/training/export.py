@@ -17,7 +17,7 @@ from vtimellm_jax.training import checkpointing, model_setup
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lora: bool = False,
                    step: int | None = None) -> pathlib.Path:
   """Writes the model a run trained (base + loads + trained parameters) to `out`; returns `out`."""
-  config = model_setup._read_run_config(str(workdir))
+  config = model_setup.read_run_config(str(workdir))
   params = checkpointing.restore_params(workdir, step)
   if params is None:
     raise UserError(f"{workdir}: no checkpoint to export")

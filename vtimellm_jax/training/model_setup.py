@@ -8,7 +8,6 @@ variables the optimizer sees. The same function rebuilds the base of a run for `
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import ml_collections
@@ -68,7 +67,7 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None)
   if config.load.merge_lora:
     source = config.load.merge_lora
     tree = trained_params(source)
-    run = _read_run_config(source)
+    run = read_run_config(source)
     lora.attach_lora(model, lora_config(run), nnx.Rngs(0))
     model_io.assign_params(model, tree, f"{source} (LoRA to merge)", variable_filter=nnx.LoRAParam)
     lora.merge_lora(model)
@@ -83,11 +82,27 @@ def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None 
   return model
 
 
-def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = pathlib.Path(workdir) / RUN_JSON
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """Returns the config a run was trained with, fields added since then taking today's defaults."""
+  from configs import common
+
+  from vtimellm_jax.training.checkpointing import workdir_path
+
+  path = workdir_path(workdir) / RUN_JSON
   if not path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  config = common.recipe(saved.get("size", "tiny"))
+  _merge(config, saved)
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
 
 
 def trained_params(workdir: str) -> dict:

@@ -11,12 +11,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="config file and argument, e.g. configs/stage2.py:7b")
   parser.add_argument("--workdir", required=True, help="checkpoints, logs and the run's config go here; rerun to resume")
   parser.add_argument("--dry-run", action="store_true", help="compile the step for every bucket, print memory, do not train")
+  parser.add_argument("--topology", default="", help="a preset of configs/topologies.py (v5e-16, 8xH100, cpu-8, ...): "
+                      "sets the mesh and micro-batch; with --dry-run, compiles for it without its hardware or data")
+  parser.add_argument("--seq-len", type=int, default=0, help="with --dry-run: compile one step of this sequence length "
+                      "from shapes alone (no data files); default with --topology: config.data.max_length")
+  parser.add_argument("--num-features", type=int, default=100, help="with --seq-len: feature rows per sample "
+                      "(100 video frames; 1 for stage-1 images)")
   parser.epilog = "Any config field can be overridden: --config.optim.lr=2e-4 --config.data.json=train.json"
 
 
 def run(args: argparse.Namespace) -> int:
+  from configs import topologies
   from vtimellm_jax.training import config_loading, trainer
 
   config = config_loading.load_config(args.config, args.config_overrides)
+  if args.dry_run and (args.topology or args.seq_len):
+    from vtimellm_jax.training import aot
+
+    aot.compile_step(config, args.topology, args.seq_len, args.num_features)
+    return 0
+  if args.topology:
+    from vtimellm_jax.training import aot
+
+    topologies.apply(config, aot.resolve(args.topology))
   trainer.train(config, args.workdir, dry_run=args.dry_run)
   return 0

@@ -36,6 +36,8 @@ def maybe_initialize_distributed() -> None:
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()  # jax reads the SLURM environment itself
+  elif os.environ.get("VTIMELLM_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()  # Cloud TPU slices: jax finds the workers itself (launch/tpu sets this)
 
 
 def _tokenizer(config):
@@ -73,29 +75,61 @@ def accumulation_steps(global_batch: int, micro_batch: int, data_parallel: int) 
 class TrainState:
   """The sharded model split into what trains and what stays frozen, plus its optimizer."""
 
-  def __init__(self, config, mesh, vocab_size: int | None, total_steps: int):
-    model = model_setup.build_train_model(config, vocab_size)
+  def __init__(self, config, mesh, vocab_size: int | None, total_steps: int, abstract: bool = False):
+    """`abstract=True` holds only ShapeDtypeStructs that carry their shardings (for AOT compiles)."""
+    build = lambda: model_setup.build_train_model(config, vocab_size)  # noqa: E731
+    model = nnx.eval_shape(build) if abstract else build()
     self.model_config = model.config
     trainable_filter = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
     self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
     if not jax.tree.leaves(trainable):
       raise UserError(f"config.trainable={config.trainable!r} selects no parameter of this model")
     # Trainable parameters and the optimizer state live in fp32 whatever the base's dtype.
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    trainable = jax.eval_shape(to_f32, trainable) if abstract else to_f32(trainable)
     self.trainable_sharding = sharding.state_shardings(trainable, mesh)
     self.frozen_sharding = sharding.state_shardings(frozen, mesh)
-    self.trainable = jax.device_put(trainable, self.trainable_sharding)
-    self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    self.trainable = _place(trainable, self.trainable_sharding, abstract)
+    self.frozen = _place(frozen, self.frozen_sharding, abstract)
     self.tx, self.schedule = step_lib.make_optimizer(config.optim, total_steps)
     # Optimizer moments are sharded like their parameters; counters are replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self.opt_sharding = optax.tree_map_params(
         self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, self.trainable), self.trainable_sharding,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.trainable)
+    if abstract:
+      self.opt_state = _place(jax.eval_shape(self.tx.init, self.trainable), self.opt_sharding, abstract)
+    else:
+      self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.trainable)
     self.has_dropout = config.trainable == "lora" and config.lora.dropout > 0
     self.num_trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
     self.num_frozen = sum(getattr(x, "size", 0) for x in jax.tree.leaves(self.frozen))
+
+  def jit_step(self):
+    """Returns the jitted step(trainable, opt_state, frozen, batch, step, key) with this state's shardings."""
+    return jax.jit(step_lib.make_train_step(self.graphdef, self.tx, self.has_dropout),
+                   in_shardings=(self.trainable_sharding, self.opt_sharding, self.frozen_sharding, None, None, None),
+                   out_shardings=(self.trainable_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
+
+
+def _place(tree, shardings, abstract: bool = False):
+  """Returns `tree` laid out with `shardings` (or, if `abstract`, its ShapeDtypeStructs carrying them).
+
+  In a multi-process run a sharding spans devices this process cannot address, which
+  `device_put` refuses; every process holds the same full copy (same seed or same files), so
+  each supplies the shards of its own devices from it.
+  """
+  def one(x, s):
+    if abstract:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout streams: place the raw key data
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
 
 
 def _host_batch_to_global(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
@@ -133,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
   `on_step(step)` is called after each step's checkpoint decision (tests use it to kill a run).
   """
   maybe_initialize_distributed()
-  workdir = pathlib.Path(workdir)
+  workdir = checkpointing.workdir_path(workdir)
   devices = jax.devices()[:config.mesh.devices] if config.mesh.devices > 0 else None
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   dp = sharding.data_parallel_size(mesh)
@@ -146,9 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
 
   state = TrainState(config, mesh, len(_tokenizer(config)), total_steps)
   log(f"[{config.stage}] trainable parameters: {state.num_trainable:,} ({config.trainable}); frozen: {state.num_frozen:,}")
-  step_fn = jax.jit(step_lib.make_train_step(state.graphdef, state.tx, state.has_dropout),
-                    in_shardings=(state.trainable_sharding, state.opt_sharding, state.frozen_sharding, None, None, None),
-                    out_shardings=(state.trainable_sharding, state.opt_sharding, None), donate_argnums=(0, 1))
+  step_fn = state.jit_step()
   key = jax.random.key(config.seed + 3)
   compiled: dict[int, Any] = {}
 
@@ -166,7 +198,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
     return {"steps": 0, "compiled": len(compiled), "dry_run": True}
 
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / model_setup.RUN_JSON).write_text(config.to_json(indent=2))
+  if jax.process_index() == 0:
+    (workdir / model_setup.RUN_JSON).write_text(config.to_json(indent=2))
   ckpt = checkpointing.TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                          config.checkpoint.async_save)
   iterator = data.iterator()
@@ -183,7 +216,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
     start = latest
     log(f"[{config.stage}] resumed from step {latest}")
 
-  metrics_log = MetricsLog(workdir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
+  # Logs are appended line by line, which buckets do not allow: a remote workdir logs locally.
+  log_dir = pathlib.Path(str(workdir)) if "://" not in str(workdir) else pathlib.Path("logs") / workdir.name
+  log_dir.mkdir(parents=True, exist_ok=True)
+  metrics_log = MetricsLog(log_dir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
   summary: dict[str, Any] = {"steps": start, "compiled": 0}
   step_index, last_loss = start, math.nan
   try:
