@@ -1,0 +1,96 @@
+"""`vtimellm-jax data preview`: one record's prompt, its tokens and which of them are trained.
+
+Text output: the record's prompt after the release's rewrites, then the same text with every
+trained span wrapped in `[[` `]]`, then the token table (position, id, piece, label). `--json`
+prints a single line `{"input_ids": [...], "labels": [...]}` at token level before video expansion
+(placeholder -200, ignored -100): the release's values (up to our over-length cut, docs/data.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--data", required=True, help="release data JSON (stage 1, 2 or 3)")
+  parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
+  parser.add_argument("--template", required=True, choices=("v1", "plain"),
+                      help="plain for stage 1, v1 for stages 2 and 3")
+  parser.add_argument("--index", type=int, default=0, help="record index in the JSON list")
+  parser.add_argument("--max-length", type=int, default=2048, help="model sequence limit")
+  parser.add_argument("--json", action="store_true",
+                      help='print {"input_ids": [...], "labels": [...]} on one line')
+
+
+def run(args: argparse.Namespace) -> int:
+  from vtimellm_jax import errors  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import records  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import templates  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  data = records.load_json_records(args.data)
+  if not 0 <= args.index < len(data):
+    raise errors.UserError(f"{args.data}: --index {args.index} is outside [0, {len(data)})")
+  raw = data[args.index]
+  name = records.record_name(raw, args.index)
+  prepared, faults = records.prepare(raw)
+  if prepared is None:
+    raise errors.UserError(f"{args.data}: {name}: "
+                           + "; ".join(f"{f.kind}: {f.message}" for f in faults))
+  enc = tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(args.tokenizer))
+  try:
+    tok = templates.tokenize(prepared.turns, args.template, enc, max_length=args.max_length,
+                             num_features=prepared.num_features)
+  except errors.UserError as e:
+    raise errors.UserError(f"{args.data}: {name}: {e}") from None
+  ids, labels = tok.input_ids.tolist(), tok.labels.tolist()
+  if args.json:
+    print(json.dumps({"input_ids": ids, "labels": labels}))
+    return 0
+
+  prompt = (templates.plain_prompt(prepared.turns) if args.template == "plain"
+            else templates.v1_prompt(prepared.turns))
+  pieces = enc.pieces(ids)
+  print(f"{name}: template {args.template}, {len(ids)} text tokens"
+        f" (+{prepared.num_features} features), {sum(l != -100 for l in labels)} trained")
+  if tok.truncated:
+    print(f"note: cut from {tok.full_length} tokens to fit --max-length {args.max_length}")
+  if tok.release_dropped:
+    print("note: the release ignores every label of this sample (its length-count mismatch)")
+  print("--- prompt ---")
+  print(prompt)
+  print("--- trained spans in [[ ]] ---")
+  print(_marked_text(pieces, [l != -100 for l in labels]))
+  print("--- tokens ---")
+  for k, (i, p, l) in enumerate(zip(ids, pieces, labels)):
+    print(f"{k:5d} {i:7d} {p!r:24} {'-' if l == -100 else l}")
+  return 0
+
+
+def _piece_bytes(piece: str, pos: int) -> bytes:
+  match = _BYTE.fullmatch(piece)
+  if match:
+    return bytes([int(match.group(1), 16)])
+  text = piece.replace("\u2581", " ")
+  # The first piece's `▁` is sentencepiece's dummy prefix, not a character of the prompt.
+  return text[1:].encode() if pos == 1 and text.startswith(" ") else text.encode()
+
+
+def _marked_text(pieces: list[str], trained: list[bool]) -> str:
+  """Returns the text of `pieces` with trained runs wrapped in [[ ]] (BOS left out)."""
+  out, run, state = [], b"", False
+  for k, (piece, on) in enumerate(zip(pieces, trained)):
+    if k == 0 and piece == "<s>":
+      continue
+    if on != state and run:
+      out.append(("[[" if state else "") + run.decode(errors="replace") + ("]]" if state else ""))
+      run = b""
+    state = on
+    run += _piece_bytes(piece, k)
+  if run:
+    out.append(("[[" if state else "") + run.decode(errors="replace") + ("]]" if state else ""))
+  return "".join(out)

@@ -1,0 +1,170 @@
+"""Prompt templates `plain` (stage 1) and `v1` (stages 2, 3, inference) with the release's labels.
+
+Token level, before video expansion: `input_ids` hold the text tokens with exactly one placeholder
+`VIDEO_TOKEN_INDEX` (-200) where `<video>` stood; `labels` are the token ids where the loss is taken
+and `IGNORE_INDEX` (-100) elsewhere (always at the placeholder).
+
+Labels are computed the way the release computes them, not re-derived: the prompt is split at
+`<video>`, every chunk tokenized with BOS and only the first BOS kept; for `v1` the release then
+tokenizes every round (`USER: q ASSISTANT: a`) on its own, masks `len(instruction) - 2` tokens and
+advances by `len(round)`; when the sum does not reach the full length it ignores the whole sample.
+Running that same counting here gives the release's labels wherever it trains, and flags
+(`Tokenized.release_dropped`) the samples it would silently drop.
+
+Over-length: the release cuts the text at 2048 tokens, so its model sequence (text - 1 + 100
+features) can reach 2147. Here the text is cut at `max_length - num_features + 1` tokens so that the
+model sequence never exceeds `max_length` (static shapes, and the 2048-long RoPE cache the release
+trains with); labels are the release's labels cut at the same place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from vtimellm_jax import errors
+from vtimellm_jax.data import tokenizer as tokenizer_lib
+
+VIDEO_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+VIDEO_TAG = "<video>"
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+SEP, SEP2 = " ", "</s>"
+PLAIN_SEP = "\n"
+TEMPLATES = ("plain", "v1")
+MAX_LENGTH = 2048
+
+
+class OverLengthError(errors.UserError):
+  """The text is so long that cutting it to the model budget would remove `<video>`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """One tokenized sample (token level, before video expansion)."""
+  input_ids: np.ndarray  # int32[T], exactly one VIDEO_TOKEN_INDEX
+  labels: np.ndarray  # int32[T], IGNORE_INDEX where not trained
+  release_dropped: bool  # the release's length-count check failed: all labels ignored, as there
+  full_length: int  # text tokens before truncation
+
+  @property
+  def truncated(self) -> bool:
+    return self.full_length > len(self.input_ids)
+
+
+def v1_prompt(turns: Sequence[tuple[str, str]], generation_prompt: bool = False) -> str:
+  """Returns the Vicuna v1 prompt of (role, text) turns; with `generation_prompt` it ends 'ASSISTANT:'."""
+  out = SYSTEM + SEP
+  for k, (role, text) in enumerate(turns):
+    # The release writes an empty message as just "ROLE:" (its generation prompt).
+    out += f"{ROLES[role]}: {text}{(SEP, SEP2)[k % 2]}" if text else f"{ROLES[role]}:"
+  if generation_prompt:
+    out += f"{ROLES['gpt']}:"
+  return out
+
+
+def plain_prompt(turns: Sequence[tuple[str, str]]) -> str:
+  """Returns the stage-1 prompt: '<video>\\n' + caption + '\\n' (the question text is dropped)."""
+  _check_plain(turns)
+  return VIDEO_TAG + "\n" + turns[1][1] + PLAIN_SEP
+
+
+def inference_prompt(question: str) -> str:
+  """Returns the release's inference prompt for one user question (which holds `<video>`)."""
+  return v1_prompt([("human", question)], generation_prompt=True)
+
+
+def tokenize_video_prompt(enc: tokenizer_lib.ReleaseEncoder, prompt: str) -> list[int]:
+  """Returns the release's ids of `prompt`: chunks around `<video>` joined by the placeholder."""
+  chunks = [enc.encode(chunk) for chunk in prompt.split(VIDEO_TAG)]
+  ids = [enc.bos_id]
+  for k, chunk in enumerate(chunks):
+    if k:
+      ids.append(VIDEO_TOKEN_INDEX)
+    ids.extend(chunk[1:])  # every chunk's own BOS goes; the first one was kept above
+  return ids
+
+
+def tokenize(turns: Sequence[tuple[str, str]], template: str, enc: tokenizer_lib.ReleaseEncoder, *,
+             max_length: int = MAX_LENGTH, num_features: int = 100) -> Tokenized:
+  """Returns the release's input_ids and labels of a conversation, cut to fit `max_length`.
+
+  Args:
+    turns: (role, text) pairs after the record rewrites, roles 'human'/'gpt', one `<video>`.
+    template: 'plain' or 'v1'.
+    enc: the release-compatible encoder of the tokenizer.
+    max_length: model sequence limit (text - 1 + num_features), also the release's
+      `model_max_length` for its length check.
+    num_features: N, the feature rows that replace the placeholder (100 videos, 1 images).
+
+  Raises:
+    OverLengthError: the text is so long that the cut would remove `<video>`.
+    UserError: unknown template or malformed turns.
+  """
+  if template == "plain":
+    ids, labels, dropped = _plain_labels(turns, enc)
+  elif template == "v1":
+    ids, labels, dropped = _v1_labels(turns, enc, max_length)
+  else:
+    raise errors.UserError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+  if ids.count(VIDEO_TOKEN_INDEX) != 1:
+    raise errors.UserError(f"the prompt holds {ids.count(VIDEO_TOKEN_INDEX)} <video> tags; exactly "
+                           "one is supported")
+  labels = [IGNORE_INDEX if i == VIDEO_TOKEN_INDEX else l for i, l in zip(ids, labels)]
+  budget = max_length - num_features + 1
+  full_length = len(ids)
+  if ids.index(VIDEO_TOKEN_INDEX) >= budget:
+    raise OverLengthError(f"{full_length} text tokens and <video> at position "
+                           f"{ids.index(VIDEO_TOKEN_INDEX)} do not fit {budget}")
+  return Tokenized(np.asarray(ids[:budget], np.int32), np.asarray(labels[:budget], np.int32),
+                   dropped, full_length)
+
+
+def text_budget(max_length: int, num_features: int) -> int:
+  """Returns the most text tokens a sample may keep: T - 1 + N <= max_length."""
+  return max_length - num_features + 1
+
+
+def _check_plain(turns: Sequence[tuple[str, str]]) -> None:
+  if len(turns) != 2 or turns[0][0] != "human" or VIDEO_TAG not in turns[0][1]:
+    raise errors.UserError("the plain template needs exactly one human turn holding <video> and "
+                           f"one answer; found {len(turns)} turn(s)")
+
+
+def _plain_labels(turns, enc) -> tuple[list[int], list[int], bool]:
+  ids = tokenize_video_prompt(enc, plain_prompt(turns))
+  n_prompt = len(tokenize_video_prompt(enc, VIDEO_TAG + "\n"))
+  labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+  return ids, labels[:len(ids)], False
+
+
+def _v1_labels(turns, enc, max_length: int) -> tuple[list[int], list[int], bool]:
+  conversation = v1_prompt(turns)
+  ids = tokenize_video_prompt(enc, conversation)
+  labels = list(ids)
+  # The release counts tokens that differ from the pad id (pad = unk = 0), placeholder included.
+  total = sum(1 for i in ids if i != enc.pad_id)
+  answer_sep = SEP + ROLES["gpt"] + ": "
+  cur = 1
+  labels[:cur] = [IGNORE_INDEX] * cur
+  for rnd in conversation.split(SEP2):
+    if not rnd:
+      break
+    parts = rnd.split(answer_sep)
+    if len(parts) != 2:
+      break
+    round_len = len(tokenize_video_prompt(enc, rnd))
+    # -2: the round's own BOS and the trailing space piece that the answer's first word absorbs.
+    instruction_len = len(tokenize_video_prompt(enc, parts[0] + answer_sep)) - 2
+    end = min(cur + instruction_len, len(labels))
+    labels[cur:end] = [IGNORE_INDEX] * max(end - cur, 0)
+    cur += round_len
+  labels[cur:] = [IGNORE_INDEX] * max(len(labels) - cur, 0)
+  dropped = cur < max_length and cur != total
+  if dropped:
+    labels = [IGNORE_INDEX] * len(ids)
+  return ids, labels, dropped
