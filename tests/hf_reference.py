@@ -35,7 +35,7 @@ def jax_from_hf(hf_model, config: LlamaConfig, model_cls=LlamaForCausalLM, seed:
   tensors = (("<memory>", k, v) for k, v in state_dict_numpy(hf_model).items())
   flat = llama_convert.convert_tensors(tensors, expected, np.float32, "hf model")
   model = model_cls(config, nnx.Rngs(seed))
-  model_io.assign_params(model, llama_convert.nest(flat), "hf model", allow_missing=model_cls is not LlamaForCausalLM)
+  model_io.assign_params(model, model_io.nest(flat), "hf model", allow_missing=model_cls is not LlamaForCausalLM)
   return model
 
 

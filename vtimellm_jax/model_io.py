@@ -68,6 +68,31 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+def nest(flat: dict[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Returns the nested {key: {...}} dict (the checkpoint layout) of `sep`-joined names."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split(sep)
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: dict[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Returns {`sep`-joined name: leaf} of a nested dict (the inverse of `nest`)."""
+  return {sep.join(parts): leaf for parts, leaf in _leaves(tree, ())}
+
+
+def _leaves(tree, prefix):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, prefix + (str(key),))
+    else:
+      yield prefix + (str(key),), value
+
+
 def _flat_variables(module, variable_filter):
   from flax import nnx
 
@@ -113,15 +138,7 @@ def assign_params(module, tree: dict[str, Any], source: str, variable_filter=Non
       problems.append(f"{name}: shape {tuple(np.shape(node))}, expected {tuple(current.shape)}")
       continue
     variable.set_value(jax.numpy.asarray(node, dtype=current.dtype))
-  unexpected = [name for name in _flat_names(tree) if name not in seen]
+  unexpected = [name for name in flatten(tree) if name not in seen]
   problems += [f"unexpected {name}" for name in unexpected]
   if problems:
     raise UserError(f"{source}: parameters do not fit the model:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _flat_names(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat_names(value, prefix + (key,))
-    else:
-      yield "/".join(prefix + (key,))

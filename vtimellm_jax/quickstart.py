@@ -26,6 +26,16 @@ ACCEPTS_CONFIG_OVERRIDES = True
 
 # The tiny preset widened so the quickstart model can learn the task in minutes on a CPU.
 QUICKSTART_MODEL = {"hidden_size": 128, "intermediate_size": 344, "num_layers": 4, "num_heads": 4}
+# Per-stage schedule of the tiny run: epochs and peak lr sized for a CPU budget (the recipe's 7B
+# values are in the configs), a LoRA of half the model width, two bucket lengths (few compiles).
+QUICKSTART_STAGES = {
+    "stage0": ["--config.epochs=4", "--config.optim.lr=2e-3"],
+    "stage1": ["--config.epochs=2", "--config.optim.lr=2e-3"],
+    "stage2": ["--config.epochs=10", "--config.optim.lr=2e-3"],
+    "stage3": ["--config.epochs=3", "--config.optim.lr=1e-3"],
+}
+QUICKSTART_COMMON = ["--config.data.num_buckets=2", "--config.lora.rank=64", "--config.lora.alpha=128.0",
+                     "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
   common = [f"--config.data.tokenizer={tokenizer_dir}", f"--config.seed={args.seed}"]
   if args.size == "tiny":
-    common += [f"--config.model.{k}={v}" for k, v in QUICKSTART_MODEL.items()]
+    common += [f"--config.model.{k}={v}" for k, v in QUICKSTART_MODEL.items()] + QUICKSTART_COMMON
   if args.steps:
     common.append(f"--config.max_steps={args.steps}")
   common += list(getattr(args, "config_overrides", []) or [])
@@ -145,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
   def train(stage: str, data: pathlib.Path, feats: pathlib.Path, *extra: str) -> None:
     say(f"training {stage}")
+    schedule = QUICKSTART_STAGES[stage] if args.size == "tiny" else []
     _cli(["train", "--config", f"{configs / stage}.py:{args.size}", "--workdir", str(runs / stage),
-          f"--config.data.json={data}", f"--config.data.features={feats}", *common, *extra])
+          f"--config.data.json={data}", f"--config.data.features={feats}", *schedule, *common, *extra])
 
   base = args.base
   if not base:

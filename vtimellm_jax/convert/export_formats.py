@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 
+from vtimellm_jax import model_io
 from vtimellm_jax.convert import llama, release, table
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models.llama import LlamaConfig
@@ -45,7 +46,7 @@ def _torch_tensor(array: np.ndarray, dtype: str | None = None):
 def split_tree(tree: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Returns ({HF name: LLM weight}, {HF name: projector weight}, {peft key: LoRA factor}) of a params tree."""
   llm, projector, lora, problems = {}, {}, {}, []
-  for path, value in llama.flatten(tree):
+  for path, value in model_io.flatten(tree).items():
     value = np.asarray(value)
     lora_mapped = table.translate(path, release.PEFT_LORA_TABLE, reverse=True)
     if lora_mapped is not None:

@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -71,32 +71,10 @@ def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: di
   return out
 
 
-def nest(flat: dict[str, np.ndarray]) -> dict:
-  """Returns the nested {key: ...} tree of '/'-joined paths (the layout of model_io checkpoints)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
-def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-  """Yields ('/'-joined path, leaf) of a nested tree."""
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict):
-      yield from flatten(value, path)
-    else:
-      yield path, value
-
-
 def to_hf_state_dict(tree: dict, rules=LLAMA_TABLE) -> dict[str, np.ndarray]:
   """Returns the HF state dict (torch layout, numpy arrays) of a LLaMA parameter tree."""
   out, problems = {}, []
-  for path, value in flatten(tree):
+  for path, value in model_io.flatten(tree).items():
     mapped = table.translate(path, rules, reverse=True)
     if mapped is None:
       problems.append(f"no HF name for {path}")
@@ -117,7 +95,7 @@ def convert_llama(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
   expected = abstract_params(config)
   np_dtype = jax.numpy.dtype(config.storage_dtype)
   flat = convert_tensors(torch_files.iter_checkpoint(src), expected, np_dtype, str(src))
-  model_io.save_model_dir(out, kind="llama", config=dataclasses.asdict(config), params=nest(flat), source=str(src.absolute()))
+  model_io.save_model_dir(out, kind="llama", config=dataclasses.asdict(config), params=model_io.nest(flat), source=str(src.absolute()))
   copy_tokenizer(src, out)
   return config
 

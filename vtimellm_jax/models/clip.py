@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -247,27 +248,13 @@ def flat_params(model: ClipVision) -> dict[str, jax.Array]:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-  """Returns the nested {name: {...}} dict (string keys) that `model_io.save_model_dir` stores."""
-  out: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split(".")
-    node = out
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return out
+  """Returns the nested dict (string keys) of dotted names, as `model_io.save_model_dir` stores it."""
+  return model_io.nest(flat, sep=".")
 
 
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(nested: dict[str, Any]) -> dict[str, Any]:
   """Returns {dotted name: leaf} of a nested dict (the inverse of `nest`)."""
-  out = {}
-  for key, value in nested.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
+  return model_io.flatten(nested, sep=".")
 
 
 def from_params(cfg: ClipVisionConfig, params: dict[str, Any], *, dtype=jnp.float32, param_dtype=None,
@@ -337,8 +324,6 @@ def num_params(cfg: ClipVisionConfig) -> int:
 
 def load(directory, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None) -> ClipVision:
   """Returns the ClipVision stored in a model directory written by `convert clip`."""
-  from vtimellm_jax import model_io
-
   meta = model_io.read_model_json(directory, kind="clip")
   cfg = ClipVisionConfig.from_dict(meta["config"], source=f"{directory}/{model_io.MODEL_JSON}")
   return from_params(cfg, model_io.load_params(directory), dtype=dtype, param_dtype=param_dtype,
