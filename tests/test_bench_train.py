@@ -26,3 +26,13 @@ def test_flops_count_matches_the_baselines_formula():
   frozen_matmul = all_params - c.vocab_size * c.hidden_size - norms
   want = 4 * frozen_matmul + 3 * 4 * 256 * c.hidden_size * c.num_layers
   assert training_flops_per_token(c, 256) == want
+
+
+def test_peak_tflops_by_device_kind():
+  from types import SimpleNamespace
+  from vtimellm_jax.training.step import peak_tflops
+  h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+  v5e = SimpleNamespace(device_kind="TPU v5 lite")
+  assert peak_tflops([h100, h100]) == 2 * 989.0
+  assert peak_tflops([v5e]) == 197.0
+  assert peak_tflops([SimpleNamespace(device_kind="cpu")]) == 0.0  # unknown: no MFU rather than a wrong one

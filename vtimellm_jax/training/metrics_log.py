@@ -42,7 +42,7 @@ class MetricsLog:
       mean = lambda k: sum(m[k] for m in self.window) / len(self.window)  # noqa: E731
       self.bar.write(f"step {step}: loss {mean('loss'):.4f}  lr {metrics['lr']:.3g}  grad_norm {mean('grad_norm'):.3f}  "
                      f"{mean('tokens_per_s'):,.0f} tokens/s  {mean('step_time'):.3f} s/step  "
-                     f"{mean('tflops_per_s'):.2f} TFLOP/s  padding {100 * mean('padding'):.1f}%")
+                     f"{mean('tflops_per_s'):.2f} TFLOP/s  MFU {100 * mean('mfu'):.1f}%  padding {100 * mean('padding'):.1f}%")
       self.window = []
 
   def close(self) -> None:

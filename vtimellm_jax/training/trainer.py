@@ -219,6 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
   # Logs are appended line by line, which buckets do not allow: a remote workdir logs locally.
   log_dir = pathlib.Path(str(workdir)) if "://" not in str(workdir) else pathlib.Path("logs") / workdir.name
   log_dir.mkdir(parents=True, exist_ok=True)
+  peak_tflops = step_lib.peak_tflops(jax.devices())
   metrics_log = MetricsLog(log_dir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
   summary: dict[str, Any] = {"steps": start, "compiled": 0}
   step_index, last_loss = start, math.nan
@@ -240,12 +241,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
       step_index += 1
       last_loss = loss
       real = int(host_batch["attention_mask"].sum()) + (data.num_features - 1) * int(host_batch["valid"].sum())
+      tflops = step_lib.training_flops_per_token(state.model_config, length - 1 + data.num_features,
+                                                 config.trainable == "all") * real * jax.process_count() / seconds / 1e12
       metrics_log.record(step_index, {
           "loss": loss, "lr": float(state.schedule(step_index - 1)), "grad_norm": float(metrics["grad_norm"]),
           "step_time": seconds, "tokens_per_s": real * jax.process_count() / seconds,
           "padding": 1 - real / (host_batch["input_ids"].shape[0] * (length - 1 + data.num_features)),
-          "tflops_per_s": step_lib.training_flops_per_token(state.model_config, length - 1 + data.num_features,
-                                                            config.trainable == "all") * real * jax.process_count() / seconds / 1e12,
+          "tflops_per_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else 0.0,
           "labelled_tokens": int(metrics["tokens"]), "bucket": length})
       # Parameters are saved as a plain nested dict (what `export` and stage hand-offs read).
       ckpt.save(step_index, state.trainable.to_pure_dict(), state.opt_state, iterator.get_state(),
