@@ -65,21 +65,22 @@ def _configs_dir() -> pathlib.Path:
 
 
 def stage0_records(corpus: dict[str, pathlib.Path]) -> list[dict]:
-  """Returns plain-template records whose caption is a whole stage-2/3 conversation in the v1 frame."""
+  """Returns plain-template records over the corpus text: every caption, and every stage-2/3 conversation
+  written in the v1 chat frame, so the pretrained LLM knows both formats the later stages use."""
   from vtimellm_jax.data import records, templates
 
-  out = []
+  texts = [record["conversations"][1]["value"] for record in json.loads(corpus["stage1"].read_text())]
   for name in ("stage2", "stage3"):
     for record in json.loads(corpus[name].read_text()):
-      prepared, faults = records.prepare(record)
+      prepared, _ = records.prepare(record)
       if prepared is None:
         continue
       turns = [(role, text.replace(templates.VIDEO_TAG + "\n", "").replace(templates.VIDEO_TAG, ""))
                for role, text in prepared.turns]
-      text = templates.v1_prompt(turns)
-      out.append({"id": "blank", "image": "blank.png",
-                  "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": text}]})
-  return out
+      texts.append(templates.v1_prompt(turns))
+  return [{"id": "blank", "image": "blank.png",
+           "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": text}]}
+          for text in texts]
 
 
 def constant_baseline(annotations_path: pathlib.Path, stage2_path: pathlib.Path, out: pathlib.Path) -> None:
