@@ -2,7 +2,6 @@
 resume exactly after SIGKILL, one compile per bucket, and the stage-3 merge is the hand-computed one."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import ml_collections
 from flax import nnx
 

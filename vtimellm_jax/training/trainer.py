@@ -6,7 +6,6 @@ the exact next batch. One compiled step per bucket length; memory analysis print
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
