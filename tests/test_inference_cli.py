@@ -65,6 +65,27 @@ def test_chat_session_keeps_history(tiny_vtimellm, feats, capsys, monkeypatch):
   assert second["moments"] == []  # duration known, no moment in a random model's answer
 
 
+def test_chat_top_k_one_samples_the_greedy_answer(tiny_vtimellm, feats, capsys):
+  # --top-k reaches the sampler: with k = 1 a draw at temperature 1 can only be the argmax.
+  folder, _ = feats
+  answers = []
+  for sampling in (["--temperature", "0"], ["--temperature", "1", "--top-k", "1", "--seed", "3"]):
+    code, out, err = _run(["chat", "--model", tiny_vtimellm.model_dir, "--features", folder / "v1.npy",
+                           "--query", "describe the video", "--max-new-tokens", "6", "--json", *sampling], capsys)
+    assert code == 0, err
+    answers.append(json.loads(out)["token_ids"])
+  assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+def test_negative_top_k_is_a_user_error(tiny_vtimellm, feats, tmp_path, capsys, command):
+  folder, _ = feats
+  source = (["--features", folder / "v1.npy", "--query", "hi"] if command == "chat" else
+            ["--features", folder, "--data", tmp_path / "ann.json", "--out", tmp_path / "log.jsonl"])
+  code, _, err = _run([command, "--model", tiny_vtimellm.model_dir, *source, "--top-k", "-1"], capsys)
+  assert code == 2 and "top_k" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("content,message", [
     (np.zeros((100, 512), np.float16), "expected [N, 768]"),
     (np.zeros((2, 100, 768), np.float16), "expected [N, 768]"),

@@ -102,6 +102,64 @@ def test_top_p_filter_matches_hf_warper(top_p):
   np.testing.assert_array_equal(ours[~np.isinf(ours)], logits[~np.isinf(ref)])
 
 
+def _tied_logits(seed=0):
+  """float32[6, 50] logits with many exact ties (a few distinct values), so top-k ties matter."""
+  rng = np.random.RandomState(seed)
+  return rng.randint(-4, 5, (6, 50)).astype(np.float32) * 0.75
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5, 17, 50, 80])
+@pytest.mark.parametrize("tied", [False, True])
+def test_top_k_filter_matches_hf_warper(top_k, tied):
+  logits = _tied_logits() if tied else np.random.RandomState(1).normal(0, 2, (6, 50)).astype(np.float32)
+  ours = np.asarray(gen.top_k_filter(jnp.asarray(logits), top_k))
+  ref = transformers.generation.TopKLogitsWarper(top_k)(None, torch.tensor(logits)).numpy()
+  np.testing.assert_array_equal(ours, ref)  # same -inf mask, kept logits untouched
+  if tied and top_k == 5:
+    assert (~np.isinf(ours)).sum(-1).max() > 5  # ties at the k-th value really kept more than k
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 0.5), (10, 0.9), (10, 0.3), (1, 0.9), (60, 0.6)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_sampling_filters_match_hf_chain(top_k, top_p, tied):
+  # HF's sampling order: temperature, then top-k, then top-p; `_choose` draws from what is left.
+  logits = _tied_logits(2) if tied else np.random.RandomState(3).normal(0, 2, (6, 50)).astype(np.float32)
+  temperature = 0.7
+  chain = transformers.generation.LogitsProcessorList([
+      transformers.generation.TemperatureLogitsWarper(temperature),
+      transformers.generation.TopKLogitsWarper(top_k),
+      transformers.generation.TopPLogitsWarper(top_p)])
+  ref = chain(None, torch.tensor(logits)).numpy()
+  ours = np.asarray(gen.top_p_filter(gen.top_k_filter(jnp.asarray(logits) / temperature, top_k), top_p))
+  if tied:
+    # Which of several equal logits at the nucleus' edge stay is the sort's choice (torch's CPU
+    # sort is not stable), so compare what stays per row: the same values, as many times.
+    for row_ours, row_ref in zip(ours, ref):
+      np.testing.assert_allclose(np.sort(row_ours[~np.isinf(row_ours)]), np.sort(row_ref[~np.isinf(row_ref)]),
+                                 rtol=1e-6)
+  else:
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+  # The draws of `next_token` stay among the tokens the filters keep.
+  config = gen.GenerationConfig(max_new_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k)
+  for seed in range(5):
+    drawn = np.asarray(gen.next_token(jnp.asarray(logits), jax.random.split(jax.random.key(seed), 6), config))
+    assert not np.isinf(ours[np.arange(6), drawn]).any()
+
+
+def test_top_k_one_is_greedy(models):
+  logits = jnp.asarray(np.random.RandomState(4).normal(0, 1, (8, 50)), jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 8)
+  top1 = gen.GenerationConfig(max_new_tokens=NEW, temperature=1.0, top_k=1)
+  assert np.asarray(gen.next_token(logits, keys, top1)).tolist() == np.argmax(logits, -1).tolist()
+  _, ours = models
+  prompts = _prompts([9, 3, 6])
+  assert gen.generate_from_ids(ours, prompts, top1, seed=5).rows() == gen.generate_from_ids(ours, prompts, GREEDY).rows()
+  # Without top-k the same seed samples something else (so the equality above is top-k's doing).
+  unfiltered = gen.GenerationConfig(max_new_tokens=NEW, temperature=1.0)
+  assert gen.generate_from_ids(ours, prompts, unfiltered, seed=5).rows() != gen.generate_from_ids(ours, prompts, GREEDY).rows()
+
+
 def test_top_p_samples_only_from_the_nucleus():
   probs = np.array([0.05, 0.5, 0.15, 0.3])  # nucleus of 0.7: tokens 1 and 3 (0.5 + 0.3)
   logits = jnp.asarray(np.log(probs)[None].repeat(400, 0), jnp.float32)
@@ -119,7 +177,8 @@ def test_temperature_zero_is_argmax_and_bad_settings_are_user_errors():
   logits = jnp.asarray([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
   keys = jax.random.split(jax.random.key(0), 2)
   assert np.asarray(gen.next_token(logits, keys, gen.GenerationConfig(temperature=0))).tolist() == [1, 0]
-  for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0)):
+  for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0), dict(top_k=-1),
+              dict(top_k=2.5), dict(top_k=True)):
     with pytest.raises(UserError):
       gen.GenerationConfig(**bad)
 

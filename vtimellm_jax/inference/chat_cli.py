@@ -32,12 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--video", help="video file; its features are computed with --clip")
   source.add_argument("--features", help="stored features .npy: float16 [100, 768] (a video) or [768] (an image)")
-  parser.add_argument("--clip", help="CLIP model directory (with --video)")
+  parser.add_argument("--clip", help="CLIP model directory (with --video), a source `convert clip --src` "
+                                     "accepts, or 'tiny-random' (random tiny CLIP, smoke tests)")
   parser.add_argument("--query", help="one question; without it, read questions from stdin, one a line, "
                                       "keeping the conversation (empty line skipped, 'exit' or EOF ends)")
   parser.add_argument("--temperature", type=float, default=generate.RELEASE_TEMPERATURE,
                       help="sampling temperature; 0 = greedy (default: the release's %(default)s)")
   parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+  parser.add_argument("--top-k", type=int, default=0,
+                      help="sample among the k most likely tokens, before --top-p (default: %(default)s, off)")
   parser.add_argument("--max-new-tokens", type=int, default=generate.RELEASE_MAX_NEW_TOKENS,
                       help="most tokens per answer (default: %(default)s)")
   parser.add_argument("--duration", type=float, help="video length in seconds (to show moments in seconds "
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.inference import answerer, generate, moments, prompts  # pylint: disable=g-import-not-at-top
 
   config = generate.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p)
+                                     top_p=args.top_p, top_k=args.top_k)
   if args.clip is not None and args.video is None:
     raise UserError("--clip is only used with --video")
   if args.video is not None and args.clip is None:

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--durations", help="video durations for a Charades-STA --data (CSV or JSON)")
   parser.add_argument("--features", help="folder of {video_id}.npy features (float16 [100, 768])")
   parser.add_argument("--videos", help="folder of {video_id}.mp4/.mkv/.webm, used when a .npy is missing")
-  parser.add_argument("--clip", help="CLIP model directory (with --videos)")
+  parser.add_argument("--clip", help="CLIP model directory (with --videos), a source `convert clip --src` "
+                                     "accepts, or 'tiny-random' (random tiny CLIP, smoke tests)")
   parser.add_argument("--task", choices=("grounding", "captioning", "all"), default="all",
                       help="which queries (default: %(default)s)")
   parser.add_argument("--out", required=True, help="answer log (JSON lines); appended to, resumable")
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--temperature", type=float, default=generate.RELEASE_TEMPERATURE,
                       help="sampling temperature, 0 = greedy (default: the release's %(default)s)")
   parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+  parser.add_argument("--top-k", type=int, default=0,
+                      help="sample among the k most likely tokens, before --top-p (default: %(default)s, off)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--skip-missing", action="store_true", help="skip and count videos without features")
   parser.add_argument("--max-batches", type=int, help="stop after this many batches (rerun to continue)")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
   if args.max_batches is not None and args.max_batches < 1:
     raise UserError(f"--max-batches must be at least 1, got {args.max_batches}")
   config = generate.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p)
+                                     top_p=args.top_p, top_k=args.top_k)
   annotations = annotations_lib.read_annotations(args.data, args.durations)
   bot = answerer.load_answerer(args.model, args.dtype)
   source = features.FeatureSource(args.features, args.videos, args.clip, bot.feature_dim, args.dtype)

@@ -3,8 +3,8 @@
 The prompt arrives as embeddings (`float[B, T, D]`, right-padded, real lengths `int[B]`), so the
 same code serves plain LLaMA ids (`model.model.embed`) and VTimeLLM prompts with spliced frame
 features (`model.embed_inputs`). One compiled program per batch size, prompt length, number of new
-tokens and sampling kind (greedy, sampled, sampled with top-p); temperature, top-p and the eos id
-are traced values:
+tokens and sampling kind (greedy, or sampled with or without top-p and with its top-k); the
+temperature, top-p and the eos id are traced values:
 
   prefill  all T prompt positions of every row are written to a cache of T + max_new_tokens slots;
            each row's first new token comes from the hidden state at its own last real position.
@@ -13,8 +13,9 @@ are traced values:
            lengths decode together without left padding.
 
 A row stops at its first `eos_id`; the loop ends when every row has stopped or after
-`max_new_tokens`. Sampling follows HF's order (temperature, then top-p); every row draws from its
-own key folded with the step number, so a row's tokens do not depend on what it is batched with.
+`max_new_tokens`. Sampling follows HF's order (temperature, then top-k, then top-p); every row draws
+from its own key folded with the step number, so a row's tokens do not depend on what it is batched
+with.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class GenerationConfig:
   max_new_tokens: int = RELEASE_MAX_NEW_TOKENS
   temperature: float = RELEASE_TEMPERATURE  # 0: greedy (argmax)
   top_p: float = 1.0  # 1: no nucleus filtering
+  top_k: int = 0  # 0: no top-k filtering (HF generate's default is 50; see docs/inference.md)
   eos_id: int = EOS_ID  # a negative id never matches: always max_new_tokens tokens
 
   def __post_init__(self):
@@ -50,10 +52,29 @@ class GenerationConfig:
       raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+    # top_k picks the compiled program (a static shape), so it must be a plain integer.
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+      raise UserError(f"top_k must be an integer >= 0 (0 is off), got {self.top_k!r}")
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
+
+  @property
+  def static_top_k(self) -> int:
+    """The top-k of the compiled program: 0 when greedy (unused), a plain int (a jit static)."""
+    return 0 if self.greedy else int(self.top_k)
+
+
+def top_k_filter(logits_bv: jax.Array, top_k: int) -> jax.Array:
+  """Returns logits with every token below the `top_k`-th largest logit of its row set to -inf.
+
+  HF's `TopKLogitsWarper`: tokens tied with the k-th largest logit all stay, so more than k can
+  remain; k beyond the vocabulary keeps everything. `top_k` is static (it sets a shape).
+  """
+  top_k = min(top_k, logits_bv.shape[-1])
+  kth_largest = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+  return jnp.where(logits_bv < kth_largest, -jnp.inf, logits_bv)
 
 
 def top_p_filter(logits_bv: jax.Array, top_p: jax.Array | float) -> jax.Array:
@@ -73,35 +94,38 @@ def top_p_filter(logits_bv: jax.Array, top_p: jax.Array | float) -> jax.Array:
   return jnp.where(keep, logits_bv, -jnp.inf)
 
 
-def _choose(logits_bv, keys_b, temperature, top_p, *, greedy: bool, nucleus: bool):
-  """Returns int32[B] tokens; `greedy` and `nucleus` are static, temperature and top_p traced."""
+def _choose(logits_bv, keys_b, temperature, top_p, *, greedy: bool, nucleus: bool, top_k: int):
+  """Returns int32[B] tokens; `greedy`, `nucleus` and `top_k` are static, temperature and top_p traced."""
   logits_bv = logits_bv.astype(jnp.float32)
   if greedy:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   logits_bv = logits_bv / temperature
+  if top_k:
+    logits_bv = top_k_filter(logits_bv, top_k)
   if nucleus:
     logits_bv = top_p_filter(logits_bv, top_p)
   return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
 
 
-_choose_jit = jax.jit(_choose, static_argnames=("greedy", "nucleus"))
+_choose_jit = jax.jit(_choose, static_argnames=("greedy", "nucleus", "top_k"))
 
 
 def next_token(logits_bv: jax.Array, keys_b: jax.Array, config: GenerationConfig) -> jax.Array:
   """Returns int32[B]: the chosen token of each row (argmax, or a draw with its own key)."""
   return _choose_jit(logits_bv, keys_b, config.temperature, config.top_p, greedy=config.greedy,
-                     nucleus=config.top_p < 1)
+                     nucleus=config.top_p < 1, top_k=config.static_top_k)
 
 
 def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, *,
-              max_new_tokens: int, greedy: bool, nucleus: bool):
+              max_new_tokens: int, greedy: bool, nucleus: bool, top_k: int):
   """Returns (tokens int32[B, max_new_tokens] with eos_id after a row stops, steps run)."""
   model = nnx.merge(graphdef, state)
   b, t, _ = embeds_btd.shape
   n = max_new_tokens
   rows = jnp.arange(b)
   step_keys = lambda i: jax.vmap(jax.random.fold_in, (0, None))(keys_b, i)
-  choose = lambda logits, i: _choose(logits, step_keys(i), temperature, top_p, greedy=greedy, nucleus=nucleus)
+  choose = lambda logits, i: _choose(logits, step_keys(i), temperature, top_p, greedy=greedy, nucleus=nucleus,
+                                     top_k=top_k)
 
   cache = model.init_cache(b, t + n)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -130,9 +154,10 @@ def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p
   return tokens, steps
 
 
-# One compilation per (model, batch, prompt length, max_new_tokens, greedy, nucleus); the
+# One compilation per (model, batch, prompt length, max_new_tokens, greedy, nucleus, top_k); the
 # temperature, top-p and eos id are traced values.
-_generate_jit = jax.jit(_generate, static_argnums=(0,), static_argnames=("max_new_tokens", "greedy", "nucleus"))
+_generate_jit = jax.jit(_generate, static_argnums=(0,),
+                        static_argnames=("max_new_tokens", "greedy", "nucleus", "top_k"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +199,8 @@ def generate(model, embeds_btd: jax.Array, lengths_b: jax.Array | Sequence[int],
   tokens, steps = _generate_jit(graphdef, state, embeds_btd, jnp.asarray(lengths), keys_b,
                                 jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
                                 jnp.int32(config.eos_id), max_new_tokens=config.max_new_tokens,
-                                greedy=config.greedy, nucleus=config.top_p < 1)
+                                greedy=config.greedy, nucleus=config.top_p < 1,
+                                top_k=config.static_top_k)
   tokens = np.asarray(tokens)
   stopped = tokens == config.eos_id
   answer_lengths = np.where(stopped.any(-1), stopped.argmax(-1), tokens.shape[1]).astype(np.int32)

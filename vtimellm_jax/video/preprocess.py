@@ -65,14 +65,11 @@ def bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[n
   return np.clip(taps, 0, in_size - 1), weights
 
 
-def _resize_axis(x: np.ndarray, axis: int, taps: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  shape = [1] * x.ndim
-  shape[axis] = taps.shape[0]
-  out = None
-  for k in range(4):
-    term = np.take(x, taps[:, k], axis=axis) * weights[:, k].reshape(shape)
-    out = term if out is None else out + term
-  return out
+def resize_matrix(taps: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
+  """Returns float32[count, in_size]: the bicubic taps as a dense matrix (clamped taps add up)."""
+  matrix = np.zeros((taps.shape[0], in_size), np.float32)
+  np.add.at(matrix, (np.arange(taps.shape[0])[:, None], taps), weights)
+  return matrix
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -97,16 +94,17 @@ def preprocess_frames(frames: np.ndarray, size: int = SIZE, chunk: int = 16) -> 
     for s in range(0, n, chunk):
       out[s:s + chunk] = normalize(frames[s:s + chunk, top:top + size, left:left + size].astype(np.float32) / 255.0)
     return out
-  # The 1/255 is folded into the first axis' weights: the gathers then read uint8 directly.
-  passes = [(1, taps_h, weights_h), (2, taps_w, weights_w)]
-  if w > h:  # interpolate the longer axis last, so the intermediate is the smaller one
-    passes.reverse()
-  (axis1, taps1, weights1), (axis2, taps2, weights2) = passes
-  weights1 = weights1 / np.float32(255.0)
-  # Chunks keep the float intermediates small.
-  for s in range(0, n, chunk):
-    x = _resize_axis(frames[s:s + chunk], axis1, taps1, weights1)
-    out[s:s + chunk] = normalize(_resize_axis(x, axis2, taps2, weights2))
+  # Two matmuls per frame and channel (BLAS) instead of 4-tap gathers, several times faster on a
+  # CPU at the same weights (only the float32 summation order differs, < 1e-6). The 1/255 and
+  # the per-channel 1/std are folded into the row matrices, the mean into a bias.
+  rows = resize_matrix(taps_h, weights_h, h)[None] / (np.float32(255.0) * STD[:, None, None])  # [3, size, h]
+  cols = resize_matrix(taps_w, weights_w, w).T  # [w, size]
+  bias = (-MEAN / STD)[:, None, None]
+  for s in range(0, n, chunk):  # chunks keep the float intermediates small
+    x = frames[s:s + chunk].astype(np.float32).transpose(0, 3, 1, 2)  # [n, 3, h, w]
+    x = rows @ (x @ cols) if w >= h else (rows @ x) @ cols  # the smaller intermediate first
+    x += bias
+    out[s:s + chunk] = x.transpose(0, 2, 3, 1)
   return out
 
 
