@@ -46,3 +46,54 @@ def test_memory_report_verdict():
   assert report.total == 14 * 2**30 and report.fits
   assert "14.00 GiB of 16 GiB HBM: fits" in report.line()
   assert not aot.MemoryReport("v5e-16", 1949, 8, 1, 2**30, 0, 16 * 2**30, 0, 16).fits
+
+
+# What libtpu says when a step does not fit (seen compiling 7B stage 2 at micro-batch 8 for v5e-16).
+TPU_REFUSAL = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(24.66G) exceeds available HBM (15.75G).\nmore compiler detail")
+
+
+def test_compiler_refusal_is_a_does_not_fit_report_and_exit_1(tmp_path, capsys, monkeypatch):
+  import jax
+
+  class RefusingStep:
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(TPU_REFUSAL)
+
+  from vtimellm_jax.training import trainer
+
+  monkeypatch.setattr(trainer.TrainState, "jit_step", lambda self: RefusingStep())
+  reports = []
+  compile_step = aot.compile_step
+  monkeypatch.setattr(aot, "compile_step", lambda *a, **k: reports.append(compile_step(*a, **k)) or reports[-1])
+  code = cli.main(["train", "--config", TINY, "--workdir", str(tmp_path / "w"), "--dry-run", "--topology", "cpu-8",
+                   "--seq-len", "160", "--num-features", "4", "--config.micro_batch=1"])
+  out = capsys.readouterr().out
+  assert code == 1, out
+  (report,) = reports
+  assert report.fits is False and report.micro_batch == 1  # the command line's micro-batch beat the preset's 2
+  assert report.temporaries == int(24.66 * 2**30)
+  # Arguments are counted from their per-device shards: more than nothing, less than the whole model.
+  whole = compile_step(config_loading.load_config(TINY), "cpu-1", seq_len=160, num_features=4, log=lambda _: None)
+  assert 0 < report.arguments < whole.arguments
+  assert "DOES NOT FIT" in out and "required for HLO temporaries (24.66G)" in out and "Traceback" not in out
+
+
+def test_other_compiler_errors_are_not_hidden(monkeypatch):
+  import jax
+
+  from vtimellm_jax.training import trainer
+
+  class BrokenStep:
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(trainer.TrainState, "jit_step", lambda self: BrokenStep())
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+    aot.compile_step(config_loading.load_config(TINY), "cpu-8", seq_len=64, num_features=4, log=lambda _: None)

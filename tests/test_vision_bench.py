@@ -10,3 +10,11 @@ def test_bench_smoke(capsys):
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert len(records) == 1
   assert records[0]["batch"] == 8 and records[0]["out"] == [8, 768] and records[0]["frames_per_s"] > 0
+
+
+def test_bench_preprocess_smoke(capsys):
+  # One size per path of preprocess_frames: dense matmuls (small inputs) and 4-tap gathers.
+  assert bench_clip.main(["--config", "tiny", "--batch-sizes", "", "--preprocess", "48x64,300x400", "--iters", "1"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["mode"], r["height"], r["width"]) for r in records] == [("preprocess", 48, 64), ("preprocess", 300, 400)]
+  assert all(r["s_per_video"] > 0 for r in records)

@@ -3,6 +3,7 @@
   python -m vtimellm_jax.bench.clip --config clip_vit_l14 --batch-sizes 100,800 --dtype float16
   python -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --iters 3     # CPU smoke test
   python -m vtimellm_jax.bench.clip --config tiny --videos some_videos/ --workers 8  # + end to end
+  python -m vtimellm_jax.bench.clip --batch-sizes "" --preprocess 64x64,360x640,720x1280  # CPU preprocessing
 
 Weights are random (numpy, `models.clip.random_params`): speed does not depend on their values.
 Each result is one JSON line on stdout, in the shape of `shared/bench/torch_clip_baseline.py`'s, so
@@ -32,6 +33,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--videos", default=None, help="also time extract-features over these videos")
   parser.add_argument("--workers", type=int, default=8, help="decoding threads for --videos")
   parser.add_argument("--e2e-batch-size", type=int, default=800, help="frames per encoder call for --videos")
+  parser.add_argument("--preprocess", default="", help="also time preprocess_frames on 100 random frames of "
+                      "these HxW sizes, one core (e.g. 64x64,720x1280)")
   return parser.parse_args(argv)
 
 
@@ -85,6 +88,20 @@ def bench_end_to_end(model, videos: str, workers: int, batch_size: int) -> dict:
               frames_per_s=round(summary.done * sampling.NUM_FRAMES / seconds, 1))
 
 
+def bench_preprocess(height: int, width: int, iters: int) -> dict:
+  """Returns the CPU time of the release's resize/crop/normalise of 100 random frames of height x width."""
+  from vtimellm_jax.video import preprocess, sampling
+
+  frames = np.random.default_rng(0).integers(0, 256, (sampling.NUM_FRAMES, height, width, 3), dtype=np.uint8)
+  preprocess.preprocess_frames(frames[:2])
+  start = time.perf_counter()
+  for _ in range(iters):
+    preprocess.preprocess_frames(frames)
+  seconds = (time.perf_counter() - start) / iters
+  return dict(mode="preprocess", height=height, width=width, s_per_video=round(seconds, 3),
+              frames_per_s=round(sampling.NUM_FRAMES / seconds, 1))
+
+
 def main(argv=None) -> int:
   args = _parse_args(argv)
   import jax
@@ -99,8 +116,11 @@ def main(argv=None) -> int:
   device = jax.devices()[0]
   common = dict(what=f"jax_clip_{args.config}_{dtype.name}", device=device.device_kind, backend=device.platform,
                 attention=args.attention)
-  for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+  for batch_size in (int(b) for b in args.batch_sizes.split(",") if b):
     _emit(**common, **bench_encoder(model, batch_size, args.warmup, args.iters))
+  for size in filter(None, args.preprocess.split(",")):
+    height, width = (int(v) for v in size.lower().split("x"))
+    _emit(what="numpy_preprocess", **bench_preprocess(height, width, args.iters))
   if args.videos:
     _emit(**common, mode="end_to_end", **bench_end_to_end(model, args.videos, args.workers, args.e2e_batch_size))
   return 0

@@ -11,7 +11,9 @@ itself. No weights or data files are read: the model's shapes come from its pres
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Callable
 
 import jax
@@ -37,6 +39,9 @@ class MemoryReport:
   temporaries: int
   aliased: int  # donated arguments reused as outputs, counted once
   hbm_gib: float
+  # Set when the compiler itself refused the step for lack of memory (TPU compilers do): its
+  # message; `temporaries` is then what it said they need and `outputs` is unknown (0).
+  compiler_refusal: str = ""
 
   @property
   def total(self) -> int:
@@ -45,11 +50,18 @@ class MemoryReport:
   @property
   def fits(self) -> bool | None:
     """Returns whether the step fits the device's memory (None when the target has no HBM size)."""
+    if self.compiler_refusal:
+      return False
     return None if not self.hbm_gib else self.total <= self.hbm_gib * 2**30
 
   def line(self) -> str:
     """Returns the one-line summary the dry run prints."""
     verdict = "" if self.fits is None else (f" of {self.hbm_gib:g} GiB HBM: " + ("fits" if self.fits else "DOES NOT FIT"))
+    if self.compiler_refusal:
+      return (f"{self.topology}: DOES NOT FIT {self.hbm_gib:g} GiB HBM: at least {_size(self.total)} per device "
+              f"(arguments {_size(self.arguments)}, temporaries {_size(self.temporaries)}; the compiler: "
+              f"{self.compiler_refusal}; micro-batch {self.micro_batch} x accumulation {self.accumulation}, "
+              f"text length {self.text_length})")
     return (f"{self.topology}: per device {_size(self.total)}{verdict} (arguments {_size(self.arguments)}, "
             f"outputs {_size(self.outputs)}, temporaries {_size(self.temporaries)}, aliased {_size(self.aliased)}; "
             f"micro-batch {self.micro_batch} x accumulation {self.accumulation}, text length {self.text_length})")
@@ -57,6 +69,30 @@ class MemoryReport:
 
 def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _per_device_bytes(tree) -> int:
+  """Returns the bytes one device holds of a tree of sharded ShapeDtypeStructs (its largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      continue
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      continue  # the step's random key: a few bytes
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _refusal_report(message: str, args, topology, text_length: int, micro_batch: int, accum: int) -> MemoryReport:
+  """Returns the report of a step the compiler refused for memory; arguments counted from their shards."""
+  needed = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  temporaries = int(float(needed.group(1)) * scale[needed.group(2)]) if needed else 0
+  first_line = message.strip().splitlines()[0]
+  first_line = first_line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+  return MemoryReport(topology.name, text_length, micro_batch, accum, _per_device_bytes(args), 0, temporaries, 0,
+                      topology.hbm_gib, compiler_refusal=first_line)
 
 
 def resolve(name: str) -> topologies.Topology:
@@ -106,16 +142,19 @@ def abstract_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq_len: int = 0,
-                 num_features: int = records.NUM_FRAMES, log: Callable[[str], None] = print) -> MemoryReport:
+                 num_features: int = records.NUM_FRAMES, log: Callable[[str], None] = print,
+                 micro_batch: int = 0) -> MemoryReport:
   """Compiles the train step of `config` for `topology_name`; returns (and logs) its per-device memory.
 
   `topology_name` "" targets this process's devices with the config's own mesh.
   `seq_len` is the model's sequence length (0: config.data.max_length); a sample of `num_features`
   feature rows leaves `seq_len - num_features + 1` text tokens (the compiled bucket length).
+  `micro_batch` > 0 replaces the topology preset's micro-batch.
   """
   if topology_name:
     topology = resolve(topology_name)
     topologies.apply(config, topology)
+    config.micro_batch = micro_batch or config.micro_batch
     devices = target_devices(topology)
   else:  # this process's own devices, with the config's mesh
     devices = jax.devices()[:config.mesh.devices] if config.mesh.devices > 0 else jax.devices()
@@ -135,7 +174,15 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
   batch = trainer._abstract_batch(config.global_batch, text_length, num_features, accum, mesh)  # pylint: disable=protected-access
   log(f"[{config.stage}] AOT for {topology.name}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} "
       f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters")
-  compiled = state.jit_step().lower(state.trainable, state.opt_state, state.frozen, batch, step_index, key).compile()
+  args = (state.trainable, state.opt_state, state.frozen, batch, step_index, key)
+  try:
+    compiled = state.jit_step().lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report = _refusal_report(str(e), args, topology, text_length, config.micro_batch, accum)
+    log(f"[{config.stage}] {report.line()}")
+    return report
   analysis = compiled.memory_analysis()
   if analysis is None:
     raise UserError(f"the {topology.platform} compiler gives no memory analysis")

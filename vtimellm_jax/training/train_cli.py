@@ -25,14 +25,17 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.training import config_loading, trainer
 
   config = config_loading.load_config(args.config, args.config_overrides)
+  # A preset sets the micro-batch, but one given on the command line wins (e.g. to find what fits).
+  micro_batch = config.micro_batch if any(o.startswith("--config.micro_batch=") for o in args.config_overrides) else 0
   if args.dry_run and (args.topology or args.seq_len):
     from vtimellm_jax.training import aot
 
-    aot.compile_step(config, args.topology, args.seq_len, args.num_features)
-    return 0
+    report = aot.compile_step(config, args.topology, args.seq_len, args.num_features, micro_batch=micro_batch)
+    return 1 if report.fits is False else 0
   if args.topology:
     from vtimellm_jax.training import aot
 
     topologies.apply(config, aot.resolve(args.topology))
+    config.micro_batch = micro_batch or config.micro_batch
   trainer.train(config, args.workdir, dry_run=args.dry_run)
   return 0

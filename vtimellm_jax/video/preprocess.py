@@ -21,6 +21,9 @@ SIZE = 224
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic coefficient
+# Up to this input side a dense resize matrix (BLAS) beats 4-tap gathers on a CPU, measured:
+# 100 frames of 64x64 take 0.19 s dense vs 0.46 s gathered; of 360x640 1.44 s vs 0.84 s.
+DENSE_MAX_SIDE = 256
 
 
 def resized_size(height: int, width: int, size: int = SIZE) -> tuple[int, int]:
@@ -65,6 +68,16 @@ def bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[n
   return np.clip(taps, 0, in_size - 1), weights
 
 
+def _resize_axis(x: np.ndarray, axis: int, taps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  shape = [1] * x.ndim
+  shape[axis] = taps.shape[0]
+  out = None
+  for k in range(4):
+    term = np.take(x, taps[:, k], axis=axis) * weights[:, k].reshape(shape)
+    out = term if out is None else out + term
+  return out
+
+
 def resize_matrix(taps: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
   """Returns float32[count, in_size]: the bicubic taps as a dense matrix (clamped taps add up)."""
   matrix = np.zeros((taps.shape[0], in_size), np.float32)
@@ -94,9 +107,28 @@ def preprocess_frames(frames: np.ndarray, size: int = SIZE, chunk: int = 16) -> 
     for s in range(0, n, chunk):
       out[s:s + chunk] = normalize(frames[s:s + chunk, top:top + size, left:left + size].astype(np.float32) / 255.0)
     return out
-  # Two matmuls per frame and channel (BLAS) instead of 4-tap gathers, several times faster on a
-  # CPU at the same weights (only the float32 summation order differs, < 1e-6). The 1/255 and
-  # the per-channel 1/std are folded into the row matrices, the mean into a bias.
+  if max(h, w) <= DENSE_MAX_SIDE:
+    return _resize_dense(frames, out, taps_h, weights_h, taps_w, weights_w, chunk)
+  # The 1/255 is folded into the first axis' weights: the gathers then read uint8 directly.
+  passes = [(1, taps_h, weights_h), (2, taps_w, weights_w)]
+  if w > h:  # interpolate the longer axis last, so the intermediate is the smaller one
+    passes.reverse()
+  (axis1, taps1, weights1), (axis2, taps2, weights2) = passes
+  weights1 = weights1 / np.float32(255.0)
+  # Chunks keep the float intermediates small.
+  for s in range(0, n, chunk):
+    x = _resize_axis(frames[s:s + chunk], axis1, taps1, weights1)
+    out[s:s + chunk] = normalize(_resize_axis(x, axis2, taps2, weights2))
+  return out
+
+
+def _resize_dense(frames, out, taps_h, weights_h, taps_w, weights_w, chunk):
+  """Returns `out` filled with the resized, normalised frames, as two matmuls per frame and channel.
+
+  BLAS at the same weights (only the float32 summation order differs, < 1e-6); the 1/255 and the
+  per-channel 1/std are folded into the row matrix, the mean into a bias.
+  """
+  n, h, w, _ = frames.shape
   rows = resize_matrix(taps_h, weights_h, h)[None] / (np.float32(255.0) * STD[:, None, None])  # [3, size, h]
   cols = resize_matrix(taps_w, weights_w, w).T  # [w, size]
   bias = (-MEAN / STD)[:, None, None]
