@@ -22,7 +22,8 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic coefficient
 # Up to this input side a dense resize matrix (BLAS) beats 4-tap gathers on a CPU, measured:
-# 100 frames of 64x64 take 0.19 s dense vs 0.46 s gathered; of 360x640 1.44 s vs 0.84 s.
+# 100 frames of 64x64 take 0.14-0.19 s dense vs 0.46 s gathered; of 360x640 1.44 s vs 0.63-0.84 s
+# (docs/vision.md has the benchmark command).
 DENSE_MAX_SIDE = 256
 
 
