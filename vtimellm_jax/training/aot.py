@@ -114,8 +114,9 @@ def target_devices(topology: topologies.Topology) -> list:
           topology_name=topology.tpu_topology, platform="tpu", chip_config_name=topology.chip_config,
           chips_per_host_bounds=host_bounds, num_slices=1)
     except Exception as e:  # libtpu missing or unable to describe the slice: jax raises several types
-      raise UserError(f"cannot describe TPU topology {topology.name} ({topology.tpu_topology}): {e}. "
-                      f"Compiling for a TPU without one needs libtpu: pip install -e '.[tpu]'") from e
+      hint = ("another process on this host holds libtpu (one TPU compile at a time per host; wait for it)"
+              if "lockfile" in str(e) else "compiling for a TPU without one needs libtpu: pip install -e '.[tpu]'")
+      raise UserError(f"cannot describe TPU topology {topology.name} ({topology.tpu_topology}): {e}. {hint}") from e
     return list(description.devices)
   if topology.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     try:  # a fresh process (the CLI) can still choose its CPU device count
