@@ -28,9 +28,8 @@ import jax
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import grounding
 from vtimellm_jax.evaluation.annotations import Annotations
+from vtimellm_jax.evaluation.answer_log import TASKS  # one list of tasks for the log's writer and reader
 from vtimellm_jax.inference import prompts
-
-TASKS = ("grounding", "captioning")
 
 
 @dataclasses.dataclass(frozen=True)
