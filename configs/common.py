@@ -44,10 +44,18 @@ def recipe(size: str) -> ml_collections.ConfigDict:
   c.model.intermediate_size = 0
   c.model.num_layers = 0
   c.model.num_heads = 0
+  c.model.rope_theta = 0.0
   c.model.dtype = "float32" if tiny else "bfloat16"  # compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
   c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)
-  c.model.attention_impl = "auto"
+  c.model.attention_impl = "auto"  # auto | xla | cudnn | splash; auto: cuDNN on GPU, splash on TPU (16-bit)
+  # > 0: the loss runs lm_head over this many positions at a time and recomputes them in the
+  # backward pass, so fp32 [B, T, 32000] logits are never held whole (at 7B and micro-batch 8 they
+  # and their softmax are most of the step's memory). 0: full logits (exact same loss).
+  c.model.loss_chunk = 0 if tiny else 512
+  # > 0: video tokens carry a frame-time code and the pieces 00-99 start from it (models/time_code.py).
+  # Random init only (a base keeps its own); the quickstart's tiny model uses it, Vicuna does not.
+  c.model.time_code = 0.0
 
   c.trainable = "lora"  # adapter | lora | all
   c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, dropout=0.05, targets=LORA_TARGETS))

@@ -24,3 +24,23 @@ def test_probe_runs(capsys):
   assert probe.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--steps", "2", "--batch", "2"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines and lines[-1].startswith("step 2 ") and "R@0.5" in lines[-1]
+
+
+def test_all_events_with_time_pieces_ask_about_every_event():
+  rng = np.random.default_rng(1)
+  prefix = np.arange(40, 40 + probe.PREFIX)
+  for _ in range(30):
+    tokens, labels = probe.sample(rng, prefix, pieces=True, all_events=True)
+    frames = np.asarray(tokens[1 + probe.PREFIX:1 + probe.PREFIX + probe.FRAMES])
+    starts, ends = probe.spans_of(np.asarray([tokens]), np.asarray([labels]), pieces=True)
+    colours = {c for c in frames if c != probe.COLOUR0 + probe.NUM_COLOURS}
+    assert len(starts) == len(colours)  # one labelled turn per event; filler turns are masked
+    for start, end in zip(starts, ends):
+      on = np.flatnonzero(frames == frames[start])
+      assert on.min() == start and min(on.max() + 1, probe.FRAMES - 1) == end
+
+
+def test_probe_runs_with_time_code(capsys):
+  assert probe.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--steps", "2", "--batch", "2",
+                     "--all-events", "--time-code", "1"]) == 0
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("step 2 ")

@@ -146,3 +146,24 @@ def test_bad_arguments_are_user_errors(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   assert _extract(tmp_path / "empty", tmp_path / "out") == 2
   assert "no video files found" in capsys.readouterr().err
+
+
+def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
+  # A small CLIP (here 32 px) gets frames preprocessed to its own size, not the release's 224.
+  import dataclasses
+
+  from vtimellm_jax import model_io
+
+  cfg = dataclasses.replace(clip_model.tiny(), image_size=32, patch_size=8)
+  params = clip_model.random_params(cfg, seed=3)
+  model_io.save_model_dir(tmp_path / "clip32", kind="clip", config=dataclasses.asdict(cfg),
+                          params=clip_model.nest(params))
+  out = tmp_path / "feat"
+  code = cli.main(["extract-features", "--videos", str(video_dir / "alpha.mp4"), "--clip", str(tmp_path / "clip32"),
+                   "--out", str(out), "--workers", "1", "--no-progress"])
+  assert code == 0
+  with av.open(str(video_dir / "alpha.mp4")) as container:
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
+  expected = np.asarray(_encode(clip_model.init_random(cfg, seed=3), jnp.asarray(pixels)))
+  np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)

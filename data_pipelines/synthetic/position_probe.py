@@ -1,13 +1,16 @@
 """Can a small LLaMA learn the quickstart's grounding task at all? The task in pure text, no video.
 
   python -m data_pipelines.synthetic.position_probe --hidden 128 --layers 4 --lr 3e-3 --steps 600 \
-      --rope-theta 500 --batch 16
+      --rope-theta 500 --batch 16 --all-events --time-code 1
 
 A sequence is a fixed 30-token "system prompt", 100 frame tokens (one colour token per frame where
 an event is on screen, else a background token; events laid out as `vocabulary._layout` lays out
-the corpus's), a query colour and the answer `from S S to E E` as digit tokens. Only the four
-digits are trained. Every 10% of the steps it prints the teacher-forced digit accuracy, R@0.5 and
-mIoU on 256 fixed held-out sequences.
+the corpus's), a query colour and the answer `from S S to E E` as digit tokens; `--all-events` asks
+about every event in turn, as stage 2's multi-turn records do. Only the answers are trained. With
+`--time-code S` the frames carry `vtimellm_jax/models/time_code.py`'s code and answers are single
+index tokens whose rows start from it (what `LlamaConfig.time_code` does for a VTimeLLM). Every 10%
+of the steps it prints the teacher-forced answer-token accuracy, R@0.5 and mIoU on 256 fixed
+held-out sequences.
 
 Why it exists: the quickstart's 1M-parameter model does not learn to ground in its CPU budget
 (docs/synthetic.md). This isolates the part that is missing -- reading a frame's position out as
@@ -27,12 +30,26 @@ PREFIX, FRAMES, NUM_COLOURS = 30, 100, len(vocabulary.COLOURS)
 BOS, SEP, FROM, TO, EOS = 1, 2, 3, 4, 5
 COLOUR0 = 10  # colour k is token COLOUR0 + k; the background is COLOUR0 + NUM_COLOURS
 DIGIT0 = 20  # digit d is token DIGIT0 + d
-VOCAB = 64
+PIECE0 = 64  # with --time-code: index i (00-99) is the single token PIECE0 + i
+VOCAB = PIECE0 + FRAMES
 ANSWER = 7  # from d d to d d eos
+PIECE_ANSWER = 5  # from ii to ii eos
+TURNS = 4  # --all-events asks about every event; videos with fewer get masked filler turns
 
 
-def sample(rng: np.random.Generator, prefix: np.ndarray) -> tuple[list[int], list[int]]:
-  """Returns (tokens, labels) of one random video-as-text and a grounding question about one event."""
+def _answer(start: int, end: int, pieces: bool) -> list[int]:
+  if pieces:
+    return [FROM, PIECE0 + start, TO, PIECE0 + min(end, FRAMES - 1), EOS]
+  return [FROM, DIGIT0 + start // 10, DIGIT0 + start % 10, TO, DIGIT0 + end // 10, DIGIT0 + end % 10, EOS]
+
+
+def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False,
+           all_events: bool = False) -> tuple[list[int], list[int]]:
+  """Returns (tokens, labels) of one random video-as-text and grounding questions about its events.
+
+  One question about a random event, or (`all_events`) one turn per event in random order padded to
+  TURNS turns. Answers are digit tokens, or (`pieces`) one token per index as with a time code.
+  """
   n = int(rng.integers(vocabulary.MIN_EVENTS, vocabulary.MAX_EVENTS + 1))
   frames = np.full(FRAMES, COLOUR0 + NUM_COLOURS)
   colours = rng.permutation(NUM_COLOURS)[:n]
@@ -41,10 +58,31 @@ def sample(rng: np.random.Generator, prefix: np.ndarray) -> tuple[list[int], lis
     start, end = int(round(p0)), min(int(round(p1)), FRAMES - 1)
     frames[start:end] = COLOUR0 + colour
     spans.append((colour, start, end))
-  colour, start, end = spans[int(rng.integers(n))]
-  answer = [FROM, DIGIT0 + start // 10, DIGIT0 + start % 10, TO, DIGIT0 + end // 10, DIGIT0 + end % 10, EOS]
-  tokens = [BOS, *prefix, *frames, SEP, COLOUR0 + int(colour), *answer]
-  return tokens, [-100] * (len(tokens) - ANSWER) + answer
+  tokens = [BOS, *prefix, *frames]
+  labels = [-100] * len(tokens)
+  order = rng.permutation(TURNS) if all_events else [int(rng.integers(n))]
+  for k in order:
+    colour, start, end = spans[k] if k < n else spans[0]
+    answer = _answer(start, end, pieces)
+    tokens += [SEP, COLOUR0 + int(colour), *answer]
+    labels += [-100, -100, *(answer if k < n else [-100] * len(answer))]
+  return tokens, labels
+
+
+def spans_of(tokens: np.ndarray, labels: np.ndarray, pieces: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (start, end) int arrays, one per labelled answer, read from `tokens` at the answer slots."""
+  size = PIECE_ANSWER if pieces else ANSWER
+  rows, cols = np.nonzero(labels == FROM)
+  starts, ends = [], []
+  for r, c in zip(rows, cols):
+    t = tokens[r, c:c + size]
+    if pieces:
+      starts.append(t[1] - PIECE0)
+      ends.append(t[3] - PIECE0)
+    else:
+      starts.append((t[1] - DIGIT0) * 10 + t[2] - DIGIT0)
+      ends.append((t[4] - DIGIT0) * 10 + t[5] - DIGIT0)
+  return np.asarray(starts), np.asarray(ends)
 
 
 def main(argv=None) -> int:
@@ -58,6 +96,10 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--rope-theta", type=float, default=10000.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--all-events", action="store_true", help="one question per event (as stage 2's multi-turn)")
+  parser.add_argument("--time-code", type=float, default=0.0,
+                      help="> 0: frames carry models/time_code.py's code at this relative size, answers are "
+                           "single index tokens whose rows start from the code")
   args = parser.parse_args(argv)
 
   import jax
@@ -65,18 +107,33 @@ def main(argv=None) -> int:
   import optax
   from flax import nnx
 
+  from vtimellm_jax.models import time_code
   from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-  prefix = np.random.default_rng(args.seed).integers(40, VOCAB, PREFIX)
+  pieces = args.time_code > 0
+  prefix = np.random.default_rng(args.seed).integers(40, PIECE0, PREFIX)
 
   def batch(rng, size):
-    tokens, labels = zip(*[sample(rng, prefix) for _ in range(size)])
+    tokens, labels = zip(*[sample(rng, prefix, pieces, args.all_events) for _ in range(size)])
     return jnp.asarray(tokens), jnp.asarray(labels)
 
   config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.7),
                        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
                        rope_theta=args.rope_theta)
   model = LlamaForCausalLM(config, nnx.Rngs(args.seed))
+  frame_code = jnp.zeros((FRAMES, args.hidden))
+  if pieces:
+    time_code.init_time_pieces(model, list(range(PIECE0, PIECE0 + FRAMES)))
+    # Frame tokens are embeddings here, not adapter outputs: the code is sized against the embedding scale.
+    frame_code = args.time_code * time_code.EMBED_STD * time_code.code(np.arange(FRAMES), args.hidden)
+  frames = slice(1 + PREFIX, 1 + PREFIX + FRAMES)
+
+  def logits_of(model, tokens):
+    b, t = tokens.shape
+    x = model.model.embed(tokens).at[:, frames].add(frame_code)
+    hidden, _, _ = model.model(x, jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.full((b,), t, jnp.int32))
+    return model.lm_head(hidden)
+
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps * 3 // 100), args.steps)
   optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)),
                             wrt=nnx.Param)
@@ -84,7 +141,7 @@ def main(argv=None) -> int:
   @nnx.jit
   def train_step(model, optimizer, tokens, labels):
     def loss_fn(model):
-      logits, targets = model(tokens[:, :-1]), labels[:, 1:]
+      logits, targets = logits_of(model, tokens[:, :-1]), labels[:, 1:]
       mask = targets >= 0
       nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(targets, 0)[..., None], -1)[..., 0]
       return (nll * mask).sum() / mask.sum()
@@ -94,16 +151,21 @@ def main(argv=None) -> int:
     return loss
 
   @nnx.jit
-  def evaluate(model, tokens, labels):
-    predicted = model(tokens[:, :-1]).argmax(-1)
-    digits = jnp.array([1, 2, 4, 5]) + labels.shape[1] - 1 - ANSWER  # the answer's digit positions
-    got, want = predicted[:, digits] - DIGIT0, labels[:, 1:][:, digits] - DIGIT0
-    s, e = got[:, 0] * 10 + got[:, 1], got[:, 2] * 10 + got[:, 3]
-    s0, e0 = want[:, 0] * 10 + want[:, 1], want[:, 2] * 10 + want[:, 3]
-    inter = jnp.maximum(0, jnp.minimum(e, e0) - jnp.maximum(s, s0))
-    union = jnp.maximum(e, e0) - jnp.minimum(s, s0)
-    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)
-    return (got == want).mean(), (iou >= 0.5).mean(), iou.mean()
+  def predict(model, tokens):
+    return logits_of(model, tokens[:, :-1]).argmax(-1)
+
+  def evaluate(tokens, labels):
+    """Returns (answer-token accuracy, R@0.5, mIoU) of teacher-forced answers."""
+    tokens, labels = np.asarray(tokens), np.asarray(labels)
+    predicted = tokens.copy()
+    predicted[:, 1:] = np.asarray(predict(model, jnp.asarray(tokens)))
+    answer = labels >= 0
+    s, e = spans_of(predicted, labels, pieces)
+    s0, e0 = spans_of(tokens, labels, pieces)
+    inter = np.maximum(0, np.minimum(e, e0) - np.maximum(s, s0))
+    union = np.maximum(e, e0) - np.minimum(s, s0)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return (predicted[answer] == tokens[answer]).mean(), (iou >= 0.5).mean(), iou.mean()
 
   held_out = batch(np.random.default_rng([args.seed, 1]), 256)
   rng = np.random.default_rng([args.seed, 2])
@@ -111,8 +173,8 @@ def main(argv=None) -> int:
   for step in range(1, args.steps + 1):
     loss = train_step(model, optimizer, *batch(rng, args.batch))
     if step % max(1, args.steps // 10) == 0 or step == args.steps:
-      digit_acc, r05, miou = (float(v) for v in evaluate(model, *held_out))
-      print(f"step {step} loss {float(loss):.3f} digit-acc {digit_acc:.3f} R@0.5 {r05:.3f} mIoU {miou:.3f} "
+      accuracy, r05, miou = evaluate(*held_out)
+      print(f"step {step} loss {float(loss):.3f} answer-acc {accuracy:.3f} R@0.5 {r05:.3f} mIoU {miou:.3f} "
             f"({time.perf_counter() - start:.0f} s)", flush=True)
   return 0
 

@@ -16,6 +16,8 @@ import argparse
 import json
 import time
 
+from vtimellm_jax.errors import UserError
+
 NUM_FEATURES = 100
 
 
@@ -27,6 +29,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--text-len", type=int, default=157, help="text ids per row incl. the placeholder (L = text + 99)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
+                      help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), else XLA")
+  parser.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                      help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
   parser.add_argument("--lora-rank", type=int, default=64)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
@@ -35,6 +41,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def run_bench(args: argparse.Namespace) -> dict:
   """Returns the measurement dict of one configuration."""
+  if args.loss_chunk < 0:
+    raise UserError(f"--loss-chunk must be >= 0 (0: full logits), got {args.loss_chunk}")
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -49,7 +57,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   on_cpu = jax.default_backend() == "cpu"
   dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
   preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[args.size]
-  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat)
+  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention)
 
   @nnx.jit
   def create():
@@ -64,7 +72,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                                          max_grad_norm=1.0))
   tx, _ = step_lib.make_optimizer(optim, 1000)
   opt_state = tx.init(trainable)
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, has_dropout=True), donate_argnums=(0, 1))
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, has_dropout=True, loss_chunk=args.loss_chunk),
+                 donate_argnums=(0, 1))
 
   b, t = args.batch, args.text_len
   rng = np.random.RandomState(0)
@@ -94,6 +103,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   tokens_per_s = b * seq / seconds
   stats = jax.devices()[0].memory_stats() or {}
   return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
+              attention=args.attention, loss_chunk=args.loss_chunk,
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
               useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
               peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),

@@ -31,7 +31,7 @@ MODEL_MAX_LENGTH = 2048
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 1000,
-                    model_max_length: int = MODEL_MAX_LENGTH) -> pathlib.Path:
+                    model_max_length: int = MODEL_MAX_LENGTH, pieces: Sequence[str] = ()) -> pathlib.Path:
   """Returns `out_dir` after writing a LLaMA-like sentencepiece tokenizer trained on `texts` there.
 
   The model follows LLaMA's sentencepiece settings (BPE, byte fallback, split digits, dummy prefix,
@@ -44,6 +44,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
       `special_tokens_map.json`.
     vocab_size: sentencepiece vocabulary size; must exceed 259 (3 specials + 256 byte pieces).
     model_max_length: written into the config, as the release's training sets it.
+    pieces: strings kept whole as single pieces (sentencepiece's user-defined symbols), e.g. the
+      time indices "00".."99" of a model with a time code (models/time_code.py).
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
@@ -58,7 +60,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True,
-        character_coverage=0.99995, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        user_defined_symbols=list(pieces), character_coverage=0.99995, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
         unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, hard_vocab_limit=False, minloglevel=2)
   except RuntimeError as e:
     # sentencepiece reports e.g. a corpus too small for the vocabulary as a RuntimeError.

@@ -10,6 +10,7 @@ Shapes: B batch, T query length, S key length, D model width, N query heads, K k
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any
@@ -22,6 +23,7 @@ from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.lora import Linear
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +42,11 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage of the (frozen) base weights
-  attention_impl: str = "auto"  # auto | xla | cudnn
+  attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel)
   remat: str = "none"  # none | full | save_dots
+  # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
+  # the quickstart's tiny model). 0 for Vicuna and the release.
+  time_code: float = 0.0
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads and self.head_dim is None:
@@ -53,6 +58,8 @@ class LlamaConfig:
         raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
     if self.remat not in ("none", "full", "save_dots"):
       raise ValueError(f"remat must be none, full or save_dots, got {self.remat!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
   @property
   def head_size(self) -> int:
@@ -181,12 +188,80 @@ def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x_btnh * cos + rotated * sin
 
 
-def _attention_impl(config: LlamaConfig) -> str:
+def target_platform() -> str:
+  """Returns the platform being compiled for: the context mesh's, else the default backend's.
+
+  The trainer traces its step under its mesh, so an AOT compile for a TPU from a CPU host sees "tpu".
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def attention_impl(config: LlamaConfig) -> str:
+  """Returns the kernel `config.attention_impl` means on the platform being compiled for ("auto" resolved)."""
   if config.attention_impl != "auto":
     return config.attention_impl
-  # cuDNN flash attention on GPU for 16-bit compute; the exact XLA path elsewhere.
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+  # Fused kernels for 16-bit compute (cuDNN flash attention on GPU, Pallas splash on TPU): the XLA
+  # path materialises [B, N, T, S] scores. fp32 takes the exact XLA path.
+  if config.dtype not in ("bfloat16", "float16"):
+    return "xla"
+  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
+
+
+_SPLASH_PAD = 128  # the kernel's blocks are multiples of the 128-wide lane dimension
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
+  """Returns the causal splash-attention kernel for one row: (q [N, T, H], k, v [K, T, H], segment_ids)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+
+  block = next(b for b in (512, 256, 128) if seq_len % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
+  # The mask tables become arrays; built at compile time they are constants, not tracers of one trace.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_btnh, k_btkh, v_btkh, lengths_b):
+  """Returns float[B, T, N, H]: causal attention, keys at or past each row's length masked (TPU splash kernel).
+
+  Real queries see exactly what the XLA path with `key_value_seq_lengths` shows them; a padding
+  query sees the padding keys up to itself, so its output is finite but differs. Off TPU the
+  kernel runs in Pallas interpret mode (slow; for tests). Under a mesh it runs per shard of the
+  batch (and heads) via shard_map, as a Pallas call cannot be partitioned by XLA.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.training import sharding  # the logical-axis rule table  # pylint: disable=g-import-not-at-top
+
+  t, h = q_btnh.shape[1], q_btnh.shape[3]
+  pad = -t % _SPLASH_PAD
+  interpret = target_platform() != "tpu"
+
+  def per_shard(q, k, v, lengths):
+    kernel = _splash_kernel(t + pad, q.shape[2], interpret)
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+    # Splash does not scale the scores itself.
+    q = heads_first(q * jnp.asarray(h**-0.5, q.dtype))
+    # Segment 1 = real tokens, 0 = padding; a query attends only within its own segment.
+    segments = (jnp.arange(t + pad)[None, :] < lengths[:, None]).astype(jnp.int32)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
+        q, heads_first(k), heads_first(v), segments)
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return per_shard(q_btnh, k_btkh, v_btkh, lengths_b)
+  q_spec = sharding.spec_for(("batch", None, "q_heads", None), q_btnh.shape, mesh)
+  kv_spec = sharding.spec_for(("batch", None, "kv_heads", None), k_btkh.shape, mesh)
+  if q_spec[2] != kv_spec[2]:  # split heads only where query and kv heads split alike
+    q_spec, kv_spec = (jax.sharding.PartitionSpec(s[0], None, None, None) for s in (q_spec, kv_spec))
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(q_spec[0])),
+                       out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, lengths_b)
 
 
 class LlamaAttention(nnx.Module):
@@ -214,9 +289,12 @@ class LlamaAttention(nnx.Module):
     k = self.k_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
     v = self.v_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is None:
+    impl = attention_impl(cfg) if cache is None else "xla"
+    if impl == "splash":
+      out, new_cache = splash_attention(q, k, v, lengths_b), None
+    elif cache is None:
       out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, key_value_seq_lengths=lengths_b, implementation=_attention_impl(cfg)
+          q, k, v, is_causal=True, key_value_seq_lengths=lengths_b, implementation=impl
       )
       new_cache = None
     else:

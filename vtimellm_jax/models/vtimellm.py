@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import time_code
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.models.lora import Linear
 
@@ -69,7 +70,7 @@ class VTimeLLM(LlamaForCausalLM):
 
   def embed_inputs(self, input_ids_bt, attention_mask_bt, features_bnf, labels_bt=None):
     """Returns (embeds [B, T', D], attention_mask [B, T'], labels [B, T'] or None), T' = T - 1 + N."""
-    projected = self.mm_projector(features_bnf)
+    projected = time_code.add_to_frames(self.mm_projector(features_bnf), self.config.time_code)
     return splice_features(self.model.embed(input_ids_bt), input_ids_bt, attention_mask_bt, labels_bt, projected)
 
   def hidden_states(self, input_ids_bt, attention_mask_bt, features_bnf, labels_bt=None):

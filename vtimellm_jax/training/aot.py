@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import topologies
 from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import llama
 from vtimellm_jax.training import sharding, trainer
 
 
@@ -173,8 +174,11 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
   batch = trainer._abstract_batch(config.global_batch, text_length, num_features, accum, mesh)  # pylint: disable=protected-access
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    attention = llama.attention_impl(state.model_config)
   log(f"[{config.stage}] AOT for {topology.name}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} "
-      f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters")
+      f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters; "
+      f"attention {attention}, loss chunk {config.model.loss_chunk or 'off'}")
   args = (state.trainable, state.opt_state, state.frozen, batch, step_index, key)
   try:
     compiled = state.jit_step().lower(*args).compile()

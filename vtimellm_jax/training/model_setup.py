@@ -14,7 +14,7 @@ from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import lora
+from vtimellm_jax.models import lora, time_code
 from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.load import load_model
 from vtimellm_jax.models.vtimellm import VTimeLLM
@@ -57,7 +57,12 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None)
     if "num_heads" in sizes:
       sizes["num_kv_heads"] = sizes["num_heads"]
     extra = {"vocab_size": vocab} if vocab else {}
+    for key in ("time_code", "rope_theta"):
+      if config.model.get(key, 0.0):
+        extra[key] = float(config.model[key])
     model = VTimeLLM(LlamaConfig.preset(config.model.preset, **overrides, **sizes, **extra), rngs)
+    if model.config.time_code:
+      time_code.init_time_pieces(model, _time_piece_ids(config))
   if config.load.adapter:
     tree = trained_params(config.load.adapter)
     if "mm_projector" not in tree:
@@ -71,6 +76,21 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None)
     model_io.assign_params(model, tree, f"{source} (LoRA to merge)", variable_filter=nnx.LoRAParam)
     lora.merge_lora(model)
   return model
+
+
+def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
+  """Returns the ids of the pieces "00".."99" in the run's tokenizer (a time code needs them whole)."""
+  from vtimellm_jax.data import tokenizer as tokenizer_lib
+
+  if not config.data.tokenizer:
+    raise UserError("config.model.time_code > 0 on a random model needs config.data.tokenizer")
+  vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer).get_vocab()
+  missing = [p for p in time_code.TIME_PIECES if p not in vocab]
+  if missing:
+    raise UserError(f"{config.data.tokenizer}: config.model.time_code needs the pieces 00-99 as single tokens "
+                    f"(train_tokenizer(..., pieces=time_code.TIME_PIECES)); missing {', '.join(missing[:5])}"
+                    + (" ..." if len(missing) > 5 else ""))
+  return [vocab[p] for p in time_code.TIME_PIECES]
 
 
 def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:

@@ -3,6 +3,10 @@
 The loss is the mean next-token cross-entropy over every labelled token of the global batch, so
 1 x 16 and 4 x 4 micro-batches give the same update. (The release, on transformers 4.31, averaged
 per-micro-batch means instead; the two agree when micro-batches hold equal token counts.)
+
+With `loss_chunk` > 0 the loss never holds the [B, T, V] logits: the final hidden states go through
+`lm_head` a chunk of positions at a time, under `jax.checkpoint`, so the backward pass recomputes
+each chunk's logits instead of keeping fp32 logits and their softmax for the whole sequence.
 """
 
 from __future__ import annotations
@@ -73,10 +77,53 @@ def nll_sum(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax
   return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, has_dropout: bool):
+def chunked_nll_sum(hidden_btd: jax.Array, labels_bt: jax.Array, lm_head: nnx.Module,
+                    chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Returns `nll_sum`'s (summed NLL, count) from final hidden states, `chunk` positions of logits at a time."""
+  b, t, _ = hidden_btd.shape
+  chunk = min(chunk, t)
+  # Position t predicts label t + 1, as in nll_sum; the last position predicts nothing.
+  targets = jnp.concatenate([labels_bt[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels_bt.dtype)], axis=1)
+  pad = -t % chunk
+  if pad:  # padded positions carry no label, so they add nothing
+    hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+  head_def, head_state = nnx.split(lm_head)
+
+  # Saves only its inputs: the chunk's logits are recomputed in the backward pass.
+  @jax.checkpoint
+  def chunk_nll(head_state, h_bcd, y_bc):
+    logits = nnx.merge(head_def, head_state)(h_bcd).astype(jnp.float32)
+    valid = y_bc != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, y_bc, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, logz - picked, 0.0).sum()
+
+  def body(total, i):
+    h = jax.lax.dynamic_slice_in_dim(hidden_btd, i * chunk, chunk, axis=1)
+    y = jax.lax.dynamic_slice_in_dim(targets, i * chunk, chunk, axis=1)
+    return total + chunk_nll(head_state, h, y), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange((t + pad) // chunk))
+  return total, (targets != IGNORE_INDEX).sum()
+
+
+def micro_batch_nll(model: nnx.Module, micro_batch: dict, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Returns (summed next-token NLL, labelled token count) of one micro-batch [b, ...] in fp32."""
+  args = (micro_batch["input_ids"], micro_batch["attention_mask"], micro_batch["features"], micro_batch["labels"])
+  if loss_chunk > 0:
+    hidden, labels, _ = model.hidden_states(*args)
+    return chunked_nll_sum(hidden, labels, model.lm_head, loss_chunk)
+  logits, labels = model(*args)
+  return nll_sum(logits, labels)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, has_dropout: bool,
+                    loss_chunk: int = 0):
   """Returns step(trainable, opt_state, frozen, batch, step, key) -> (trainable, opt_state, metrics).
 
-  `batch` arrays are [A, b, ...]: A micro-batches of b rows, scanned in order.
+  `batch` arrays are [A, b, ...]: A micro-batches of b rows, scanned in order. `loss_chunk` > 0
+  computes the loss `loss_chunk` positions at a time (see `chunked_nll_sum`); 0 from full logits.
   """
 
   def micro_loss(trainable, frozen, micro_batch, key):
@@ -85,10 +132,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ha
     model = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
     if has_dropout:
       nnx.reseed(model, dropout=key)
-    logits, labels = model(micro_batch["input_ids"], micro_batch["attention_mask"], micro_batch["features"],
-                           micro_batch["labels"])
-    total, count = nll_sum(logits, labels)
-    return total, count
+    return micro_batch_nll(model, micro_batch, loss_chunk)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 

@@ -101,12 +101,25 @@ class TrainState:
     else:
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.trainable)
     self.has_dropout = config.trainable == "lora" and config.lora.dropout > 0
+    if config.model.loss_chunk < 0:
+      raise UserError(f"config.model.loss_chunk must be >= 0 (0: full logits), got {config.model.loss_chunk}")
+    self.loss_chunk = config.model.loss_chunk
+    self.mesh = mesh
     self.num_trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
     self.num_frozen = sum(getattr(x, "size", 0) for x in jax.tree.leaves(self.frozen))
 
   def jit_step(self):
     """Returns the jitted step(trainable, opt_state, frozen, batch, step, key) with this state's shardings."""
-    return jax.jit(step_lib.make_train_step(self.graphdef, self.tx, self.has_dropout),
+    step = step_lib.make_train_step(self.graphdef, self.tx, self.has_dropout, self.loss_chunk)
+    abstract_mesh = self.mesh.abstract_mesh
+
+    # Traced under the mesh so that the model sees its target platform (attention "auto") and
+    # kernels that need it (splash attention) can shard_map over it.
+    def step_on_mesh(*args):
+      with jax.sharding.use_abstract_mesh(abstract_mesh):
+        return step(*args)
+
+    return jax.jit(step_on_mesh,
                    in_shardings=(self.trainable_sharding, self.opt_sharding, self.frozen_sharding, None, None, None),
                    out_shardings=(self.trainable_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 

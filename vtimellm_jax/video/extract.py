@@ -90,7 +90,7 @@ def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 class BatchEncoder:
-  """Encodes normalised float[N, 224, 224, 3] pixels in fixed-size, data-parallel jitted batches."""
+  """Encodes normalised float[N, S, S, 3] pixels (S: the CLIP's image size) in fixed-size, data-parallel jitted batches."""
 
   def __init__(self, model, batch_size: int):
     import jax
@@ -122,15 +122,15 @@ class BatchEncoder:
     return lambda: np.asarray(out)[:n]
 
 
-def load_video(item: Item, split, num_frames: int) -> np.ndarray:
-  """Returns float32[num_frames, 224, 224, 3]: the release's sampled, preprocessed frames of a video."""
+def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE) -> np.ndarray:
+  """Returns float32[num_frames, size, size, 3]: the release's sampled, preprocessed frames of a video."""
   frames, _ = decode.read_frames(item.path, split, num_frames)
-  return preprocess.preprocess_frames(frames)
+  return preprocess.preprocess_frames(frames, size)
 
 
-def load_image(item: Item) -> np.ndarray:
-  """Returns float32[1, 224, 224, 3]: one preprocessed image."""
-  return preprocess.read_image(item.path)[None]
+def load_image(item: Item, size: int = preprocess.SIZE) -> np.ndarray:
+  """Returns float32[1, size, size, 3]: one preprocessed image."""
+  return preprocess.read_image(item.path, size)[None]
 
 
 @dataclasses.dataclass
@@ -166,8 +166,12 @@ def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
 
 def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
-            num_frames: int = sampling.NUM_FRAMES, progress: bool = True) -> Summary:
-  """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input."""
+            num_frames: int = sampling.NUM_FRAMES, image_size: int = preprocess.SIZE,
+            progress: bool = True) -> Summary:
+  """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input.
+
+  `image_size` is the encoder's input side (224 for the release's CLIP; a small test CLIP may take less).
+  """
   from tqdm import tqdm
 
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,9 +180,9 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   summary.skipped = len(items) - len(todo)
   splits = splits or {}
   if images:
-    load = load_image
+    load = lambda item: load_image(item, image_size)
   else:
-    load = lambda item: load_video(item, splits.get(item.id), num_frames)
+    load = lambda item: load_video(item, splits.get(item.id), num_frames, image_size)
   per_item = 1 if images else num_frames
   videos_per_batch = max(1, encoder.batch_size // per_item)
 
