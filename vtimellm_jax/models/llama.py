@@ -45,7 +45,7 @@ class LlamaConfig:
   attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel)
   remat: str = "none"  # none | full | save_dots
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
-  # the quickstart's tiny model). 0 for Vicuna and the release.
+  # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
 
   def __post_init__(self):

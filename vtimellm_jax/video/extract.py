@@ -105,6 +105,7 @@ class BatchEncoder:
     graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     self.output_dim = model.cfg.output_dim
+    self.image_size = model.cfg.image_size  # what the loaders resize and crop frames to
 
     @jax.jit
     def encode(state, pixels):
@@ -166,11 +167,10 @@ def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
 
 def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
-            num_frames: int = sampling.NUM_FRAMES, image_size: int = preprocess.SIZE,
-            progress: bool = True) -> Summary:
+            num_frames: int = sampling.NUM_FRAMES, progress: bool = True) -> Summary:
   """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input.
 
-  `image_size` is the encoder's input side (224 for the release's CLIP; a small test CLIP may take less).
+  Frames are preprocessed to the encoder's image size (224 for the release's CLIP).
   """
   from tqdm import tqdm
 
@@ -179,10 +179,11 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   todo = [item for item in items if not (out_dir / f"{item.id}.npy").exists()]
   summary.skipped = len(items) - len(todo)
   splits = splits or {}
+  size = encoder.image_size
   if images:
-    load = lambda item: load_image(item, image_size)
+    load = lambda item: load_image(item, size)
   else:
-    load = lambda item: load_video(item, splits.get(item.id), num_frames, image_size)
+    load = lambda item: load_video(item, splits.get(item.id), num_frames, size)
   per_item = 1 if images else num_frames
   videos_per_batch = max(1, encoder.batch_size // per_item)
 

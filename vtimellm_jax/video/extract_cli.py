@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
   encoder = extract.BatchEncoder(model, batch_size)
   out_dir = pathlib.Path(args.out)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
-                            workers=args.workers, image_size=model.cfg.image_size, progress=not args.no_progress)
+                            workers=args.workers, progress=not args.no_progress)
   total = len(items) + len(failures)
   print(f"{summary.done} extracted, {summary.skipped} already done, {summary.failed} failed, of {total} "
         f"input(s) -> {out_dir}", file=sys.stderr)
