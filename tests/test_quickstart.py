@@ -3,6 +3,7 @@
 import json
 
 from vtimellm_jax import cli
+from vtimellm_jax.data import tokenizer as tokenizer_lib
 from vtimellm_jax.evaluation import annotations as annotations_lib
 
 
@@ -26,3 +27,6 @@ def test_short_quickstart_runs_every_step(tmp_path, capsys):
   assert len({b["answer"] for b in baseline if b["task"] == "grounding"}) == 1
   assert (workdir / "eval" / "timeline.png").stat().st_size > 0
   assert "R1@0.5" in out and "constant" in out
+  # The tokenizer learnt the chat frame as pieces, not letters (it is in every training sequence).
+  tok = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
+  assert len(tokenizer_lib.ReleaseEncoder(tok).encode(" ASSISTANT:", add_bos=False)) <= 3

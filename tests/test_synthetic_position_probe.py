@@ -44,3 +44,40 @@ def test_probe_runs_with_time_code(capsys):
   assert probe.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--steps", "2", "--batch", "2",
                      "--all-events", "--time-code", "1"]) == 0
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith("step 2 ")
+
+
+def test_one_hop_turns_put_the_query_right_before_the_start_and_keep_the_length():
+  prefix = np.arange(40, 40 + probe.PREFIX)
+  for seed in range(20):
+    two, two_labels = probe.sample(np.random.default_rng(seed), prefix, pieces=True, gap=3)
+    one, one_labels = probe.sample(np.random.default_rng(seed), prefix, pieces=True, one_hop=True, gap=3)
+    assert len(one) == len(two) and len(one_labels) == len(two_labels)
+    frames = np.asarray(two[1 + probe.PREFIX:1 + probe.PREFIX + probe.FRAMES])
+    # two-hop: SEP colour fillers FROM start ...; one-hop: SEP fillers FROM colour start ...
+    turn2, turn1 = two[1 + probe.PREFIX + probe.FRAMES:], one[1 + probe.PREFIX + probe.FRAMES:]
+    assert turn2[2:5] == [probe.FILLER0, probe.FILLER0 + 1, probe.FILLER0 + 2] and turn2[5] == probe.FROM
+    colour, start = turn1[5], turn1[6] - probe.PIECE0
+    assert turn1[4] == probe.FROM and colour == turn2[1] and start == turn2[6] - probe.PIECE0
+    assert np.flatnonzero(frames == colour).min() == start
+    assert one_labels[1 + probe.PREFIX + probe.FRAMES + 5] == -100  # the query is input, not a target
+    assert one_labels[1 + probe.PREFIX + probe.FRAMES + 6] == turn1[6]
+
+
+def test_probe_runs_a_one_hop_curriculum(capsys):
+  assert probe.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--steps", "2", "--batch", "2",
+                     "--time-code", "1", "--one-hop-steps", "1", "--gap", "2"]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith("step 2 ") and "wrong-event" in last
+
+
+def test_spans_of_reads_one_hop_turns_past_the_query():
+  rng = np.random.default_rng(3)
+  prefix = np.arange(40, 40 + probe.PREFIX)
+  for _ in range(20):
+    tokens, labels = probe.sample(rng, prefix, pieces=True, all_events=True, one_hop=True)
+    frames = np.asarray(tokens[1 + probe.PREFIX:1 + probe.PREFIX + probe.FRAMES])
+    starts, ends = probe.spans_of(np.asarray([tokens]), np.asarray([labels]), pieces=True, one_hop=True)
+    assert len(starts) == len({c for c in frames if c != probe.COLOUR0 + probe.NUM_COLOURS})
+    for start, end in zip(starts, ends):
+      on = np.flatnonzero(frames == frames[start])
+      assert on.min() == start and min(on.max() + 1, probe.FRAMES - 1) == end
