@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
   elif not (tokenizer_dir / "tokenizer.model").is_file():
     say("2/6 tokenizer")
     # The corpus text names the chat frame once; stage 0's texts carry it in every turn, so the
-    # tokenizer learns "USER"/"ASSISTANT" as pieces (one place out of many letters: sequences ~30%
-    # shorter, and fewer tokens between a question and its answer).
+    # tokenizer learns "USER"/"ASSISTANT" as pieces instead of spelling them in letters: sequences
+    # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
     lines += [record["conversations"][1]["value"] for record in stage0_records(corpus)]
     tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=512)

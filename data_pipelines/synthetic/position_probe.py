@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                            "single index tokens whose rows start from the code")
   parser.add_argument("--one-hop-steps", type=int, default=0,
                       help="train the first N steps on one-hop turns (the query right before the start "
-                           "index), then on the two-hop turns that are always evaluated")
+                           "index), the rest on two-hop turns (what is evaluated unless --one-hop-eval)")
   parser.add_argument("--one-hop-eval", action="store_true",
                       help="evaluate on one-hop turns (what --one-hop-steps >= --steps trains)")
   parser.add_argument("--gap", type=int, default=0,
