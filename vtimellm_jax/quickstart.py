@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
   say("1/6 synthetic corpus")
   corpus = synthetic.generate_corpus(wd / "corpus", num_train_videos=args.train_videos,
                                      num_eval_videos=args.eval_videos, seed=args.seed)
+  # Stage 0's records (the corpus text in the chat frame) also train the tokenizer.
+  stage0_data = [] if args.base else stage0_records(corpus)
   tokenizer_dir = wd / "tokenizer"
   if args.base:
     tokenizer_dir = pathlib.Path(args.base)
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     # tokenizer learns "USER"/"ASSISTANT" as pieces instead of spelling them in letters: sequences
     # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
-    lines += [record["conversations"][1]["value"] for record in stage0_records(corpus)]
+    lines += [record["conversations"][1]["value"] for record in stage0_data]
     tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=512)
 
   say("3/6 features (extract-features)")
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     text_feats.mkdir(parents=True, exist_ok=True)
     np.save(text_feats / "blank.npy", np.zeros(768, np.float16))
     stage0_json = wd / "stage0.json"
-    stage0_json.write_text(json.dumps(stage0_records(corpus)))
+    stage0_json.write_text(json.dumps(stage0_data))
     train("stage0", stage0_json, text_feats)
     _cli(["export", "--workdir", str(runs / "stage0"), "--out", str(models / "stage0")])
     base = str(models / "stage0")
