@@ -67,10 +67,27 @@ def test_model_adds_the_code_to_video_tokens_only_when_set(tmp_path):
 
 
 def test_tokenizer_keeps_time_pieces_whole(tmp_path):
+  import sentencepiece as spm
+
   tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420, pieces=time_code.TIME_PIECES)
   tok = tokenizer_lib.load_tokenizer(tok_dir)
-  pieces = tok.convert_ids_to_tokens(tokenizer_lib.ReleaseEncoder(tok).encode("From 37 to 49.", add_bos=False))
-  assert "37" in pieces and "49" in pieces and "3" not in pieces
+  text = "From 37 to 49, red 05."
+  ids = tokenizer_lib.ReleaseEncoder(tok).encode(text, add_bos=False)
+  # The word before an index is right before it (no lone space token), as sentencepiece itself cuts it.
+  assert ids == spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model")).encode(text)
+  for index in ("▁37", "▁49", "▁05"):
+    assert tokenizer_lib.piece_id(tok, index) in ids
+  assert tok.decode(ids) == text
+
+
+def test_bare_time_pieces_still_serve(tmp_path):
+  bare = [p.lstrip(tokenizer_lib.SPACE_MARKER) for p in time_code.TIME_PIECES]
+  tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420, pieces=bare)
+  tok = tokenizer_lib.load_tokenizer(tok_dir)
+  model = model_setup.build_base(_config(tok_dir, 1.0), vocab_size=len(tok.get_vocab()))
+  ids = [tokenizer_lib.piece_id(tok, p) for p in bare]
+  frames = np.asarray(time_code.code(np.arange(100), model.config.hidden_size))
+  np.testing.assert_array_equal((frames @ np.asarray(model.lm_head.kernel[...])[:, ids]).argmax(-1), np.arange(100))
 
 
 def _config(tok_dir, scale):
@@ -82,8 +99,9 @@ def _config(tok_dir, scale):
 
 def test_random_init_starts_time_pieces_from_the_code(tmp_path):
   tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420, pieces=time_code.TIME_PIECES)
-  vocab = tokenizer_lib.load_tokenizer(tok_dir).get_vocab()
-  ids = [vocab[p] for p in time_code.TIME_PIECES]
+  tok = tokenizer_lib.load_tokenizer(tok_dir)
+  vocab = tok.get_vocab()
+  ids = [tokenizer_lib.piece_id(tok, p) for p in time_code.TIME_PIECES]
   model = model_setup.build_base(_config(tok_dir, 1.0), vocab_size=len(vocab))
   assert model.config.time_code == 1.0
   out = np.asarray(model.lm_head.kernel[...])[:, ids]  # [D, 100]
@@ -100,5 +118,5 @@ def test_random_init_starts_time_pieces_from_the_code(tmp_path):
 
 def test_time_code_needs_the_pieces(tmp_path):
   tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420)
-  with pytest.raises(UserError, match=r"tok.*pieces 00-99.*missing"):
+  with pytest.raises(UserError, match=r"tok.*100 index pieces.*missing '▁00'"):
     model_setup.build_base(_config(tok_dir, 1.0), vocab_size=420)

@@ -1,6 +1,7 @@
 """The grounding-in-text probe: its samples say the truth, and it runs end to end."""
 
 import numpy as np
+import pytest
 
 from data_pipelines.synthetic import position_probe as probe
 
@@ -76,8 +77,29 @@ def test_spans_of_reads_one_hop_turns_past_the_query():
   for _ in range(20):
     tokens, labels = probe.sample(rng, prefix, pieces=True, all_events=True, one_hop=True)
     frames = np.asarray(tokens[1 + probe.PREFIX:1 + probe.PREFIX + probe.FRAMES])
-    starts, ends = probe.spans_of(np.asarray([tokens]), np.asarray([labels]), pieces=True, one_hop=True)
+    starts, ends = probe.spans_of(np.asarray([tokens]), np.asarray([labels]), pieces=True, skip=1)
     assert len(starts) == len({c for c in frames if c != probe.COLOUR0 + probe.NUM_COLOURS})
     for start, end in zip(starts, ends):
       on = np.flatnonzero(frames == frames[start])
       assert on.min() == start and min(on.max() + 1, probe.FRAMES - 1) == end
+
+
+@pytest.mark.parametrize("restate", [0, 2])
+def test_restated_query_is_a_target_and_spans_read_past_it(restate):
+  rng = np.random.default_rng(4)
+  prefix = np.arange(40, 40 + probe.PREFIX)
+  tokens, labels = probe.sample(rng, prefix, pieces=True, all_events=True, gap=1, restate=restate)
+  tokens, labels = np.asarray(tokens), np.asarray(labels)
+  frames = tokens[1 + probe.PREFIX:1 + probe.PREFIX + probe.FRAMES]
+  starts, _ = probe.spans_of(tokens[None], labels[None], pieces=True, skip=1 if restate == 0 else restate - 1)
+  froms = np.flatnonzero(labels == probe.FROM)
+  assert len(froms) == len(starts) > 0
+  for c, start in zip(froms, starts):
+    query = tokens[c + 1] if restate == 0 else tokens[c - 1]
+    assert labels[c + 1 if restate == 0 else c - 1] == query  # the restated query is trained
+    assert tokens[c - 1 - 1 - (restate > 0)] == query  # ... and equals the question's (one filler between)
+    assert np.flatnonzero(frames == query).min() == start
+    start_slot = c + 1 + (1 if restate == 0 else restate - 1)
+    assert tokens[start_slot] == probe.PIECE0 + start
+    if restate == 0:
+      assert start_slot - 1 == c + 1  # the query right before the start index

@@ -167,3 +167,15 @@ def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
   pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
   expected = np.asarray(_encode(clip_model.init_random(cfg, seed=3), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)
+
+
+def test_tiny_random_64_is_the_tiny_clip_at_64_px(video_dir, tmp_path):
+  # The quickstart's option: the 64-px videos are read at their own size (no 224-px upsampling).
+  out = tmp_path / "feat"
+  assert cli.main(["extract-features", "--videos", str(video_dir / "alpha.mp4"), "--clip", "tiny-random-64",
+                   "--seed", "2", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+  with av.open(str(video_dir / "alpha.mp4")) as container:
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
+  expected = np.asarray(_encode(clip_model.init_random(clip_model.tiny(64, 8), seed=2), jnp.asarray(pixels)))
+  np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)

@@ -18,6 +18,8 @@ minutes. What it showed (docs/synthetic.md, "Fourth session"): reading positions
 finding the asked event is not, because the token that predicts the start ("From") is not the query,
 so two attention steps must form together. `--one-hop-steps N` trains first on turns where the query
 itself predicts the start, `--gap G` puts G tokens between query and answer as the chat template does.
+`--restate R` makes every answer restate the query first (trained and evaluated, R tokens before the
+start index): with R = 0 the two-step task is learnt like the one-step one; with R = 1 or 2 it is not.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _answer(start: int, end: int, pieces: bool) -> list[int]:
 
 
 def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False, all_events: bool = False,
-           one_hop: bool = False, gap: int = 0) -> tuple[list[int], list[int]]:
+           one_hop: bool = False, gap: int = 0, restate: int = -1) -> tuple[list[int], list[int]]:
   """Returns (tokens, labels) of one random video-as-text and grounding questions about its events.
 
   One question about a random event, or (`all_events`) one turn per event in random order padded to
@@ -56,7 +58,10 @@ def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False, a
   A turn is `SEP colour [gap fillers] FROM start TO end EOS`: the token that predicts the start is
   not the query, so the model must first bring the query to it (two attention steps), as "From"
   must in the chat template. `one_hop` turns are `SEP [gap fillers] FROM colour start ...`: the
-  query itself predicts the start (one step). Both have the same length.
+  query itself predicts the start (one step). Both have the same length. With `restate` >= 0 the
+  answer first restates the query (a target, as "The red square ... from 05" would):
+  `SEP colour [gap fillers] FROM colour' start ...` for 0, `SEP colour [gap fillers] colour' FROM
+  [restate - 1 fillers] start ...` for more (2 is "red from _ 05" in the chat tokenizer).
   """
   n = int(rng.integers(vocabulary.MIN_EVENTS, vocabulary.MAX_EVENTS + 1))
   frames = np.full(FRAMES, COLOUR0 + NUM_COLOURS)
@@ -74,7 +79,12 @@ def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False, a
     answer = _answer(start, end, pieces)
     target = answer if k < n else [-100] * len(answer)
     fillers = list(range(FILLER0, FILLER0 + gap))
-    if one_hop:
+    if restate >= 0:
+      query, tail = COLOUR0 + int(colour), list(range(FILLER0, FILLER0 + max(0, restate - 1)))
+      said = [answer[0], query] if restate == 0 else [query, answer[0], *tail]
+      tokens += [SEP, query, *fillers, *said, *answer[1:]]
+      labels += [-100] * (gap + 2) + (said if k < n else [-100] * len(said)) + target[1:]
+    elif one_hop:
       tokens += [SEP, *fillers, answer[0], COLOUR0 + int(colour), *answer[1:]]
       labels += [-100] * (gap + 1) + [target[0], -100, *target[1:]]
     else:
@@ -84,13 +94,16 @@ def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False, a
 
 
 def spans_of(tokens: np.ndarray, labels: np.ndarray, pieces: bool,
-             one_hop: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (start, end) int arrays, one per labelled answer, read from `tokens` at the answer slots."""
+             skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (start, end) int arrays, one per labelled answer, read from `tokens` at the answer slots.
+
+  `skip`: tokens between FROM and the start index (1 for one-hop turns and `restate` 0, `restate` - 1
+  for more)."""
   size = PIECE_ANSWER if pieces else ANSWER
   rows, cols = np.nonzero(labels == FROM)
   starts, ends = [], []
   for r, c in zip(rows, cols):
-    t = np.delete(tokens[r, c:c + size + 1], 1) if one_hop else tokens[r, c:c + size]  # skip the query
+    t = np.delete(tokens[r, c:c + size + skip], slice(1, 1 + skip))
     if pieces:
       starts.append(t[1] - PIECE0)
       ends.append(t[3] - PIECE0)
@@ -123,7 +136,12 @@ def main(argv=None) -> int:
   parser.add_argument("--gap", type=int, default=0,
                       help=f"filler tokens (0-{MAX_GAP}) between the query and the answer, as '? ASSISTANT:' "
                            "sits between them in the chat template")
+  parser.add_argument("--restate", type=int, default=-1,
+                      help=">= 0: every answer first restates the query (a target; trained and evaluated), "
+                           "this many tokens before the start index (0: right before it)")
   args = parser.parse_args(argv)
+  if not -1 <= args.restate <= MAX_GAP:
+    parser.error(f"--restate must be 0-{MAX_GAP}")
   if not 0 <= args.gap <= MAX_GAP:
     parser.error(f"--gap must be 0-{MAX_GAP}")
 
@@ -139,7 +157,8 @@ def main(argv=None) -> int:
   prefix = np.random.default_rng(args.seed).integers(40, PIECE0, PREFIX)
 
   def batch(rng, size, one_hop=False):
-    tokens, labels = zip(*[sample(rng, prefix, pieces, args.all_events, one_hop, args.gap) for _ in range(size)])
+    tokens, labels = zip(*[sample(rng, prefix, pieces, args.all_events, one_hop, args.gap, args.restate)
+                           for _ in range(size)])
     return jnp.asarray(tokens), jnp.asarray(labels)
 
   config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.7),
@@ -189,14 +208,15 @@ def main(argv=None) -> int:
     predicted = tokens.copy()
     predicted[:, 1:] = np.asarray(predict(model, jnp.asarray(tokens)))
     answer = labels >= 0
-    s, e = spans_of(predicted, labels, pieces, args.one_hop_eval)
-    s0, e0 = spans_of(tokens, labels, pieces, args.one_hop_eval)
+    s, e = spans_of(predicted, labels, pieces, skip)
+    s0, e0 = spans_of(tokens, labels, pieces, skip)
     inter = np.maximum(0, np.minimum(e, e0) - np.maximum(s, s0))
     union = np.maximum(e, e0) - np.minimum(s, s0)
     iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     wrong = (s < s0 - 2) | (s > e0)
     return (predicted[answer] == tokens[answer]).mean(), (iou >= 0.5).mean(), iou.mean(), wrong.mean()
 
+  skip = 1 if args.one_hop_eval or args.restate == 0 else max(0, args.restate - 1)
   held_out = batch(np.random.default_rng([args.seed, 1]), 256, one_hop=args.one_hop_eval)
   rng = np.random.default_rng([args.seed, 2])
   start = time.perf_counter()

@@ -27,6 +27,7 @@ from vtimellm_jax import errors
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+SPACE_MARKER = "\u2581"  # sentencepiece's word-start marker
 MODEL_MAX_LENGTH = 2048
 
 
@@ -99,7 +100,45 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int = MODEL_MAX
   except (OSError, ValueError) as e:
     raise errors.UserError(f"{path}: cannot load the tokenizer: {e}") from e
   tok.pad_token = tok.unk_token
+  _match_spaced_pieces(tok)
   return tok
+
+
+def _match_spaced_pieces(tok) -> None:
+  """Makes user-defined pieces that start with the space marker ("▁05") match text (" 05").
+
+  sentencepiece matches such a piece where the text has a space; the tokenizers backend compares
+  added tokens with the raw text, which holds " 05", never "▁05", so it spelt them out instead.
+  Rewriting their content with a real space gives sentencepiece's ids (and decodes the same).
+  Vicuna's tokenizer has no such pieces: it is left untouched.
+  """
+  backend = getattr(tok, "backend_tokenizer", None)
+  if backend is None:
+    return
+  state = json.loads(backend.to_str())
+  vocab = state.get("model", {}).get("vocab")
+  changed = False
+  for added in state.get("added_tokens", []):
+    piece = added["content"]
+    if not added["special"] and len(piece) > 1 and piece.startswith(SPACE_MARKER) and isinstance(vocab, dict):
+      # Renamed in the model's vocabulary too, or the backend would give the piece a new id.
+      added["content"] = " " + piece[1:]
+      if piece in vocab:
+        vocab[added["content"]] = vocab.pop(piece)
+      changed = True
+  if changed:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))  # pylint: disable=protected-access
+
+
+def piece_id(tok, piece: str) -> int | None:
+  """Returns the id of sentencepiece piece `piece` ("▁05" or "05") in `tok`, or None if not one token."""
+  vocab = tok.get_vocab()
+  for form in (piece, " " + piece[1:] if piece.startswith(SPACE_MARKER) else None):
+    if form is not None and form in vocab:
+      return int(vocab[form])
+  return None
 
 
 class ReleaseEncoder:

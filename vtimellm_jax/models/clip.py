@@ -80,9 +80,9 @@ def clip_vit_l14() -> ClipVisionConfig:
   return ClipVisionConfig()
 
 
-def tiny() -> ClipVisionConfig:
-  """Returns a 2-layer, 64-wide CLIP for tests and the CPU quickstart (still 224 px, 768-d out)."""
-  return ClipVisionConfig(image_size=224, patch_size=32, width=64, layers=2, heads=2, output_dim=768)
+def tiny(image_size: int = 224, patch_size: int = 32) -> ClipVisionConfig:
+  """Returns a 2-layer, 64-wide CLIP for tests and the CPU quickstart (224 px unless told, 768-d out)."""
+  return ClipVisionConfig(image_size=image_size, patch_size=patch_size, width=64, layers=2, heads=2, output_dim=768)
 
 
 PRESETS = {"clip_vit_l14": clip_vit_l14, "tiny": tiny}

@@ -7,9 +7,9 @@ quickstart's) does not acquire it from RoPE in its budget (docs/synthetic.md). W
 
 - video token i of N gets `s * rms(token) * code(i * 100 / N)` added after the adapter, so a frame
   carries its place on the release's 00-99 grid (images, N = 1, get nothing);
-- a randomly initialised model whose tokenizer has the 100 pieces "00".."99" starts those pieces'
-  input embeddings and output rows from the same code (`init_time_pieces`), so copying a frame's
-  code to the answer names its index from the first step.
+- a randomly initialised model whose tokenizer has the 100 index pieces ("▁00".."▁99", or the bare
+  "00".."99") starts those pieces' input embeddings and output rows from the same code
+  (`init_time_pieces`), so copying a frame's code to the answer names its index from the first step.
 
 The release's checkpoints and the 7B/13B configs keep `time_code = 0`: nothing changes for them.
 """
@@ -20,7 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 GRID = 100  # the release's frame indices 00-99
-TIME_PIECES = tuple(f"{i:02d}" for i in range(GRID))
+# With the word-start marker, so that "red 05" is two tokens and the word before an index predicts it
+# (the space is otherwise a token of its own between them, docs/synthetic.md). Tokenizers with the
+# bare "00".."99" also work (training/model_setup.py looks up either).
+TIME_PIECES = tuple(f"\u2581{i:02d}" for i in range(GRID))
 # Output rows start at this many times the unit-RMS code over sqrt(d): a final hidden state equal to
 # a frame's code then scores its own index about 1.5 sqrt(d) above an orthogonal one.
 OUTPUT_SCALE = 1.5
@@ -51,7 +54,7 @@ def add_to_frames(projected_bnd: jnp.ndarray, scale: float) -> jnp.ndarray:
 
 
 def init_time_pieces(model, piece_ids: list[int]) -> None:
-  """Sets the input embeddings and output rows of the pieces "00".."99" (ids in that order) from the code."""
+  """Sets the input embeddings and output rows of the 100 index pieces (ids in time order) from the code."""
   d = model.config.hidden_size
   c = code(jnp.arange(GRID), d)
   ids = jnp.asarray(piece_ids)

@@ -79,18 +79,21 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None)
 
 
 def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
-  """Returns the ids of the pieces "00".."99" in the run's tokenizer (a time code needs them whole)."""
+  """Returns the ids of the 100 index pieces ("▁00".."▁99", else "00".."99") in the run's tokenizer."""
   from vtimellm_jax.data import tokenizer as tokenizer_lib
 
   if not config.data.tokenizer:
     raise UserError("config.model.time_code > 0 on a random model needs config.data.tokenizer")
-  vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer).get_vocab()
-  missing = [p for p in time_code.TIME_PIECES if p not in vocab]
-  if missing:
-    raise UserError(f"{config.data.tokenizer}: config.model.time_code needs the pieces 00-99 as single tokens "
-                    f"(train_tokenizer(..., pieces=time_code.TIME_PIECES)); missing {', '.join(missing[:5])}"
-                    + (" ..." if len(missing) > 5 else ""))
-  return [vocab[p] for p in time_code.TIME_PIECES]
+  tok = tokenizer_lib.load_tokenizer(config.data.tokenizer)
+  bare = [p.lstrip(tokenizer_lib.SPACE_MARKER) for p in time_code.TIME_PIECES]
+  for pieces in (time_code.TIME_PIECES, bare):
+    ids = [tokenizer_lib.piece_id(tok, p) for p in pieces]
+    if None not in ids:
+      return ids
+  missing = [p for p in time_code.TIME_PIECES if tokenizer_lib.piece_id(tok, p) is None]
+  raise UserError(f"{config.data.tokenizer}: config.model.time_code needs the 100 index pieces as single tokens "
+                  f"(train_tokenizer(..., pieces=time_code.TIME_PIECES)), or else {bare[0]}..{bare[-1]}; "
+                  f"missing {', '.join(repr(p) for p in missing[:5])}")
 
 
 def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:

@@ -18,6 +18,9 @@ import pathlib
 import sys
 
 TINY_RANDOM = "tiny-random"
+# Random tiny CLIPs by name: (image size, patch size). The 64-px one reads the quickstart's 64-px
+# videos without upsampling them to 224 px, several times faster (docs/synthetic.md).
+TINY_RANDOM_SIZES = {TINY_RANDOM: (224, 32), "tiny-random-64": (64, 8)}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -27,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "relative to the list's folder)")
   parser.add_argument("--clip", required=True,
                       help=f"a CLIP model directory from `convert clip`, a source `convert clip --src` accepts "
-                           f"(converted on the fly), or '{TINY_RANDOM}' for a random tiny CLIP (quickstart, tests)")
+                           f"(converted on the fly), or {' / '.join(TINY_RANDOM_SIZES)} for a random tiny CLIP at 224 / 64 px "
+                           "(quickstart, tests)")
   parser.add_argument("--out", required=True, help="output folder for {id}.npy and failures.jsonl")
   parser.add_argument("--splits", default=None,
                       help="JSON: {id: [start_s, end_s]} or a stage-2/3 data file (records' meta.split)")
@@ -38,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="decoding threads")
   parser.add_argument("--dtype", default="auto", choices=DTYPES,
                       help="compute dtype; auto: float16 on GPU (as the release), bfloat16 on TPU, float32 on CPU")
-  parser.add_argument("--seed", type=int, default=0, help=f"seed of --clip {TINY_RANDOM}")
+  parser.add_argument("--seed", type=int, default=0, help="seed of a random --clip")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -59,13 +63,14 @@ def load_clip(spec: str, dtype, seed: int = 0):
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.models import clip as clip_model
 
-  if spec == TINY_RANDOM:
-    return clip_model.init_random(clip_model.tiny(), seed, dtype=dtype)
+  if spec in TINY_RANDOM_SIZES:
+    return clip_model.init_random(clip_model.tiny(*TINY_RANDOM_SIZES[spec]), seed, dtype=dtype)
   path = pathlib.Path(spec)
   if (path / model_io.MODEL_JSON).is_file():
     return clip_model.load(path, dtype=dtype)
   if not path.exists():
-    raise UserError(f"--clip {spec}: not found (a converted CLIP directory, a CLIP checkpoint, or '{TINY_RANDOM}')")
+    raise UserError(f"--clip {spec}: not found (a converted CLIP directory, a CLIP checkpoint, or one of "
+                    f"{', '.join(TINY_RANDOM_SIZES)})")
   print(f"converting {spec} on the fly (save time next run with `vtimellm-jax convert clip`)", file=sys.stderr)
   cfg, params, _ = convert_clip.convert(path)
   return clip_model.from_params(cfg, params, dtype=dtype, source=spec)
