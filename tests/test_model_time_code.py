@@ -76,7 +76,7 @@ def test_tokenizer_keeps_time_pieces_whole(tmp_path):
   # The word before an index is right before it (no lone space token), as sentencepiece itself cuts it.
   assert ids == spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model")).encode(text)
   for index in ("▁37", "▁49", "▁05"):
-    assert tokenizer_lib.piece_id(tok, index) in ids
+    assert tokenizer_lib.piece_id(tok.get_vocab(), index) in ids
   assert tok.decode(ids) == text
 
 
@@ -85,7 +85,7 @@ def test_bare_time_pieces_still_serve(tmp_path):
   tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420, pieces=bare)
   tok = tokenizer_lib.load_tokenizer(tok_dir)
   model = model_setup.build_base(_config(tok_dir, 1.0), vocab_size=len(tok.get_vocab()))
-  ids = [tokenizer_lib.piece_id(tok, p) for p in bare]
+  ids = [tokenizer_lib.piece_id(tok.get_vocab(), p) for p in bare]
   frames = np.asarray(time_code.code(np.arange(100), model.config.hidden_size))
   np.testing.assert_array_equal((frames @ np.asarray(model.lm_head.kernel[...])[:, ids]).argmax(-1), np.arange(100))
 
@@ -101,7 +101,7 @@ def test_random_init_starts_time_pieces_from_the_code(tmp_path):
   tok_dir = tokenizer_lib.train_tokenizer(TEXTS, tmp_path / "tok", vocab_size=420, pieces=time_code.TIME_PIECES)
   tok = tokenizer_lib.load_tokenizer(tok_dir)
   vocab = tok.get_vocab()
-  ids = [tokenizer_lib.piece_id(tok, p) for p in time_code.TIME_PIECES]
+  ids = [tokenizer_lib.piece_id(vocab, p) for p in time_code.TIME_PIECES]
   model = model_setup.build_base(_config(tok_dir, 1.0), vocab_size=len(vocab))
   assert model.config.time_code == 1.0
   out = np.asarray(model.lm_head.kernel[...])[:, ids]  # [D, 100]

@@ -103,3 +103,9 @@ def test_restated_query_is_a_target_and_spans_read_past_it(restate):
     assert tokens[start_slot] == probe.PIECE0 + start
     if restate == 0:
       assert start_slot - 1 == c + 1  # the query right before the start index
+
+
+def test_restate_does_not_combine_with_one_hop_turns(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    probe.main(["--restate", "0", "--one-hop-eval"])
+  assert exit_info.value.code == 2 and "does not combine" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def sample(rng: np.random.Generator, prefix: np.ndarray, pieces: bool = False, a
   query itself predicts the start (one step). Both have the same length. With `restate` >= 0 the
   answer first restates the query (a target, as "The red square ... from 05" would):
   `SEP colour [gap fillers] FROM colour' start ...` for 0, `SEP colour [gap fillers] colour' FROM
-  [restate - 1 fillers] start ...` for more (2 is "red from _ 05" in the chat tokenizer).
+  [restate - 1 fillers] start ...` for more (1 is "red from 05" in a chat tokenizer whose index pieces
+  carry the word marker, 2 "red from ▁ 05" with bare "05" pieces).
   """
   n = int(rng.integers(vocabulary.MIN_EVENTS, vocabulary.MAX_EVENTS + 1))
   frames = np.full(FRAMES, COLOUR0 + NUM_COLOURS)
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if not -1 <= args.restate <= MAX_GAP:
     parser.error(f"--restate must be 0-{MAX_GAP}")
+  if args.restate >= 0 and (args.one_hop_steps or args.one_hop_eval):
+    parser.error("--restate replaces the turn format: it does not combine with --one-hop-steps/--one-hop-eval")
   if not 0 <= args.gap <= MAX_GAP:
     parser.error(f"--gap must be 0-{MAX_GAP}")
 

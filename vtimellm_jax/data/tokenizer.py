@@ -113,8 +113,9 @@ def _match_spaced_pieces(tok) -> None:
   Vicuna's tokenizer has no such pieces: it is left untouched.
   """
   backend = getattr(tok, "backend_tokenizer", None)
-  if backend is None:
-    return
+  added = getattr(tok, "added_tokens_decoder", {}).values()
+  if backend is None or not any(str(t).startswith(SPACE_MARKER) and len(str(t)) > 1 for t in added):
+    return  # nothing to rewrite (Vicuna's tokenizer): skip serialising a large backend
   state = json.loads(backend.to_str())
   vocab = state.get("model", {}).get("vocab")
   changed = False
@@ -132,9 +133,9 @@ def _match_spaced_pieces(tok) -> None:
     tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))  # pylint: disable=protected-access
 
 
-def piece_id(tok, piece: str) -> int | None:
-  """Returns the id of sentencepiece piece `piece` ("▁05" or "05") in `tok`, or None if not one token."""
-  vocab = tok.get_vocab()
+def piece_id(vocab: dict[str, int], piece: str) -> int | None:
+  """Returns the id of sentencepiece piece `piece` ("▁05" or "05") in a loaded tokenizer's `get_vocab()`,
+  or None if it is not one token there."""
   for form in (piece, " " + piece[1:] if piece.startswith(SPACE_MARKER) else None):
     if form is not None and form in vocab:
       return int(vocab[form])
