@@ -170,7 +170,7 @@ def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
 
 
 def test_tiny_random_64_is_the_tiny_clip_at_64_px(video_dir, tmp_path):
-  # The quickstart's option: the 64-px videos are read at their own size (no 224-px upsampling).
+  # For the synthetic corpus's 64-px videos: read at their own size (no 224-px upsampling).
   out = tmp_path / "feat"
   assert cli.main(["extract-features", "--videos", str(video_dir / "alpha.mp4"), "--clip", "tiny-random-64",
                    "--seed", "2", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
