@@ -46,7 +46,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
     vocab_size: sentencepiece vocabulary size; must exceed 259 (3 specials + 256 byte pieces).
     model_max_length: written into the config, as the release's training sets it.
     pieces: strings kept whole as single pieces (sentencepiece's user-defined symbols), e.g. the
-      time indices "00".."99" of a model with a time code (models/time_code.py).
+      time indices "▁00".."▁99" of a model with a time code (models/time_code.py; a piece that starts
+      with the word marker "▁" matches a space before it, as in sentencepiece).
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
