@@ -113,25 +113,24 @@ def _match_spaced_pieces(tok) -> None:
   Rewriting their content with a real space gives sentencepiece's ids (and decodes the same).
   Vicuna's tokenizer has no such pieces: it is left untouched.
   """
+  spaced = lambda piece: len(piece) > 1 and piece.startswith(SPACE_MARKER)  # noqa: E731
   backend = getattr(tok, "backend_tokenizer", None)
-  added = getattr(tok, "added_tokens_decoder", {}).values()
-  if backend is None or not any(str(t).startswith(SPACE_MARKER) and len(str(t)) > 1 for t in added):
+  if backend is None or not any(spaced(str(t)) for t in getattr(tok, "added_tokens_decoder", {}).values()):
     return  # nothing to rewrite (Vicuna's tokenizer): skip serialising a large backend
   state = json.loads(backend.to_str())
   vocab = state.get("model", {}).get("vocab")
-  changed = False
-  for added in state.get("added_tokens", []):
-    piece = added["content"]
-    if not added["special"] and len(piece) > 1 and piece.startswith(SPACE_MARKER) and isinstance(vocab, dict):
+  if not isinstance(vocab, dict):
+    return
+  for token in state.get("added_tokens", []):
+    piece = token["content"]
+    if not token["special"] and spaced(piece):
       # Renamed in the model's vocabulary too, or the backend would give the piece a new id.
-      added["content"] = " " + piece[1:]
+      token["content"] = " " + piece[1:]
       if piece in vocab:
-        vocab[added["content"]] = vocab.pop(piece)
-      changed = True
-  if changed:
-    import tokenizers  # pylint: disable=g-import-not-at-top
+        vocab[token["content"]] = vocab.pop(piece)
+  import tokenizers  # pylint: disable=g-import-not-at-top
 
-    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))  # pylint: disable=protected-access
+  tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))  # pylint: disable=protected-access
 
 
 def piece_id(vocab: dict[str, int], piece: str) -> int | None:

@@ -86,11 +86,12 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
     raise UserError("config.model.time_code > 0 on a random model needs config.data.tokenizer")
   vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer).get_vocab()
   bare = [p.lstrip(tokenizer_lib.SPACE_MARKER) for p in time_code.TIME_PIECES]
-  for pieces in (time_code.TIME_PIECES, bare):
-    ids = [tokenizer_lib.piece_id(vocab, p) for p in pieces]
+  spaced_ids, bare_ids = ([tokenizer_lib.piece_id(vocab, p) for p in pieces]
+                          for pieces in (time_code.TIME_PIECES, bare))
+  for ids in (spaced_ids, bare_ids):
     if None not in ids:
       return ids
-  missing = [p for p in time_code.TIME_PIECES if tokenizer_lib.piece_id(vocab, p) is None]
+  missing = [p for p, i in zip(time_code.TIME_PIECES, spaced_ids) if i is None]
   raise UserError(f"{config.data.tokenizer}: config.model.time_code needs the 100 index pieces as single tokens "
                   f"(train_tokenizer(..., pieces=time_code.TIME_PIECES)), or else {bare[0]}..{bare[-1]}; "
                   f"missing {', '.join(repr(p) for p in missing[:5])}")

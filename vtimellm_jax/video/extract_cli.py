@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "relative to the list's folder)")
   parser.add_argument("--clip", required=True,
                       help=f"a CLIP model directory from `convert clip`, a source `convert clip --src` accepts "
-                           f"(converted on the fly), or {' / '.join(TINY_RANDOM_SIZES)} for a random tiny CLIP at 224 / 64 px "
-                           "(quickstart, tests)")
+                           f"(converted on the fly), or {' / '.join(TINY_RANDOM_SIZES)} for a random tiny CLIP "
+                           "at 224 / 64 px (quickstart, tests)")
   parser.add_argument("--out", required=True, help="output folder for {id}.npy and failures.jsonl")
   parser.add_argument("--splits", default=None,
                       help="JSON: {id: [start_s, end_s]} or a stage-2/3 data file (records' meta.split)")
