@@ -95,7 +95,10 @@ def test_stage2_task_mix_and_templates(corpus):
     assert len(turns) // 2 == len(r["meta"]["token"]) // 2  # one turn per event
     for q, a in zip(turns[0::2], turns[1::2]):
       q = q.removeprefix("<video>\n")
-      if re.fullmatch(r"From <s(\d)> to <e\1>\.", a):
+      grounded = re.fullmatch(r"In (\w+) <s(\d)> to <e\2>\.", a)
+      if grounded:
+        # The answer restates the asked colour right before the start index.
+        assert re.search(rf"\ba {grounded[1]} \w+ ", q), (q, a)
         grounding_q.add(re.sub(r"a \w+ \w+ [a-z ]+", "X", q))
       else:
         assert re.fullmatch(r"A [a-z ]+\.", a) and TOKEN.search(q), (q, a)
