@@ -2,9 +2,14 @@
 
 import json
 
-from vtimellm_jax import cli
+import numpy as np
+import pytest
+
+from vtimellm_jax import cli, quickstart
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import annotations as annotations_lib
+from vtimellm_jax.video import standardize
 
 
 def test_short_quickstart_runs_every_step(tmp_path, capsys):
@@ -30,3 +35,25 @@ def test_short_quickstart_runs_every_step(tmp_path, capsys):
   # The tokenizer learnt the chat frame as pieces, not letters (it is in every training sequence).
   tok = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
   assert len(tokenizer_lib.ReleaseEncoder(tok).encode(" ASSISTANT:", add_bos=False)) <= 3
+  # The random CLIP's features were standardised with training-video statistics: the files the
+  # stages read have zero mean and unit spread per dimension over the training frames.
+  stats = np.load(workdir / "features" / standardize.STATS_FILE)
+  train_ids = [p.stem for p in (workdir / "corpus" / "videos" / "train").glob("*.mp4")]
+  frames = np.concatenate([np.load(workdir / "features" / "videos" / f"{vid}.npy").astype(np.float32)
+                           for vid in train_ids])
+  raw = np.concatenate([np.load(workdir / "features" / "clip" / "videos" / f"{vid}.npy").astype(np.float32)
+                        for vid in train_ids])
+  np.testing.assert_allclose(frames.mean(0), 0.0, atol=0.02)
+  np.testing.assert_allclose(raw.mean(0), stats["mean"], rtol=1e-3, atol=1e-3)
+  assert 0.9 < frames.std(0).mean() < 1.1
+  # Stage 2 of the tiny run trains every parameter; stage 3 starts from its export.
+  assert json.loads((workdir / "runs" / "stage3" / "run.json").read_text())["model"]["base"] == str(
+      workdir / "models" / "stage2")
+
+
+def test_stage_steps_are_parsed_and_checked():
+  assert quickstart.parse_stage_steps("stage0=100, stage2=300") == {"stage0": 100, "stage2": 300}
+  assert quickstart.parse_stage_steps("") == {}
+  for bad in ("stage9=10", "stage1=0", "stage1=ten", "stage1"):
+    with pytest.raises(UserError, match="--stage-steps"):
+      quickstart.parse_stage_steps(bad)

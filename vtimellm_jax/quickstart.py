@@ -24,29 +24,37 @@ import numpy as np
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
-# The tiny preset widened so the quickstart model can learn the task in minutes on a CPU.
+# The tiny preset widened so the quickstart model can learn the task in minutes on a CPU, with a
+# frame-time code (models/time_code.py) and a short RoPE period: the position sense Vicuna brings.
 QUICKSTART_MODEL = {"hidden_size": 128, "intermediate_size": 344, "num_layers": 4, "num_heads": 4}
-# Per-stage schedule of the tiny run: epochs and peak lr sized for a CPU budget (the recipe's 7B
-# values are in the configs), a LoRA of half the model width, two bucket lengths (few compiles).
+QUICKSTART_RANDOM_INIT = ["--config.model.time_code=1.0", "--config.model.rope_theta=500.0"]
+# Per-stage schedule of the tiny run: steps and peak lr sized for a CPU budget (the recipe's 7B
+# values are in the configs), two bucket lengths (few compiles). Stage 2 trains every parameter of
+# the minutes-old LLaMA, not a LoRA on it (docs/synthetic.md, "Sixth session"); stage 3 then starts
+# from its export instead of merging a LoRA, and trains a fresh LoRA as the recipe does.
+_BATCH_8 = ["--config.global_batch=8", "--config.micro_batch=8"]
 QUICKSTART_STAGES = {
-    "stage0": ["--config.epochs=3", "--config.optim.lr=2e-3"],
-    "stage1": ["--config.epochs=15", "--config.optim.lr=3e-3"],
-    "stage2": ["--config.epochs=15", "--config.optim.lr=2e-3", "--config.global_batch=8", "--config.micro_batch=8"],
-    "stage3": ["--config.epochs=3", "--config.optim.lr=1e-3", "--config.global_batch=8", "--config.micro_batch=8"],
+    "stage0": ["--config.max_steps=250", "--config.optim.lr=2e-3"],
+    "stage1": ["--config.max_steps=300", "--config.optim.lr=3e-3"],
+    "stage2": ["--config.max_steps=600", "--config.optim.lr=1e-3", "--config.trainable=all", *_BATCH_8],
+    "stage3": ["--config.max_steps=100", "--config.optim.lr=1e-3", *_BATCH_8],
 }
-QUICKSTART_COMMON = ["--config.data.num_buckets=2", "--config.lora.rank=64", "--config.lora.alpha=128.0",
-                     "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
+QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
+                     "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", default="quickstart", help="everything goes here (default: %(default)s)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--train-videos", type=int, default=160)
+  parser.add_argument("--train-videos", type=int, default=1200)
   parser.add_argument("--eval-videos", type=int, default=30)
-  parser.add_argument("--steps", type=int, default=0, help="cap the steps of every stage (0: the configs' epochs)")
+  parser.add_argument("--steps", type=int, default=0, help="steps of every stage (0: the quickstart's own per stage)")
+  parser.add_argument("--stage-steps", default="", metavar="STAGE=N,...",
+                      help="steps of single stages, e.g. stage0=100,stage2=300 (overrides --steps for those)")
   parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b"))
   parser.add_argument("--base", default="", help="with --size 7b/13b: a converted Vicuna model directory")
-  parser.add_argument("--clip", default="tiny-random", help="CLIP for extract-features (default: a random tiny CLIP)")
+  parser.add_argument("--clip", default="tiny-random-64",
+                      help="CLIP for extract-features (default: a random tiny CLIP at the videos' 64 px)")
 
 
 def _cli(args: list[str]) -> None:
@@ -56,6 +64,20 @@ def _cli(args: list[str]) -> None:
   if code:
     from vtimellm_jax.errors import UserError
     raise UserError(f"quickstart step failed (exit {code}): vtimellm-jax {' '.join(args)}")
+
+
+def parse_stage_steps(text: str) -> dict[str, int]:
+  """Returns {stage: steps} from "stage0=100,stage2=300", or raises UserError saying what is wrong."""
+  from vtimellm_jax.errors import UserError
+
+  steps = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, _, value = item.partition("=")
+    if name not in QUICKSTART_STAGES or not value.isdigit() or int(value) < 1:
+      raise UserError(f"--stage-steps: {item!r} is not STAGE=N with STAGE one of {', '.join(QUICKSTART_STAGES)} "
+                      "and N a positive whole number")
+    steps[name] = int(value)
+  return steps
 
 
 def _configs_dir() -> pathlib.Path:
@@ -121,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.data import tokenizer as tokenizer_lib
   from vtimellm_jax.evaluation import coco_java
   from vtimellm_jax.errors import UserError
+  from vtimellm_jax.models import time_code
+  from vtimellm_jax.video import standardize
+  from vtimellm_jax.video.extract_cli import TINY_RANDOM_SIZES
 
   if args.size != "tiny" and not args.base:
     raise UserError("--size 7b/13b needs --base <converted Vicuna model directory> (and usually --clip)")
@@ -144,14 +169,26 @@ def run(args: argparse.Namespace) -> int:
     # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
     lines += [record["conversations"][1]["value"] for record in stage0_data]
-    tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=512)
+    tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=512, pieces=time_code.TIME_PIECES)
 
   say("3/6 features (extract-features)")
   features, stills = wd / "features" / "videos", wd / "features" / "stills"
-  _cli(["extract-features", "--videos", str(corpus["videos"]), "--clip", args.clip, "--out", str(features),
+  random_clip = args.clip in TINY_RANDOM_SIZES
+  # A random CLIP's raw features go to features/clip/ and are standardised into features/ (below).
+  raw = wd / "features" / "clip" if random_clip else wd / "features"
+  _cli(["extract-features", "--videos", str(corpus["videos"]), "--clip", args.clip, "--out", str(raw / "videos"),
         "--seed", str(args.seed), "--no-progress"])
-  _cli(["extract-features", "--videos", str(corpus["stills"]), "--images", "--clip", args.clip, "--out", str(stills),
-        "--seed", str(args.seed), "--no-progress"])
+  _cli(["extract-features", "--videos", str(corpus["stills"]), "--images", "--clip", args.clip,
+        "--out", str(raw / "stills"), "--seed", str(args.seed), "--no-progress"])
+  if random_clip:
+    # A random CLIP's embedding is nearly the same for every image; standardised with the training
+    # videos' statistics, what tells frames apart is what the frame tokens are made of
+    # (video/standardize.py).
+    train_ids = sorted(path.stem for path in corpus["train_videos"].glob("*.mp4"))
+    mean, std = standardize.feature_stats(raw / "videos" / f"{vid}.npy" for vid in train_ids)
+    standardize.save_stats(wd / "features" / standardize.STATS_FILE, mean, std)
+    for name in ("videos", "stills"):
+      standardize.standardize_dir(raw / name, wd / "features" / name, mean, std)
 
   common = [f"--config.data.tokenizer={tokenizer_dir}", f"--config.seed={args.seed}"]
   if args.size == "tiny":
@@ -162,11 +199,14 @@ def run(args: argparse.Namespace) -> int:
   configs = _configs_dir()
   runs, models = wd / "runs", wd / "models"
 
+  stage_steps = parse_stage_steps(args.stage_steps)
+
   def train(stage: str, data: pathlib.Path, feats: pathlib.Path, *extra: str) -> None:
     say(f"training {stage}")
     schedule = QUICKSTART_STAGES[stage] if args.size == "tiny" else []
+    steps = [f"--config.max_steps={stage_steps[stage]}"] if stage in stage_steps else []
     _cli(["train", "--config", f"{configs / stage}.py:{args.size}", "--workdir", str(runs / stage),
-          f"--config.data.json={data}", f"--config.data.features={feats}", *schedule, *common, *extra])
+          f"--config.data.json={data}", f"--config.data.features={feats}", *schedule, *common, *steps, *extra])
 
   base = args.base
   if not base:
@@ -176,15 +216,21 @@ def run(args: argparse.Namespace) -> int:
     np.save(text_feats / "blank.npy", np.zeros(768, np.float16))
     stage0_json = wd / "stage0.json"
     stage0_json.write_text(json.dumps(stage0_data))
-    train("stage0", stage0_json, text_feats)
+    train("stage0", stage0_json, text_feats, *(QUICKSTART_RANDOM_INIT if args.size == "tiny" else []))
     _cli(["export", "--workdir", str(runs / "stage0"), "--out", str(models / "stage0")])
     base = str(models / "stage0")
 
   say("5/6 stages 1-3")
   train("stage1", corpus["stage1"], stills, f"--config.model.base={base}")
   train("stage2", corpus["stage2"], features, f"--config.model.base={base}", f"--config.load.adapter={runs / 'stage1'}")
-  train("stage3", corpus["stage3"], features, f"--config.model.base={base}", f"--config.load.adapter={runs / 'stage1'}",
-        f"--config.load.merge_lora={runs / 'stage2'}")
+  if args.size == "tiny":
+    # Stage 2 trained every parameter (QUICKSTART_STAGES): its export, adapter included, is stage 3's base.
+    _cli(["export", "--workdir", str(runs / "stage2"), "--out", str(models / "stage2")])
+    stage3_from = [f"--config.model.base={models / 'stage2'}"]
+  else:
+    stage3_from = [f"--config.model.base={base}", f"--config.load.adapter={runs / 'stage1'}",
+                   f"--config.load.merge_lora={runs / 'stage2'}"]
+  train("stage3", corpus["stage3"], features, *stage3_from)
   _cli(["export", "--workdir", str(runs / "stage3"), "--out", str(models / "vtimellm")])
 
   say("6/6 evaluation on held-out videos")
