@@ -15,12 +15,13 @@ from vtimellm_jax.video import standardize
 def test_short_quickstart_runs_every_step(tmp_path, capsys):
   workdir = tmp_path / "qs"
   code = cli.main(["quickstart", "--workdir", str(workdir), "--train-videos", "8", "--eval-videos", "3",
-                   "--steps", "2", "--config.global_batch=4", "--config.micro_batch=4", "--config.mesh.devices=1"])
+                   "--steps", "2", "--stage-steps", "stage2=3", "--config.global_batch=4", "--config.micro_batch=4",
+                   "--config.mesh.devices=1"])
   out = capsys.readouterr().out
   assert code == 0
-  for stage in ("stage0", "stage1", "stage2", "stage3"):
+  for stage, steps in (("stage0", 2), ("stage1", 2), ("stage2", 3), ("stage3", 2)):
     lines = (workdir / "runs" / stage / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2, stage
+    assert len(lines) == steps, stage
   annotations = annotations_lib.read_annotations(workdir / "corpus" / "eval.json")
   answers = [json.loads(l) for l in (workdir / "eval" / "answers.jsonl").read_text().splitlines()]
   assert len(answers) == len(annotations) + sum(len(v.sentences) for v in annotations.values())

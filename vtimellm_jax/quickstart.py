@@ -3,9 +3,11 @@
 Steps (each through the project's own commands, each resumable by rerunning):
   1. a synthetic corpus of real mp4 videos with 2-4 events each (data_pipelines/synthetic);
   2. a sentencepiece tokenizer trained on its text, chat frame included;
-  3. CLIP features of every video and still (`extract-features`, a random tiny CLIP);
+  3. CLIP features of every video and still (`extract-features`, a random tiny CLIP at 64 px),
+     standardised per dimension with the training videos' statistics (video/standardize.py);
   4. stage 0: a tiny LLaMA pretrained on the corpus text (standing in for Vicuna);
-  5. stages 1, 2, 3 (`train --config configs/stageN.py:tiny`), then `export`;
+  5. stages 1, 2, 3 (`train --config configs/stageN.py:tiny`; stage 2 of the tiny model trains every
+     parameter and stage 3 starts from its export), then `export`;
   6. `eval` (grounding and dense captioning) on held-out videos and `metrics`, next to a
      constant-answer baseline; a timeline plot.
 With `--size 7b --base <vicuna model dir> --clip <clip dir>` the same steps run the real-size model
@@ -30,14 +32,16 @@ QUICKSTART_MODEL = {"hidden_size": 128, "intermediate_size": 344, "num_layers": 
 QUICKSTART_RANDOM_INIT = ["--config.model.time_code=1.0", "--config.model.rope_theta=500.0"]
 # Per-stage schedule of the tiny run: steps and peak lr sized for a CPU budget (the recipe's 7B
 # values are in the configs), two bucket lengths (few compiles). Stage 2 trains every parameter of
-# the minutes-old LLaMA, not a LoRA on it (docs/synthetic.md, "Sixth session"); stage 3 then starts
-# from its export instead of merging a LoRA, and trains a fresh LoRA as the recipe does.
+# the minutes-old LLaMA, not a LoRA on it, for the 1,000 steps the query needs to learn to find its
+# frames (docs/synthetic.md, "Sixth and seventh sessions"); stage 3 then starts from its export
+# instead of merging a LoRA, and trains a fresh LoRA as the recipe does.
 _BATCH_8 = ["--config.global_batch=8", "--config.micro_batch=8"]
 QUICKSTART_STAGES = {
-    "stage0": ["--config.max_steps=250", "--config.optim.lr=2e-3"],
+    # Stage 0 and 3 texts run from short captions to 600-token dialogues: four bucket lengths, not two.
+    "stage0": ["--config.max_steps=250", "--config.optim.lr=2e-3", "--config.data.num_buckets=4"],
     "stage1": ["--config.max_steps=300", "--config.optim.lr=3e-3"],
-    "stage2": ["--config.max_steps=600", "--config.optim.lr=1e-3", "--config.trainable=all", *_BATCH_8],
-    "stage3": ["--config.max_steps=100", "--config.optim.lr=1e-3", *_BATCH_8],
+    "stage2": ["--config.max_steps=1000", "--config.optim.lr=1e-3", "--config.trainable=all", *_BATCH_8],
+    "stage3": ["--config.max_steps=100", "--config.optim.lr=1e-3", "--config.data.num_buckets=4", *_BATCH_8],
 }
 QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
                      "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
@@ -193,12 +197,11 @@ def run(args: argparse.Namespace) -> int:
   common = [f"--config.data.tokenizer={tokenizer_dir}", f"--config.seed={args.seed}"]
   if args.size == "tiny":
     common += [f"--config.model.{k}={v}" for k, v in QUICKSTART_MODEL.items()] + QUICKSTART_COMMON
-  if args.steps:
-    common.append(f"--config.max_steps={args.steps}")
-  common += list(getattr(args, "config_overrides", []) or [])
+  # Later flags win: the stage's own schedule, then --steps, the user's --config overrides, --stage-steps.
+  user = [f"--config.max_steps={args.steps}"] if args.steps else []
+  user += list(getattr(args, "config_overrides", []) or [])
   configs = _configs_dir()
   runs, models = wd / "runs", wd / "models"
-
   stage_steps = parse_stage_steps(args.stage_steps)
 
   def train(stage: str, data: pathlib.Path, feats: pathlib.Path, *extra: str) -> None:
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = QUICKSTART_STAGES[stage] if args.size == "tiny" else []
     steps = [f"--config.max_steps={stage_steps[stage]}"] if stage in stage_steps else []
     _cli(["train", "--config", f"{configs / stage}.py:{args.size}", "--workdir", str(runs / stage),
-          f"--config.data.json={data}", f"--config.data.features={feats}", *schedule, *common, *steps, *extra])
+          f"--config.data.json={data}", f"--config.data.features={feats}", *common, *schedule, *user, *steps, *extra])
 
   base = args.base
   if not base:
