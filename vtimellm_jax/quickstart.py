@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
   if args.size != "tiny" and not args.base:
     raise UserError("--size 7b/13b needs --base <converted Vicuna model directory> (and usually --clip)")
+  stage_steps = parse_stage_steps(args.stage_steps)  # before minutes of work, not after
   wd = pathlib.Path(args.workdir)
   wd.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
@@ -202,7 +203,6 @@ def run(args: argparse.Namespace) -> int:
   user += list(getattr(args, "config_overrides", []) or [])
   configs = _configs_dir()
   runs, models = wd / "runs", wd / "models"
-  stage_steps = parse_stage_steps(args.stage_steps)
 
   def train(stage: str, data: pathlib.Path, feats: pathlib.Path, *extra: str) -> None:
     say(f"training {stage}")

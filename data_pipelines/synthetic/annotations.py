@@ -124,7 +124,8 @@ def stage2_record(rng: np.random.Generator, plan: vocabulary.VideoPlan, dense: b
   for k in rng.permutation(len(plan.events)):
     event, (s, e) = plan.events[k], _tokens(int(k))
     if rng.random() < GROUNDING_SHARE:
-      qa.append((_pick(rng, GROUNDING_QUESTIONS).format(event.sentence), GROUNDING_ANSWER.format(colour=event.colour, s=s, e=e)))
+      answer = GROUNDING_ANSWER.format(colour=event.colour, s=s, e=e)
+      qa.append((_pick(rng, GROUNDING_QUESTIONS).format(event.sentence), answer))
     else:
       qa.append((_pick(rng, CAPTIONING_QUESTIONS).format(s=s, e=e), _capitalised(event.sentence) + "."))
   return _record(plan, qa, "synthetic_qa")
