@@ -22,7 +22,7 @@ def test_stats_and_output_match_numpy(tmp_path):
   files = [_write(tmp_path / "raw", name, a) for name, a in videos.items()]
   _write(tmp_path / "raw_stills", "s0", still)
 
-  mean, std = standardize.feature_stats(files[:3])  # the last video plays a held-out one
+  mean, std = standardize.feature_stats(files[:3], 16)  # the last video plays a held-out one
   frames = np.concatenate([videos[f"v{i}"] for i in range(3)]).astype(np.float64)
   np.testing.assert_allclose(mean, frames.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(std, frames.std(0), rtol=1e-4)
@@ -48,7 +48,7 @@ def test_stats_and_output_match_numpy(tmp_path):
 def test_constant_dimension_gets_a_floor(tmp_path):
   train = np.ones((20, 4), np.float32)
   train[:, 1:] = np.random.default_rng(1).normal(size=(20, 3))
-  mean, std = standardize.feature_stats([_write(tmp_path / "raw", "t", train)])
+  mean, std = standardize.feature_stats([_write(tmp_path / "raw", "t", train)], 4)
   # Dimension 0 never varies in training: divided by a share of the average deviation, not by ~0.
   assert std[0] == pytest.approx(standardize.MIN_STD_SHARE * train.std(0).mean(), rel=1e-3)
   _write(tmp_path / "raw", "h", np.full((3, 4), 1.5, np.float32))
@@ -59,18 +59,18 @@ def test_constant_dimension_gets_a_floor(tmp_path):
 def test_bad_files_are_named(tmp_path):
   good = _write(tmp_path / "raw", "good", np.zeros((5, 8), np.float32))
   wrong_dim = _write(tmp_path / "raw", "wrong_dim", np.zeros((5, 6), np.float32))
-  with pytest.raises(UserError, match=r"wrong_dim\.npy: features of shape \[5, 6\], expected \[frames, 8\]"):
-    standardize.feature_stats([good, wrong_dim])
+  with pytest.raises(UserError, match=r"wrong_dim\.npy: features of shape \[5, 6\]; expected \[N, 8\]"):
+    standardize.feature_stats([good, wrong_dim], 8)
   nan = np.zeros((5, 8), np.float32)
   nan[2, 3] = np.nan
   with pytest.raises(UserError, match=r"nan\.npy: features hold NaN"):
-    standardize.feature_stats([good, _write(tmp_path / "other", "nan", nan)])
+    standardize.feature_stats([good, _write(tmp_path / "other", "nan", nan)], 8)
   broken = tmp_path / "other" / "broken.npy"
   broken.write_bytes(b"not numpy")
   with pytest.raises(UserError, match=r"broken\.npy: not a readable"):
-    standardize.feature_stats([broken])
+    standardize.feature_stats([broken], 8)
   with pytest.raises(UserError, match="no feature files"):
-    standardize.feature_stats([])
+    standardize.feature_stats([], 8)
   with pytest.raises(UserError, match=r"empty: no \.npy"):
     standardize.standardize_dir(tmp_path / "empty", tmp_path / "out", np.zeros(8), np.ones(8))
   with pytest.raises(UserError, match=r"wrong_dim\.npy"):

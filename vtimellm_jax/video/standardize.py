@@ -19,7 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.inference.features import read_features
 
 STATS_FILE = "standardize.npz"
 # A dimension that barely varies over the training frames is divided by at least this share of the
@@ -27,32 +29,12 @@ STATS_FILE = "standardize.npz"
 MIN_STD_SHARE = 1e-3
 
 
-def _load(path: pathlib.Path, dim: int | None) -> np.ndarray:
-  """Returns the file's array, [frames, dim] or [dim], or raises UserError naming the file."""
-  try:
-    array = np.load(path)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a readable .npy feature file ({e})") from e
-  if array.ndim not in (1, 2) or (dim is not None and array.shape[-1] != dim):
-    want = f"[frames, {dim}]" if dim else "[frames, dim]"
-    raise UserError(f"{path}: features of shape {list(array.shape)}, expected {want}")
-  if not np.isfinite(array).all():
-    raise UserError(f"{path}: features hold NaN or infinite values")
-  return array
-
-
-def _frames(array: np.ndarray) -> np.ndarray:
-  return array.reshape(-1, array.shape[-1]).astype(np.float64)
-
-
-def feature_stats(files: Iterable[pathlib.Path]) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (mean, std), float32[dim] each, over every frame of every file."""
-  total = squares = None
-  count = 0
+def feature_stats(files: Iterable[pathlib.Path],
+                  feature_dim: int = records.FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (mean, std), float32[feature_dim] each, over every frame of every file."""
+  total, squares, count = np.zeros(feature_dim), np.zeros(feature_dim), 0
   for path in files:
-    frames = _frames(_load(pathlib.Path(path), None if total is None else total.shape[0]))
-    if total is None:
-      total, squares = np.zeros(frames.shape[1]), np.zeros(frames.shape[1])
+    frames = read_features(path, feature_dim).astype(np.float64)
     total += frames.sum(0)
     squares += np.square(frames).sum(0)
     count += frames.shape[0]
@@ -65,15 +47,17 @@ def feature_stats(files: Iterable[pathlib.Path]) -> tuple[np.ndarray, np.ndarray
 
 
 def standardize_dir(src: str | pathlib.Path, dst: str | pathlib.Path, mean: np.ndarray, std: np.ndarray) -> int:
-  """Writes `(x - mean) / std` of every `src/*.npy` to `dst` under the same name; returns the count."""
+  """Writes `(x - mean) / std` of every `src/*.npy` to `dst` under the same name, in the file's own
+  dtype and shape ([frames, dim] or [dim]); returns the count."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   files = sorted(src.glob("*.npy"))
   if not files:
     raise UserError(f"{src}: no .npy feature files to standardise")
   dst.mkdir(parents=True, exist_ok=True)
   for path in files:
-    array = _load(path, mean.shape[0])
-    out = ((_frames(array) - mean) / std).astype(array.dtype).reshape(array.shape)
+    frames = read_features(path, mean.shape[0])  # checked, float32 [frames, dim]
+    stored = np.load(path, mmap_mode="r")  # the header only: the dtype and shape to write back
+    out = ((frames.astype(np.float64) - mean) / std).astype(stored.dtype).reshape(stored.shape)
     tmp = dst / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
       np.save(f, out)
