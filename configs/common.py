@@ -48,14 +48,15 @@ def recipe(size: str) -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"  # compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
   c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)
-  c.model.attention_impl = "auto"  # auto | xla | cudnn | splash; auto: cuDNN on GPU, splash on TPU (16-bit)
+  c.model.attention_impl = "auto"  # auto | xla | cudnn | splash | per_head; auto: cuDNN on GPU, splash on TPU
+  # (16-bit), per_head on CPU
   # > 0: the loss runs lm_head over this many positions at a time and recomputes them in the
   # backward pass, so fp32 [B, T, 32000] logits are never held whole. 0: full logits (same loss).
   # On a v5e-16 AOT compile of 7B stage 2 it saved little (docs/performance.md, "TPU memory").
   c.model.loss_chunk = 0 if tiny else 512
   # > 0: video tokens carry a frame-time code and the pieces 00-99 start from it (models/time_code.py).
-  # Random init only (a base keeps its own). Off by default and for Vicuna; an experiment for tiny
-  # models that has not yet made the quickstart learn (docs/synthetic.md).
+  # Random init only (a base keeps its own). Off by default and for Vicuna; the quickstart's tiny
+  # model uses it (docs/synthetic.md).
   c.model.time_code = 0.0
 
   c.trainable = "lora"  # adapter | lora | all

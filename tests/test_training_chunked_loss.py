@@ -94,6 +94,7 @@ def test_one_train_step_is_the_same_with_and_without_chunks():
   np.testing.assert_allclose(float(got["grad_norm"]), float(want["grad_norm"]), rtol=1e-5)
   moved = 0
   for old, g, w in zip(jax.tree.leaves(trainable), jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w - old).max()))
+    # Adam's first update is about lr * sign(g): a gradient within rounding of 0 may move either way.
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4 * float(np.abs(w - old).max()))
     moved += not np.allclose(g, old)
   assert moved == len(jax.tree.leaves(trainable))  # the step did update every trainable leaf

@@ -29,8 +29,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--text-len", type=int, default=157, help="text ids per row incl. the placeholder (L = text + 99)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
-                      help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), else XLA")
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash", "per_head"),
+                      help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), per_head on CPU, else XLA")
   parser.add_argument("--loss-chunk", type=int, default=0, metavar="N",
                       help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
   parser.add_argument("--lora-rank", type=int, default=64)

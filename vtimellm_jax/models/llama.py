@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import per_head_attention
 from vtimellm_jax.models.lora import Linear
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "per_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class LlamaConfig:
   max_position_embeddings: int = 4096
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage of the (frozen) base weights
-  attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel)
+  attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel) | per_head (CPU)
   remat: str = "none"  # none | full | save_dots
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
@@ -203,11 +204,15 @@ def attention_impl(config: LlamaConfig) -> str:
   """Returns the kernel `config.attention_impl` means on the platform being compiled for ("auto" resolved)."""
   if config.attention_impl != "auto":
     return config.attention_impl
-  # Fused kernels for 16-bit compute (cuDNN flash attention on GPU, Pallas splash on TPU): the XLA
-  # path materialises [B, N, T, S] scores. fp32 takes the exact XLA path.
+  # The XLA path materialises [B, N, T, S] scores: on a CPU one head at a time is about twice as
+  # fast (models/per_head_attention.py); on GPU/TPU fused kernels for 16-bit compute (cuDNN flash
+  # attention, Pallas splash), and fp32 takes the exact XLA path.
+  platform = target_platform()
+  if platform == "cpu":
+    return "per_head"
   if config.dtype not in ("bfloat16", "float16"):
     return "xla"
-  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
+  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
 _SPLASH_PAD = 128  # the kernel's blocks are multiples of the 128-wide lane dimension
@@ -292,6 +297,8 @@ class LlamaAttention(nnx.Module):
     impl = attention_impl(cfg) if cache is None else "xla"
     if impl == "splash":
       out, new_cache = splash_attention(q, k, v, lengths_b), None
+    elif impl == "per_head":
+      out, new_cache = per_head_attention.per_head_attention(q, k, v, lengths_b), None
     elif cache is None:
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True, key_value_seq_lengths=lengths_b, implementation=impl

@@ -1,4 +1,5 @@
-"""Splash attention (TPU Pallas kernel, run here in interpret mode) equals the XLA path on real tokens."""
+"""The attention kernels equal the XLA path on real tokens: splash (TPU Pallas kernel, run here in
+interpret mode) and per_head (the CPU path)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vtimellm_jax.models import llama
+from vtimellm_jax.models import llama, per_head_attention
 from vtimellm_jax.training import sharding
 
-# Head dim 128 (the kernel's lane width); 4 query heads over 2 kv heads; T = 200 is padded to 256.
+# Head dim 128 (splash's lane width); 4 query heads over 2 kv heads; T = 200 (splash pads it to 256).
 CONFIG = llama.LlamaConfig.tiny(hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128, attention_impl="xla")
 B, T = 2, 200
 LENGTHS = jnp.array([150, 200])
@@ -39,9 +40,10 @@ def _loss_and_grads(impl):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
 
-def test_splash_equals_xla_on_real_tokens_with_gradients():
+@pytest.mark.parametrize("impl", ["splash", "per_head"])
+def test_kernel_equals_xla_on_real_tokens_with_gradients(impl):
   (want, want_out), want_grads = _loss_and_grads("xla")
-  (got, got_out), got_grads = _loss_and_grads("splash")
+  (got, got_out), got_grads = _loss_and_grads(impl)
   assert bool(jnp.isfinite(got_out).all())  # padding queries too: they feed later layers
   np.testing.assert_allclose(np.where(REAL, got_out, 0), np.where(REAL, want_out, 0), atol=2e-5)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
@@ -67,9 +69,10 @@ def test_splash_under_a_mesh_runs_per_batch_shard():
 
 
 @pytest.mark.parametrize("platform, dtype, want", [
-    ("tpu", "bfloat16", "splash"), ("tpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn"), ("cpu", "bfloat16", "xla"),
+    ("tpu", "bfloat16", "splash"), ("tpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn"), ("gpu", "float32", "xla"),
+    ("cpu", "bfloat16", "per_head"), ("cpu", "float32", "per_head"),
 ])
-def test_auto_picks_splash_only_on_tpu_for_16_bit(monkeypatch, platform, dtype, want):
+def test_auto_picks_the_platforms_kernel(monkeypatch, platform, dtype, want):
   monkeypatch.setattr(llama, "target_platform", lambda: platform)
   assert llama.attention_impl(CONFIG.replace(attention_impl="auto", dtype=dtype)) == want
   assert llama.attention_impl(CONFIG.replace(attention_impl="xla", dtype=dtype)) == "xla"
@@ -88,3 +91,24 @@ def test_platform_is_the_context_meshs():
 def test_unknown_attention_impl_is_refused():
   with pytest.raises(ValueError, match="attention_impl"):
     CONFIG.replace(attention_impl="flash")
+
+
+def test_per_head_equals_xla_with_padding_queries_and_one_kv_head():
+  # Padding queries too (they see the row's real keys on both paths), a length-1 row, multi-query kv.
+  b, t, n, h = 3, 37, 4, 16
+  keys = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k, v = (jax.random.normal(key, (b, t, 1, h)) for key in keys[1:3])
+  lengths = jnp.array([37, 20, 1])
+  weights = jax.random.normal(keys[3], (b, t, n, h))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)  # noqa: E731
+  ours = lambda q, k, v: per_head_attention.per_head_attention(q, k, v, lengths)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), xla(q, k, v), atol=1e-5)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=name)
