@@ -105,8 +105,12 @@ def test_per_head_equals_xla_with_padding_queries_and_one_kv_head():
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)  # noqa: E731
-  ours = lambda q, k, v: per_head_attention.per_head_attention(q, k, v, lengths)  # noqa: E731
+  def xla(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+
+  def ours(q, k, v):
+    return per_head_attention.per_head_attention(q, k, v, lengths)
+
   np.testing.assert_allclose(jax.jit(ours)(q, k, v), xla(q, k, v), atol=1e-5)
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
   want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)

@@ -4,7 +4,7 @@ XLA's attention materialises [B, N, T, S] scores, probabilities and their gradie
 moving those through memory costs more than the matmuls (a d128 x 4-layer LLaMA spent half its
 train step there). Working on one head's [T, S] block at a time keeps it in cache. The backward
 pass is written out (a custom VJP that recomputes the probabilities) so it, too, runs per head
-instead of as XLA's transpose of a batched map. Exact: the same numbers as the XLA path up to
+instead of as XLA's transpose of a batched map. The result is the XLA path's up to
 float rounding (tests/test_model_attention_kernels.py).
 """
 
