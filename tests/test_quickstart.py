@@ -1,5 +1,7 @@
 """A shortened quickstart: synthetic videos -> features -> stages 0-3 -> eval -> metrics, end to end."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -12,13 +14,24 @@ from vtimellm_jax.evaluation import annotations as annotations_lib
 from vtimellm_jax.video import standardize
 
 
-def test_short_quickstart_runs_every_step(tmp_path, capsys):
-  workdir = tmp_path / "qs"
-  code = cli.main(["quickstart", "--workdir", str(workdir), "--train-videos", "8", "--eval-videos", "3",
-                   "--steps", "2", "--stage-steps", "stage2=3", "--config.global_batch=4", "--config.micro_batch=4",
-                   "--config.mesh.devices=1"])
-  out = capsys.readouterr().out
-  assert code == 0
+# Few videos and steps, one device (tests/conftest.py gives the process 8 host devices).
+SHORT = ["--train-videos", "8", "--eval-videos", "3", "--steps", "2", "--config.global_batch=4",
+         "--config.micro_batch=4", "--config.mesh.devices=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """Returns (workdir, printed output) of a shortened default quickstart."""
+  workdir = tmp_path_factory.mktemp("quickstart") / "qs"
+  buffer = io.StringIO()
+  with contextlib.redirect_stdout(buffer):
+    code = cli.main(["quickstart", "--workdir", str(workdir), *SHORT, "--stage-steps", "stage2=3"])
+  assert code == 0, buffer.getvalue()[-2000:]
+  return workdir, buffer.getvalue()
+
+
+def test_short_quickstart_runs_every_step(tiny_run):
+  workdir, out = tiny_run
   for stage, steps in (("stage0", 2), ("stage1", 2), ("stage2", 3), ("stage3", 2)):
     lines = (workdir / "runs" / stage / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == steps, stage
@@ -58,3 +71,27 @@ def test_stage_steps_are_parsed_and_checked():
   for bad in ("stage9=10", "stage1=0", "stage1=ten", "stage1"):
     with pytest.raises(UserError, match="--stage-steps"):
       quickstart.parse_stage_steps(bad)
+
+
+def test_real_size_recipe_runs_on_a_converted_base(tiny_run, tmp_path):
+  """`--size 7b --base DIR`: the recipe's own stage configs (LoRA in stage 2, merged before stage 3's
+  fresh one) on a base model directory with its tokenizer. The tiny run's stage-0 export stands in
+  for a converted Vicuna: the model's shape comes from the base, so this is the 7B path at CPU size."""
+  base = tiny_run[0] / "models" / "stage0"
+  workdir = tmp_path / "qs7b"
+  # One bucket length: each compile of the 7B config's step (bfloat16, full remat) takes most of a minute here.
+  assert cli.main(["quickstart", "--workdir", str(workdir), "--size", "7b", "--base", str(base), *SHORT,
+                   "--config.data.num_buckets=1"]) == 0
+  assert not (workdir / "tokenizer").exists() and not (workdir / "runs" / "stage0").exists()
+  stage3 = json.loads((workdir / "runs" / "stage3" / "run.json").read_text())
+  assert stage3["size"] == "7b" and stage3["trainable"] == "lora"
+  assert stage3["model"]["base"] == str(base)
+  assert stage3["load"] == {"adapter": str(workdir / "runs" / "stage1"), "merge_lora": str(workdir / "runs" / "stage2")}
+  assert json.loads((workdir / "runs" / "stage2" / "run.json").read_text())["trainable"] == "lora"
+  metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert {"R1@0.5", "mIoU"} <= set(metrics["model"])
+
+
+def test_real_size_recipe_needs_a_base(tmp_path, capsys):
+  assert cli.main(["quickstart", "--workdir", str(tmp_path / "qs"), "--size", "7b"]) == 2
+  assert "--size 7b/13b needs --base" in capsys.readouterr().err

@@ -33,20 +33,25 @@ QUICKSTART_RANDOM_INIT = ["--config.model.time_code=1.0", "--config.model.rope_t
 # Per-stage schedule of the tiny run: steps and peak lr sized for a CPU budget (the recipe's 7B
 # values are in the configs), few bucket lengths (few compiles). Stage 2 trains every parameter of
 # the minutes-old LLaMA, not a LoRA on it: the query learns to find its frames only after several
-# hundred steps, and 1,000 leave a margin (docs/synthetic.md, "Sixth and seventh sessions",
-# "Eighth session"); stage 3 then starts from its export instead of merging a LoRA, and trains a
-# fresh LoRA as the recipe does (too few steps for valid dense-captioning JSON; more cost grounding).
+# hundred steps (docs/synthetic.md, "Sixth and seventh sessions" to "Ninth session"); stage 3 then
+# starts from its export instead of merging a LoRA, and trains a fresh LoRA as the recipe does, for
+# as many steps as valid dense-captioning JSON takes.
 _BATCH_8 = ["--config.global_batch=8", "--config.micro_batch=8"]
-# Stage 0, 2 and 3 texts vary in length (captions to 600-token dialogues; 2-4 events): four buckets.
+# Stage 0, 2 and 3 texts vary in length (captions to 300-token dialogues; 2-4 events): four buckets.
 _BUCKETS_4 = ["--config.data.num_buckets=4"]
 QUICKSTART_STAGES = {
     "stage0": ["--config.max_steps=250", "--config.optim.lr=2e-3", *_BUCKETS_4],
     "stage1": ["--config.max_steps=300", "--config.optim.lr=3e-3"],
-    "stage2": ["--config.max_steps=1000", "--config.optim.lr=1e-3", "--config.trainable=all", *_BUCKETS_4, *_BATCH_8],
-    "stage3": ["--config.max_steps=100", "--config.optim.lr=1e-3", *_BUCKETS_4, *_BATCH_8],
+    "stage2": ["--config.max_steps=800", "--config.optim.lr=1e-3", "--config.trainable=all", *_BUCKETS_4, *_BATCH_8],
+    "stage3": ["--config.max_steps=200", "--config.optim.lr=1e-3", *_BUCKETS_4, *_BATCH_8],
 }
-# A dense-captioning answer in JSON is 90-200 pieces of the quickstart's 512-piece tokenizer (the
-# release's 7B tokenizer needs fewer); a shorter budget cuts every list before its closing bracket.
+# The quickstart tokenizer's size. 1,024 pieces hold the corpus's words and the JSON answer's
+# punctuation whole ('▁slides', '"},'); at 512, after 259 byte pieces and the 100 time pieces, only
+# ~150 merges were left: words were spelt in letters, every sequence was twice as long, and JSON
+# answers (twice as many pieces too) broke after their first event (docs/synthetic.md, "Ninth session").
+QUICKSTART_VOCAB = 1024
+# A dense-captioning answer in JSON is 36-79 pieces of that tokenizer on the held-out videos; the
+# budget leaves room for a model that lists an event twice before it closes the bracket.
 EVAL_MAX_NEW_TOKENS = 256
 QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
                      "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
@@ -179,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
     lines += [record["conversations"][1]["value"] for record in stage0_data]
-    tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=512, pieces=time_code.TIME_PIECES)
+    tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=QUICKSTART_VOCAB, pieces=time_code.TIME_PIECES)
 
   say("3/6 features (extract-features)")
   features, stills = wd / "features" / "videos", wd / "features" / "stills"
