@@ -38,6 +38,7 @@ class Topology:
   chip_config: str = "default"  # "megacore" for v4 / v5p (two TensorCores act as one device)
   accelerator_type: str = ""  # gcloud --accelerator-type
   runtime_version: str = ""  # gcloud --version / --runtime-version
+  gpu: str = ""  # GPU only: the model, a key of vtimellm_jax/training/gpu_targets.py (compiling without one)
 
   @property
   def mesh(self) -> dict[str, int]:
@@ -53,24 +54,23 @@ def _tpu(name: str, topology: str, chips: int, hbm_gib: float, accelerator_type:
 
 PRESETS: dict[str, Topology] = {t.name: t for t in (
     # v4 and v5p name slices by TensorCores; one device is a chip (megacore) of 32 / 95 GiB HBM.
-    # 32 GiB devices (v4, v6e) do not hold the 7B step at micro-batch 8 and 2048 positions either
-    # (AOT: v4-32 needs >= 41.2 GiB, v6e-8 >= 37.3 GiB). They get 2 rows per device, what compiled
-    # to 12.97 GiB on v5e; smaller settings were not compiled for them (see docs/launch.md).
-    _tpu("v4-8", "v4:2x2x1", 4, 32, "v4-8", "tpu-ubuntu2204-base", 2, "megacore"),
-    _tpu("v4-32", "v4:2x2x4", 16, 32, "v4-32", "tpu-ubuntu2204-base", 2, "megacore"),
+    # Micro-batches from AOT compiles of the 7B stage-2 step at 2048 positions (splash attention,
+    # chunked loss, scanned layers; docs/launch.md): v4-32 at 8 holds 16.56 GiB of 32.
+    _tpu("v4-8", "v4:2x2x1", 4, 32, "v4-8", "tpu-ubuntu2204-base", 8, "megacore"),
+    _tpu("v4-32", "v4:2x2x4", 16, 32, "v4-32", "tpu-ubuntu2204-base", 8, "megacore"),
     _tpu("v5p-8", "v5:2x2x1", 4, 95, "v5p-8", "v2-alpha-tpuv5", 8, "megacore"),
     _tpu("v5p-64", "v5:2x4x4", 32, 95, "v5p-64", "v2-alpha-tpuv5", 4, "megacore"),
-    # v5e and v6e name slices by chips; one chip of 16 / 32 GiB is one device. On a 16 GiB v5e the
-    # 7B stage-2 step at 2048 positions (splash attention, chunked loss) fits at micro-batch 4
-    # (AOT: 13.90 GiB); at 8 the compiler asks for 17.76 GiB of temporaries, so v5e presets accumulate.
+    # v5e and v6e name slices by chips; one chip of 16 / 32 GiB is one device. A 16 GiB v5e holds
+    # the step at micro-batch 4 (11.25 GiB); 8 compiles to 15.02 GiB, too close to the chip's 16 for
+    # a default. v6e-8 at 8 holds 19.90 GiB of 32.
     _tpu("v5e-16", "v5e:4x4", 16, 16, "v5litepod-16", "v2-alpha-tpuv5-lite", 4),
     _tpu("v5e-32", "v5e:4x8", 32, 16, "v5litepod-32", "v2-alpha-tpuv5-lite", 4),
-    _tpu("v6e-8", "v6e:2x4", 8, 32, "v6e-8", "v2-alpha-tpuv6e", 2, chips_per_host=8),
-    _tpu("v6e-16", "v6e:4x4", 16, 32, "v6e-16", "v2-alpha-tpuv6e", 2),
+    _tpu("v6e-8", "v6e:2x4", 8, 32, "v6e-8", "v2-alpha-tpuv6e", 8, chips_per_host=8),
+    _tpu("v6e-16", "v6e:4x4", 16, 32, "v6e-16", "v2-alpha-tpuv6e", 8),
     # GPU nodes: one process per node over its 8 GPUs; FSDP inside a node, data parallel across.
-    Topology("1xH100", "gpu", 1, 1, 80, data=1, fsdp=1),
-    Topology("8xH100", "gpu", 8, 1, 80, data=1, fsdp=8),
-    Topology("16xH100", "gpu", 16, 2, 80, data=2, fsdp=8),
+    Topology("1xH100", "gpu", 1, 1, 80, data=1, fsdp=1, gpu="h100"),
+    Topology("8xH100", "gpu", 8, 1, 80, data=1, fsdp=8, gpu="h100"),
+    Topology("16xH100", "gpu", 16, 2, 80, data=2, fsdp=8, gpu="h100"),
 )}
 
 _CPU = re.compile(r"cpu-(\d+)$")

@@ -9,11 +9,17 @@ from vtimellm_jax.training.step import training_flops_per_token
 
 
 def test_bench_train_smoke(capsys):
-  assert cli.main(["bench", "train", "--size", "tiny", "--batch", "2", "--text-len", "24", "--iters", "1",
-                   "--warmup", "1", "--lora-rank", "4"]) == 0
+  args = ["bench", "train", "--size", "tiny", "--batch", "2", "--text-len", "24", "--iters", "1", "--warmup", "1",
+          "--lora-rank", "4"]
+  assert cli.main(args) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["what"] == "jax_lora_train" and result["L"] == 24 - 1 + 100 and result["B"] == 2
   assert math.isfinite(result["loss"]) and result["tokens_per_s"] > 0
+  # The scanned layers train the same: after the same two steps, the same loss.
+  assert cli.main([*args, "--scan-layers"]) == 0
+  scanned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert scanned["scan_layers"] is True and result["scan_layers"] is False
+  assert math.isclose(scanned["loss"], result["loss"], rel_tol=1e-5)
 
 
 def test_flops_count_matches_the_baselines_formula():

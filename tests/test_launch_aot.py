@@ -1,12 +1,13 @@
 """AOT dry run for a target topology: compiles from shapes alone (no weights, no data) and prints memory."""
 
+import importlib.util
 import pathlib
 
 import pytest
 
 from vtimellm_jax import cli
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.training import aot, config_loading
+from vtimellm_jax.training import aot, config_loading, gpu_targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/stage2.py") + ":tiny"
@@ -32,12 +33,51 @@ def test_dry_run_for_virtual_8_device_topology_prints_per_device_memory(tmp_path
   assert eight.arguments < one.arguments / 4
   assert one.fits is None and one.total > eight.total > 0
 
+  # The 7B/13B configs scan over layers: the same state and batch, one layer body compiled.
+  assert "layers unrolled, remat none" in out
+  lines = []
+  scanned = compile_step(config_loading.load_config(TINY, ["--config.model.scan_layers=true"]), "cpu-8", seq_len=160,
+                         num_features=4, log=lines.append)
+  assert "layers scanned" in lines[0]
+  assert scanned.arguments == eight.arguments and scanned.total > 0
+
 
 def test_bad_topology_and_too_few_devices_are_user_errors(tmp_path, capsys):
   assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path), "--dry-run", "--topology", "v9-1"]) == 2
   assert "unknown topology 'v9-1'" in capsys.readouterr().err
   with pytest.raises(UserError, match="needs 16 cpu devices"):
     aot.compile_step(config_loading.load_config(TINY), "cpu-16", seq_len=64, num_features=4, log=lambda _: None)
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="the CUDA plugin is installed: the next test compiles instead")
+def test_gpu_preset_without_gpus_or_plugin_says_what_to_install(tmp_path, capsys):
+  assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path), "--dry-run", "--topology", "8xH100"]) == 2
+  err = capsys.readouterr().err
+  assert "cannot compile for 8xH100 on this host" in err and "pip install -e '.[cuda]'" in err
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI installs only the test one")
+def test_gpu_preset_compiles_without_gpus(capsys):
+  # The plugin's compile-only H100s: a real GPU compile (cuBLAS / Triton fusions), no device needed.
+  report = aot.compile_step(config_loading.load_config(TINY), "8xH100", seq_len=160, num_features=4, micro_batch=2)
+  out = capsys.readouterr().out
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} on 8 NVIDIA H100 80GB HBM3 devices" in out
+  assert report.fits and report.hbm_gib == 80 and report.arguments > 0
+
+
+def test_gpu_target_description_names_the_device():
+  text = gpu_targets.target_config("h100")
+  assert "core_count: 132" in text and 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  with pytest.raises(ValueError, match="no target description for GPU 'b300'"):
+    gpu_targets.target_config("b300")
 
 
 def test_memory_report_verdict():

@@ -8,12 +8,15 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from training_fixtures import make_dataset
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import lora
+from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.training import checkpointing, config_loading, model_setup, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,6 +82,28 @@ def test_sharded_equals_unsharded(dataset, tmp_path):
                                   "--config.mesh.fsdp=2", "--config.mesh.tensor=2"), tmp_path / "eight", log=_quiet)
   assert single["steps"] == sharded["steps"] == 5
   np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_scanned_layers_equal_the_unrolled_loop(dataset, tmp_path):
+  # Sharded, rematerialised, with LoRA dropout on (its masks must follow each layer's own stream).
+  common = ["--config.max_steps=3", "--config.epochs=3", "--config.global_batch=16", "--config.micro_batch=4",
+            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.model.remat=full"]
+  config = _config("stage2", dataset, *common, "--config.model.scan_layers=true")
+  assert config.lora.dropout > 0
+  trainer.train(config, tmp_path / "scan", log=_quiet)
+  trainer.train(_config("stage2", dataset, *common, "--config.model.scan_layers=false"), tmp_path / "loop", log=_quiet)
+  np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "loop"), rtol=1e-5)
+  scanned, looped = checkpointing.restore_params(tmp_path / "scan"), checkpointing.restore_params(tmp_path / "loop")
+  for x, y in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert json.loads((tmp_path / "scan" / model_setup.RUN_JSON).read_text())["model"]["scan_layers"] is True
+
+
+def test_scanned_layers_refuse_layers_of_different_structure():
+  model = LlamaForCausalLM(LlamaConfig.tiny(scan_layers=True), nnx.Rngs(0))
+  model.model.layers[1].self_attn.q_proj.attach_lora(lora.LoraConfig(rank=2, alpha=4.0), nnx.Rngs(1))
+  with pytest.raises(ValueError, match="layer 1 differs in structure from layer 0"):
+    model(jnp.zeros((1, 4), jnp.int32))
 
 
 def test_gradient_accumulation_gives_the_same_update(dataset, tmp_path):

@@ -33,6 +33,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), per_head on CPU, else XLA")
   parser.add_argument("--loss-chunk", type=int, default=0, metavar="N",
                       help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="run the layers as one lax.scan (the 7B/13B stage configs do); default: unrolled")
   parser.add_argument("--lora-rank", type=int, default=64)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
@@ -57,7 +59,8 @@ def run_bench(args: argparse.Namespace) -> dict:
   on_cpu = jax.default_backend() == "cpu"
   dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
   preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[args.size]
-  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention)
+  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention,
+                              scan_layers=args.scan_layers)
 
   @nnx.jit
   def create():
@@ -103,7 +106,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   tokens_per_s = b * seq / seconds
   stats = jax.devices()[0].memory_stats() or {}
   return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
-              attention=args.attention, loss_chunk=args.loss_chunk,
+              attention=args.attention, loss_chunk=args.loss_chunk, scan_layers=args.scan_layers,
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
               useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
               peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),

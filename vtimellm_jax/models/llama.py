@@ -45,6 +45,9 @@ class LlamaConfig:
   param_dtype: str = "float32"  # storage of the (frozen) base weights
   attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel) | per_head (CPU)
   remat: str = "none"  # none | full | save_dots
+  # Training / prefill without a cache run the layers as one `lax.scan` over their stacked
+  # variables: XLA compiles one layer body instead of num_layers copies (LlamaModel._scan_layers).
+  scan_layers: bool = False
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
@@ -376,6 +379,8 @@ class LlamaModel(nnx.Module):
     x = inputs_embeds_btd.astype(cfg.compute_dtype)
     hidden_states = [x] if return_hidden_states else None
     new_caches = [] if cache is not None else None
+    if cfg.scan_layers and cache is None and not return_hidden_states:
+      return self.norm(self._scan_layers(x, cos, sin, lengths_b)), None, None
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if cfg.remat != "none" and cache is None:
@@ -391,6 +396,35 @@ class LlamaModel(nnx.Module):
     if return_hidden_states:
       hidden_states[-1] = x  # HF reports the last layer's output after the final norm
     return x, new_caches, (tuple(hidden_states) if return_hidden_states else None)
+
+  def _scan_layers(self, x_btd, cos, sin, lengths_b):
+    """Returns the last layer's output, the layers run as one `lax.scan` over their stacked variables.
+
+    The layers stay a list (checkpoints, conversion and LoRA see one module per layer); their
+    variables are stacked inside the traced step, for the frozen weights a copy of each device's
+    shard of the base. In return XLA compiles one layer body, and the 7B step needs less memory
+    (docs/performance.md). Dropout streams are stacked too, so each layer draws from its own key
+    exactly as in the unrolled loop.
+    """
+    cfg = self.config
+    graphdef, first = nnx.split(self.layers[0])
+    states = [first]
+    for i, layer in enumerate(self.layers[1:], start=1):
+      layer_def, state = nnx.split(layer)
+      if layer_def != graphdef:
+        raise ValueError(f"scan_layers: layer {i} differs in structure from layer 0 (e.g. LoRA on some layers only)")
+      states.append(state)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(x, state):
+      # Updates to the merged copy (dropout counters) are dropped: the trainer reseeds every step.
+      out, _ = nnx.merge(graphdef, state)(x, cos, sin, lengths_b)
+      return out, None
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+    x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+    return x_btd
 
 
 class LlamaForCausalLM(nnx.Module):

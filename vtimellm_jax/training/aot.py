@@ -4,8 +4,9 @@
 the exact step `train` runs (same TrainState, shardings and jit) from abstract shapes
 (ShapeDtypeStructs) for one sequence length, and prints what one device would hold. TPU targets come
 from `jax.experimental.topologies.get_topology_desc` and need libtpu installed (it compiles on a
-CPU-only host); `cpu-N` targets use N host-platform devices; GPU presets compile on the GPU machine
-itself. No weights or data files are read: the model's shapes come from its preset.
+CPU-only host); GPU presets use the machine's own GPUs, or on a host without them the CUDA plugin's
+compile-only devices (the `cuda` extra, JAX_PLATFORMS=cpu; see gpu_targets.py); `cpu-N` targets use
+N host-platform devices. No weights or data files are read: the model's shapes come from its preset.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from configs import topologies
 from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import llama
-from vtimellm_jax.training import sharding, trainer
+from vtimellm_jax.training import gpu_targets, sharding, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,9 @@ def target_devices(topology: topologies.Topology) -> list:
               if "lockfile" in str(e) else "compiling for a TPU without one needs libtpu: pip install -e '.[tpu]'")
       raise UserError(f"cannot describe TPU topology {topology.name} ({topology.tpu_topology}): {e}. {hint}") from e
     return list(description.devices)
+  if topology.platform == "gpu":
+    local = [d for d in jax.devices() if d.platform == "gpu"]
+    return local[:topology.devices] if len(local) >= topology.devices else _compile_only_gpus(topology)
   if topology.platform == "cpu" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     try:  # a fresh process (the CLI) can still choose its CPU device count
       jax.config.update("jax_num_cpu_devices", topology.devices)
@@ -126,11 +130,26 @@ def target_devices(topology: topologies.Topology) -> list:
       pass  # backends already started: use what there is
   available = jax.devices(topology.platform) if topology.platform in {d.platform for d in jax.devices()} else []
   if len(available) < topology.devices:
-    hint = (f"set XLA_FLAGS=--xla_force_host_platform_device_count={topology.devices} before starting"
-            if topology.platform == "cpu" else "run the dry run on the GPU machine itself")
     raise UserError(f"topology {topology.name} needs {topology.devices} {topology.platform} devices, this process "
-                    f"has {len(available)}: {hint}")
+                    f"has {len(available)}: set XLA_FLAGS=--xla_force_host_platform_device_count={topology.devices} "
+                    "before starting")
   return available[:topology.devices]
+
+
+def _compile_only_gpus(topology: topologies.Topology) -> list:
+  """Returns compile-only devices of a GPU preset from the CUDA plugin, for a host without those GPUs."""
+  from jax.experimental import topologies as jax_topologies  # pylint: disable=g-import-not-at-top
+  try:
+    # The plugin's layout string: slices x hosts per slice x GPUs per host.
+    description = jax_topologies.get_topology_desc(
+        platform="cuda", target_config=gpu_targets.target_config(topology.gpu),
+        topology=f"1x{topology.hosts}x{topology.devices // topology.hosts}")
+  except Exception as e:  # plugin missing, or a CUDA client already started: jax raises several types
+    raise UserError(
+        f"cannot compile for {topology.name} on this host: {e}. Without those GPUs the compile needs the CUDA "
+        "plugin (pip install -e '.[cuda]') and JAX_PLATFORMS=cpu, so that JAX starts no CUDA client; or run the "
+        "dry run on the GPU machine itself") from e
+  return list(description.devices)
 
 
 def abstract_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -178,7 +197,8 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
     attention = llama.attention_impl(state.model_config)
   log(f"[{config.stage}] AOT for {topology.name}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} "
       f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters; "
-      f"attention {attention}, loss chunk {config.model.loss_chunk or 'off'}")
+      f"attention {attention}, loss chunk {config.model.loss_chunk or 'off'}, "
+      f"layers {'scanned' if state.model_config.scan_layers else 'unrolled'}, remat {state.model_config.remat}")
   args = (state.trainable, state.opt_state, state.frozen, batch, step_index, key)
   try:
     compiled = state.jit_step().lower(*args).compile()

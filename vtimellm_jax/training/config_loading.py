@@ -54,19 +54,23 @@ def apply_override(config: ml_collections.ConfigDict, override: str, source: str
   node[leaf] = _parse(raw, current, key)
 
 
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
 def _parse(raw: str, current, key: str):
   if isinstance(current, str):
     return raw
   if isinstance(current, tuple):
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+  if isinstance(current, bool):  # absl's spellings too: true / false
+    value = _BOOLS.get(raw.strip().lower())
+    if value is None:
+      raise UserError(f"--config.{key}={raw}: expected true or false")
+    return value
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     raise UserError(f"--config.{key}={raw}: not a valid {type(current).__name__}") from None
-  if isinstance(current, bool):
-    if not isinstance(value, bool):
-      raise UserError(f"--config.{key}={raw}: expected True or False")
-    return value
   if isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
     if isinstance(current, int) and not isinstance(value, int):
       raise UserError(f"--config.{key}={raw}: expected an integer")

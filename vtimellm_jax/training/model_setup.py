@@ -37,7 +37,9 @@ def trainable_filter(name: str):
 
 def _model_overrides(config: ml_collections.ConfigDict) -> dict:
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
+  # run.json files written before scan_layers existed read as the unrolled loop they trained with.
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
+              scan_layers=bool(m.get("scan_layers", False)))
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:

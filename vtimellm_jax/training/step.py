@@ -154,7 +154,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ha
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads), "tokens": count}
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
     return trainable, opt_state, metrics
 
   return step
