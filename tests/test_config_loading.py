@@ -13,12 +13,12 @@ STAGE2_TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs/stage2.
 @pytest.mark.parametrize("raw,want", [("true", True), ("True", True), ("1", True), ("false", False), ("False", False),
                                       ("0", False)])
 def test_bool_fields_take_absl_and_python_spellings(raw, want):
-  config = config_loading.load_config(STAGE2_TINY, [f"--config.model.scan_layers={raw}"])
-  assert config.model.scan_layers is want
+  config = config_loading.load_config(STAGE2_TINY, [f"--config.data.skip_bad_records={raw}"])
+  assert config.data.skip_bad_records is want
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.model.scan_layers=maybe", "expected true or false"),
+    ("--config.data.skip_bad_records=maybe", "expected true or false"),
     ("--config.max_steps=2.5", "expected an integer"),
     ("--config.max_steps=many", "not a valid int"),
     ("--config.model.no_such_field=1", "no config field 'model.no_such_field'"),

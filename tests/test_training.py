@@ -88,15 +88,30 @@ def test_scanned_layers_equal_the_unrolled_loop(dataset, tmp_path):
   # Sharded, rematerialised, with LoRA dropout on (its masks must follow each layer's own stream).
   common = ["--config.max_steps=3", "--config.epochs=3", "--config.global_batch=16", "--config.micro_batch=4",
             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.model.remat=full"]
-  config = _config("stage2", dataset, *common, "--config.model.scan_layers=true")
+  config = _config("stage2", dataset, *common, "--config.model.scan_layers=on")
   assert config.lora.dropout > 0
   trainer.train(config, tmp_path / "scan", log=_quiet)
-  trainer.train(_config("stage2", dataset, *common, "--config.model.scan_layers=false"), tmp_path / "loop", log=_quiet)
+  trainer.train(_config("stage2", dataset, *common, "--config.model.scan_layers=off"), tmp_path / "loop", log=_quiet)
   np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "loop"), rtol=1e-5)
   scanned, looped = checkpointing.restore_params(tmp_path / "scan"), checkpointing.restore_params(tmp_path / "loop")
   for x, y in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert json.loads((tmp_path / "scan" / model_setup.RUN_JSON).read_text())["model"]["scan_layers"] is True
+  assert json.loads((tmp_path / "scan" / model_setup.RUN_JSON).read_text())["model"]["scan_layers"] == "on"
+
+
+def test_scan_layers_auto_scans_only_a_split_base_on_tpu():
+  # The scan stacks each device's share of the frozen layers (a whole second base on one device),
+  # and on GPU it compiled to more memory than the unrolled loop.
+  config = config_loading.load_config(str(ROOT / "configs/stage2.py") + ":7b")
+  assert config.model.scan_layers == "auto"
+  assert model_setup.scan_layers(config, model_setup.AUTO_SCAN_MIN_SHARDS, "tpu")
+  assert not model_setup.scan_layers(config, 2, "tpu") and not model_setup.scan_layers(config, 1, "tpu")
+  assert not model_setup.scan_layers(config, 8, "gpu") and not model_setup.scan_layers(config, 8, "cpu")
+  config.model.scan_layers = "on"
+  assert model_setup.scan_layers(config, 1, "gpu")
+  config.model.scan_layers = "sometimes"
+  with pytest.raises(UserError, match="scan_layers must be auto, on or off, got 'sometimes'"):
+    model_setup.scan_layers(config, 8, "tpu")
 
 
 def test_scanned_layers_refuse_layers_of_different_structure():

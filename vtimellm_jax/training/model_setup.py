@@ -35,11 +35,28 @@ def trainable_filter(name: str):
   return TRAINABLE[name]
 
 
-def _model_overrides(config: ml_collections.ConfigDict) -> dict:
+# "auto" scans the layers on TPU when the base is split over at least this many devices. The scan
+# stacks each device's share of the frozen layers, a copy of 1/N of them: on one device the whole
+# base again. AOT compiles of the 7B step (docs/performance.md): on v5e-16 scanning saves 2.65 GiB
+# per device, on GPU it costs (8xH100: 32.80 GiB scanned, 12.14 unrolled), so GPUs stay unrolled.
+AUTO_SCAN_MIN_SHARDS = 4
+_SCAN_VALUES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
+
+
+def scan_layers(config: ml_collections.ConfigDict, layer_shards: int, platform: str) -> bool:
+  """Returns whether `config.model.scan_layers` (auto | on | off) scans, the base split `layer_shards` ways on `platform`."""
+  # run.json files written before the field existed read as the unrolled loop they trained with.
+  raw = str(config.model.get("scan_layers", "off")).lower()
+  if raw not in _SCAN_VALUES:
+    raise UserError(f"config.model.scan_layers must be auto, on or off, got {raw!r}")
+  value = _SCAN_VALUES[raw]
+  return value == "on" or (value == "auto" and platform == "tpu" and layer_shards >= AUTO_SCAN_MIN_SHARDS)
+
+
+def _model_overrides(config: ml_collections.ConfigDict, layer_shards: int, platform: str) -> dict:
   m = config.model
-  # run.json files written before scan_layers existed read as the unrolled loop they trained with.
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
-              scan_layers=bool(m.get("scan_layers", False)))
+              scan_layers=scan_layers(config, layer_shards, platform))
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -47,10 +64,15 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
   return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
 
 
-def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:
-  """Returns the VTimeLLM of `model.base` (or a seeded random preset) with the configured loads applied."""
+def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None, layer_shards: int = 1,
+               platform: str = "cpu") -> VTimeLLM:
+  """Returns the VTimeLLM of `model.base` (or a seeded random preset) with the configured loads applied.
+
+  `layer_shards` / `platform`: how many devices the trainer splits the base over, and of what kind
+  (they decide scan_layers=auto).
+  """
   rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-  overrides = _model_overrides(config)
+  overrides = _model_overrides(config, layer_shards, platform)
   if config.model.base:
     model = load_model(config.model.base, VTimeLLM, rngs=rngs, **overrides)
   else:
@@ -99,9 +121,10 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
                   f"missing {', '.join(repr(p) for p in missing[:5])}")
 
 
-def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> VTimeLLM:
+def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None, layer_shards: int = 1,
+                      platform: str = "cpu") -> VTimeLLM:
   """Returns the stage's model: its base (see `build_base`) plus fresh LoRA when LoRA trains."""
-  model = build_base(config, vocab_size)
+  model = build_base(config, vocab_size, layer_shards, platform)
   if config.trainable == "lora":
     lora.attach_lora(model, lora_config(config), nnx.Rngs(params=config.seed + 2))
   return model

@@ -76,7 +76,8 @@ class TrainState:
 
   def __init__(self, config, mesh, vocab_size: int | None, total_steps: int, abstract: bool = False):
     """`abstract=True` holds only ShapeDtypeStructs that carry their shardings (for AOT compiles)."""
-    build = lambda: model_setup.build_train_model(config, vocab_size)  # noqa: E731
+    layer_shards, platform = mesh.shape["fsdp"] * mesh.shape["tensor"], mesh.devices.flat[0].platform
+    build = lambda: model_setup.build_train_model(config, vocab_size, layer_shards, platform)  # noqa: E731
     model = nnx.eval_shape(build) if abstract else build()
     self.model_config = model.config
     trainable_filter = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
