@@ -63,7 +63,7 @@ def test_gpu_preset_without_gpus_or_plugin_says_what_to_install(tmp_path, capsys
   assert "cannot compile for 8xH100 on this host" in err and "pip install -e '.[cuda]'" in err
 
 
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI installs only the test one")
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
 def test_gpu_preset_compiles_without_gpus(capsys):
   # The plugin's compile-only H100s: a real GPU compile (cuBLAS / Triton fusions), no device needed.
   report = aot.compile_step(config_loading.load_config(TINY), "8xH100", seq_len=160, num_features=4, micro_batch=2)

@@ -44,8 +44,11 @@ _SCAN_VALUES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false":
 
 
 def scan_layers(config: ml_collections.ConfigDict, layer_shards: int, platform: str) -> bool:
-  """Returns whether `config.model.scan_layers` (auto | on | off) scans, the base split `layer_shards` ways on `platform`."""
-  # run.json files written before the field existed read as the unrolled loop they trained with.
+  """Returns whether `config.model.scan_layers` (auto | on | off) scans, the base split `layer_shards` ways.
+
+  `platform` is that of the devices trained on (or compiled for). A config without the field runs
+  unrolled; scanning changes no numbers, so a resumed run may switch either way.
+  """
   raw = str(config.model.get("scan_layers", "off")).lower()
   if raw not in _SCAN_VALUES:
     raise UserError(f"config.model.scan_layers must be auto, on or off, got {raw!r}")
