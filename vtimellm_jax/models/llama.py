@@ -402,9 +402,9 @@ class LlamaModel(nnx.Module):
 
     The layers stay a list (checkpoints, conversion and LoRA see one module per layer); their
     variables are stacked inside the traced step, for the frozen weights a copy of each device's
-    shard of the base. In return XLA compiles one layer body, and the 7B step needs less memory
-    (docs/performance.md). Dropout streams are stacked too, so each layer draws from its own key
-    exactly as in the unrolled loop.
+    shard of the base. In return XLA compiles one layer body, and the 7B step needs less memory on
+    TPU slices (more on GPU; docs/performance.md). Dropout streams are stacked too, so each layer
+    draws from its own key exactly as in the unrolled loop.
     """
     cfg = self.config
     graphdef, first = nnx.split(self.layers[0])
