@@ -48,11 +48,6 @@ def recipe(size: str) -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"  # compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
   c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)
-  # auto | on | off: one lax.scan over the layers instead of an unrolled loop (same numbers). XLA
-  # compiles one layer body (~3x faster for 7B) and on TPU slices the step needs less memory; on
-  # GPU it needs more. "auto" scans on TPU when the base is split over >= 4 devices
-  # (model_setup.scan_layers; docs/performance.md). The tiny model has 2 layers: unrolled.
-  c.model.scan_layers = "off" if tiny else "auto"
   c.model.attention_impl = "auto"  # auto | xla | cudnn | splash | per_head; auto: cuDNN on GPU, splash on TPU
   # (16-bit), per_head on CPU
   # > 0: the loss runs lm_head over this many positions at a time and recomputes them in the

@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from vtimellm_jax.convert import llama as llama_convert
+from vtimellm_jax.models import load
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from vtimellm_jax import model_io
 
 
 def hf_llama(config: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -34,9 +34,9 @@ def jax_from_hf(hf_model, config: LlamaConfig, model_cls=LlamaForCausalLM, seed:
   expected = llama_convert.abstract_params(config)
   tensors = (("<memory>", k, v) for k, v in state_dict_numpy(hf_model).items())
   flat = llama_convert.convert_tensors(tensors, expected, np.float32, "hf model")
-  model = model_cls(config, nnx.Rngs(seed))
-  model_io.assign_params(model, model_io.nest(flat), "hf model", allow_missing=model_cls is not LlamaForCausalLM)
-  return model
+  arrays = load.ArraySource({tuple(path.split("/")): value for path, value in flat.items()}, name="hf model")
+  return load.sharded_model(lambda: model_cls(config, nnx.Rngs(seed)), sources=[arrays],
+                            may_initialise=lambda path: model_cls is not LlamaForCausalLM)
 
 
 def random_batch(vocab: int, batch: int, length: int, lengths: list[int], seed: int = 0):

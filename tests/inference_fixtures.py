@@ -94,9 +94,11 @@ def tiny_vtimellm(tmp_path_factory) -> TinyVTimeLLM:
       if name.endswith(("v_proj.weight", "o_proj.weight", "q_proj.weight", "k_proj.weight")):
         p.mul_(8.0)
   model = jax_from_hf(hf, config, model_cls=VTimeLLM)
-  # A non-zero bias, so a projector applied without it would be caught.
-  bias = model.mm_projector.bias
-  bias.set_value(0.1 * np.random.RandomState(1).normal(size=bias[...].shape).astype(np.float32))
+  # The projector from numpy, not from the model's own init: answers must depend on the frames
+  # whatever the initialisers draw. A non-zero bias, so a projector applied without it would be caught.
+  rng = np.random.RandomState(1)
+  for variable, std in ((model.mm_projector.kernel, 0.2), (model.mm_projector.bias, 0.1)):
+    variable.set_value(std * rng.normal(size=variable[...].shape).astype(np.float32))
   load.save_model(model, model_dir)
   return TinyVTimeLLM(model_dir, hf, np.asarray(model.mm_projector.kernel[...]),
                       np.asarray(model.mm_projector.bias[...]), sp)

@@ -15,11 +15,11 @@ def test_bench_train_smoke(capsys):
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["what"] == "jax_lora_train" and result["L"] == 24 - 1 + 100 and result["B"] == 2
   assert math.isfinite(result["loss"]) and result["tokens_per_s"] > 0
-  # The scanned layers train the same: after the same two steps, the same loss.
-  assert cli.main([*args, "--scan-layers"]) == 0
-  scanned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert scanned["scan_layers"] is True and result["scan_layers"] is False
-  assert math.isclose(scanned["loss"], result["loss"], rel_tol=1e-5)
+  # Full rematerialisation of the scanned layers changes no number: the same loss after the same steps.
+  assert cli.main([*args, "--remat", "full"]) == 0
+  remat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert remat["remat"] == "full" and result["remat"] == "none"
+  assert math.isclose(remat["loss"], result["loss"], rel_tol=1e-5)
 
 
 def test_flops_count_matches_the_baselines_formula():

@@ -32,14 +32,7 @@ def test_dry_run_for_virtual_8_device_topology_prints_per_device_memory(tmp_path
   # FSDP splits the frozen base (and the LoRA state) 8 ways; the batch is split 8 ways too.
   assert eight.arguments < one.arguments / 4
   assert one.fits is None and one.total > eight.total > 0
-
-  # Scanned layers (the 7B/13B configs' "auto" on TPU slices): the same state and batch, one layer body.
-  assert "layers unrolled, remat none" in out
-  lines = []
-  scanned = compile_step(config_loading.load_config(TINY, ["--config.model.scan_layers=on"]), "cpu-8", seq_len=160,
-                         num_features=4, log=lines.append)
-  assert "layers scanned" in lines[0]
-  assert scanned.arguments == eight.arguments and scanned.total > 0
+  assert "2 layers scanned, remat none" in out
 
 
 def test_bad_topology_and_too_few_devices_are_user_errors(tmp_path, capsys):

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vtimellm_jax.models import llama, per_head_attention
-from vtimellm_jax.training import sharding
+from vtimellm_jax import sharding
 
 # Head dim 128 (splash's lane width); 4 query heads over 2 kv heads; T = 200 (splash pads it to 256).
 CONFIG = llama.LlamaConfig.tiny(hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128, attention_impl="xla")

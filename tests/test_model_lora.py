@@ -27,15 +27,21 @@ def _peft_model(hf, targets):
 
 
 def _copy_peft_factors(ours, peft_model):
+  """Copies peft's per-layer factors into our stacked ones; returns how many per-layer pairs were copied."""
   state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
   copied = 0
   for path, layer in lora.lora_layers(ours):
     if not layer.has_lora:
       continue
-    prefix = "base_model.model." + ".".join(str(p) for p in path)
-    layer.lora_a[...] = jnp.asarray(state[prefix + ".lora_A.default.weight"].T)
-    layer.lora_b[...] = jnp.asarray(state[prefix + ".lora_B.default.weight"].T)
-    copied += 1
+    block, proj = path[-2:]
+    a, b = [], []
+    for i in range(layer.stack_shape[0]):
+      prefix = f"base_model.model.model.layers.{i}.{block}.{proj}"
+      a.append(state[prefix + ".lora_A.default.weight"].T)
+      b.append(state[prefix + ".lora_B.default.weight"].T)
+      copied += 1
+    layer.lora_a[...] = jnp.asarray(np.stack(a))
+    layer.lora_b[...] = jnp.asarray(np.stack(b))
   return copied
 
 
@@ -71,15 +77,16 @@ def test_lora_subset_of_targets_matches_peft():
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids))), ref, rtol=1e-4, atol=1e-4)
-  assert not ours.model.layers[0].self_attn.k_proj.has_lora
+  assert not ours.model.layers.self_attn.k_proj.has_lora and ours.model.layers.self_attn.q_proj.has_lora
 
 
 def test_merge_equals_unmerged_and_fresh_lora_starts_from_merged():
   config, _, ours = _setup()
   ids, mask = random_batch(config.vocab_size, 2, 10, [10, 6])
   before = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
-  layer = ours.model.layers[1].mlp.up_proj
+  layer = ours.model.layers.mlp.up_proj  # every layer's kernel, stacked [L, in, out]
   by_hand = np.asarray(layer.kernel[...]) + (ALPHA / RANK) * np.asarray(layer.lora_a[...]) @ np.asarray(layer.lora_b[...])
+  assert by_hand.shape == (config.num_layers, 64, 176)
   assert len(nnx.state(ours, nnx.LoRAParam)) > 0
   assert lora.merge_lora(ours) == config.num_layers * 7
   assert len(jax.tree.leaves(nnx.state(ours, nnx.LoRAParam))) == 0
@@ -126,8 +133,24 @@ def test_saved_lora_model_loads_whole(tmp_path):
       layer.lora_b[...] = jnp.full_like(layer.lora_b[...], 0.01)
   save_model(model, tmp_path / "m")
   loaded = load_model(tmp_path / "m")
-  assert isinstance(loaded, VTimeLLM) and loaded.model.layers[0].self_attn.q_proj.lora_scaling == 4.0
+  assert isinstance(loaded, VTimeLLM) and loaded.model.layers.self_attn.q_proj.lora_scaling == 4.0
   ids = jnp.array([[1, -200, 5, 6]])
   feats = jnp.ones((1, 2, 768))
   np.testing.assert_array_equal(np.asarray(loaded(ids, jnp.ones_like(ids), feats)[0]),
                                 np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))
+
+
+def test_lora_dropout_backward_redraws_the_mask_and_equals_autodiff():
+  # dropout_lora keeps the key instead of the masked input; values and gradients are those of
+  # autodiff through nnx.Dropout with the same stream.
+  key, rate = jax.random.key(3), 0.3
+  x, a, b = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 5, 8), (8, 4), (4, 6)]))
+  fresh = lambda: nnx.Dropout(rate, rngs=nnx.Rngs(dropout=key))  # noqa: E731
+  reference = lambda x, a, b: (fresh()(x) @ a) @ b  # noqa: E731
+  ours = lambda x, a, b: lora.dropout_lora(x, a, b, fresh().rngs(), rate)  # noqa: E731
+  np.testing.assert_allclose(np.asarray(ours(x, a, b)), np.asarray(reference(x, a, b)), rtol=1e-6)
+  loss = lambda f: lambda *t: (f(*t) ** 2).sum()  # noqa: E731
+  for got, want in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(x, a, b),
+                       jax.grad(loss(reference), argnums=(0, 1, 2))(x, a, b)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert float((fresh()(x) == 0).mean()) > 0.1  # the mask drops something

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.synthetic import render, vocabulary
-from vtimellm_jax.models import clip as clip_model
+from vtimellm_jax.models import clip as clip_model, load
 from vtimellm_jax.video import preprocess
 
 SIZE = 64
@@ -37,7 +37,7 @@ def _frames(shapes: tuple[str, ...], progress: tuple[float, ...]) -> tuple[np.nd
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_tiny_clip_separates_colours_across_shapes(seed):
-  model = clip_model.init_random(clip_model.tiny(), seed)
+  model = load.random_clip(clip_model.tiny(), seed)
 
   def embed(frames):
     return np.concatenate([np.asarray(model.encode_image(preprocess.preprocess_frames(frames[i:i + 128])), np.float64)

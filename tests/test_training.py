@@ -1,6 +1,7 @@
 """Training: losses fall in every stage, sharding and accumulation do not change the math, runs
 resume exactly after SIGKILL, one compile per bucket, and the stage-3 merge is the hand-computed one."""
 
+import gc
 import json
 import pathlib
 import subprocess
@@ -59,16 +60,20 @@ def test_three_stages_learn_and_hand_off(dataset, tmp_path):
   # Stage 1 trains only the adapter; stages 2 and 3 only LoRA.
   assert set(checkpointing.restore_params(tmp_path / "s1")) == {"mm_projector"}
   s2_params = checkpointing.restore_params(tmp_path / "s2")
-  assert "mm_projector" not in s2_params and "lora_a" in s2_params["model"]["layers"]["0"]["mlp"]["up_proj"]
+  up = s2_params["model"]["layers"]["mlp"]["up_proj"]  # every layer's factors, stacked
+  assert "mm_projector" not in s2_params and up["lora_a"].shape == (2, 64, 8) and up["lora_b"].shape == (2, 8, 176)
 
   # Stage 3's base = stage-2 LoRA merged by hand into the random base, with the stage-1 adapter.
   base = model_setup.build_base(_config("stage2", dataset))
   merged = model_setup.build_base(_config("stage3", dataset, f"--config.load.adapter={tmp_path / 's1'}",
                                           f"--config.load.merge_lora={tmp_path / 's2'}"))
-  layer = s2_params["model"]["layers"]["1"]["self_attn"]["v_proj"]
+  factors = s2_params["model"]["layers"]["self_attn"]["v_proj"]
   scaling = 16.0 / 8  # tiny LoRA: alpha 16, rank 8
-  by_hand = np.asarray(base.model.layers[1].self_attn.v_proj.kernel[...]) + scaling * layer["lora_a"] @ layer["lora_b"]
-  np.testing.assert_allclose(np.asarray(merged.model.layers[1].self_attn.v_proj.kernel[...]), by_hand, rtol=1e-6, atol=1e-6)
+  for layer in range(2):
+    by_hand = (np.asarray(base.model.layers.self_attn.v_proj.kernel[...][layer])
+               + scaling * factors["lora_a"][layer] @ factors["lora_b"][layer])
+    np.testing.assert_allclose(np.asarray(merged.model.layers.self_attn.v_proj.kernel[...][layer]), by_hand,
+                               rtol=1e-6, atol=1e-6)
   s1_params = checkpointing.restore_params(tmp_path / "s1")
   np.testing.assert_array_equal(np.asarray(merged.mm_projector.kernel[...]), s1_params["mm_projector"]["kernel"])
   assert not any(l.has_lora for _, l in lora.lora_layers(merged))
@@ -84,41 +89,68 @@ def test_sharded_equals_unsharded(dataset, tmp_path):
   np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-5)
 
 
-def test_scanned_layers_equal_the_unrolled_loop(dataset, tmp_path):
-  # Sharded, rematerialised, with LoRA dropout on (its masks must follow each layer's own stream).
+def test_remat_with_lora_dropout_changes_no_number(dataset, tmp_path):
+  # Sharded, LoRA dropout on: the rematerialised scan recomputes each layer's masks from its own stream.
   common = ["--config.max_steps=3", "--config.epochs=3", "--config.global_batch=16", "--config.micro_batch=4",
-            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.model.remat=full"]
-  config = _config("stage2", dataset, *common, "--config.model.scan_layers=on")
+            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+  config = _config("stage2", dataset, *common, "--config.model.remat=full")
   assert config.lora.dropout > 0
-  trainer.train(config, tmp_path / "scan", log=_quiet)
-  trainer.train(_config("stage2", dataset, *common, "--config.model.scan_layers=off"), tmp_path / "loop", log=_quiet)
-  np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "loop"), rtol=1e-5)
-  scanned, looped = checkpointing.restore_params(tmp_path / "scan"), checkpointing.restore_params(tmp_path / "loop")
-  for x, y in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped)):
+  trainer.train(config, tmp_path / "remat", log=_quiet)
+  trainer.train(_config("stage2", dataset, *common, "--config.model.remat=none"), tmp_path / "plain", log=_quiet)
+  np.testing.assert_allclose(_losses(tmp_path / "remat"), _losses(tmp_path / "plain"), rtol=1e-5)
+  remat, plain = checkpointing.restore_params(tmp_path / "remat"), checkpointing.restore_params(tmp_path / "plain")
+  for x, y in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert json.loads((tmp_path / "scan" / model_setup.RUN_JSON).read_text())["model"]["scan_layers"] == "on"
 
 
-def test_scan_layers_auto_scans_only_a_split_base_on_tpu():
-  # The scan stacks each device's share of the frozen layers (a whole second base on one device),
-  # and on GPU it compiled to more memory than the unrolled loop.
-  config = config_loading.load_config(str(ROOT / "configs/stage2.py") + ":7b")
-  assert config.model.scan_layers == "auto"
-  assert model_setup.scan_layers(config, model_setup.AUTO_SCAN_MIN_SHARDS, "tpu")
-  assert not model_setup.scan_layers(config, 2, "tpu") and not model_setup.scan_layers(config, 1, "tpu")
-  assert not model_setup.scan_layers(config, 8, "gpu") and not model_setup.scan_layers(config, 8, "cpu")
-  config.model.scan_layers = "on"
-  assert model_setup.scan_layers(config, 1, "gpu")
-  config.model.scan_layers = "sometimes"
-  with pytest.raises(UserError, match="scan_layers must be auto, on or off, got 'sometimes'"):
-    model_setup.scan_layers(config, 8, "tpu")
+def test_lora_dropout_masks_differ_between_layers():
+  # One key per stacked layer: reseeding splits the step's key, so layers do not share masks.
+  model = LlamaForCausalLM(LlamaConfig.tiny(num_layers=3), nnx.Rngs(0))
+  lora.attach_lora(model, lora.LoraConfig(rank=2, alpha=4.0, dropout=0.5), nnx.Rngs(1))
+  nnx.reseed(model, dropout=jax.random.key(7), policy="match_shape")
+  keys = jax.random.key_data(model.model.layers.mlp.up_proj.lora_dropout.rngs.key[...])
+  assert keys.shape[0] == 3 and len({tuple(np.asarray(k).ravel()) for k in keys}) == 3
 
 
-def test_scanned_layers_refuse_layers_of_different_structure():
-  model = LlamaForCausalLM(LlamaConfig.tiny(scan_layers=True), nnx.Rngs(0))
-  model.model.layers[1].self_attn.q_proj.attach_lora(lora.LoraConfig(rank=2, alpha=4.0), nnx.Rngs(1))
-  with pytest.raises(ValueError, match="layer 1 differs in structure from layer 0"):
-    model(jnp.zeros((1, 4), jnp.int32))
+def test_trainer_model_is_born_sharded(dataset, tmp_path, monkeypatch):
+  from vtimellm_jax import model_io, sharding
+  from vtimellm_jax.models import load
+  from vtimellm_jax.models.vtimellm import VTimeLLM
+
+  # An unusual width, so no other test's arrays share these shapes.
+  base_config = LlamaConfig.tiny(vocab_size=400, hidden_size=72, intermediate_size=200, num_layers=3, num_heads=4,
+                                 num_kv_heads=4)
+  save_model_dir = tmp_path / "base"
+  load.save_model(VTimeLLM(base_config, nnx.Rngs(5)), save_model_dir)
+  stacked = {(3, 72, 72), (3, 72, 200), (3, 200, 72)}
+  whole = stacked | {s[1:] for s in stacked} | {(400, 72), (72, 400), (768, 72)}
+
+  def offenders():
+    gc.collect()
+    return [(a.shape, a.sharding) for a in jax.live_arrays() if tuple(a.shape) in whole and
+            (len(a.sharding.device_set) == 1 or a.sharding.is_fully_replicated)]
+
+  # Looked at after every restore and every initialisation while the model is assembled, and at the end.
+  seen = []
+
+  def spy(fn):
+    def wrapped(*args, **kwargs):
+      out = fn(*args, **kwargs)
+      seen.append(offenders())
+      return out
+    return wrapped
+
+  monkeypatch.setattr(model_io, "restore_arrays", spy(model_io.restore_arrays))
+  monkeypatch.setattr(load, "_initialise", spy(load._initialise))
+  config = _config("stage2", dataset, f"--config.model.base={save_model_dir}", "--config.mesh.data=1",
+                   "--config.mesh.fsdp=8", "--config.global_batch=8", "--config.micro_batch=1")
+  state = trainer.TrainState(config, sharding.make_mesh(data=1, fsdp=8, tensor=1), None, total_steps=1)
+  assert len(seen) == 2 and seen == [[], []]  # the base's files, then the new adapter and fresh LoRA
+  kernels = {path: v.get_value() for path, v in nnx.to_flat_state(state.frozen) if path[-1] in ("kernel", "embed_tokens")}
+  assert len(kernels) == 1 + 1 + 7 + 1  # embeddings, lm_head, the 7 stacked projections, the adapter
+  for path, array in kernels.items():
+    assert len(array.sharding.device_set) == 8 and not array.sharding.is_fully_replicated, path
+  assert not offenders()
 
 
 def test_gradient_accumulation_gives_the_same_update(dataset, tmp_path):
@@ -190,3 +222,12 @@ def test_non_finite_loss_stops_with_checkpoint_intact(dataset, tmp_path):
   assert f"step {good})" in str(e.value)
   params = checkpointing.restore_params(tmp_path / "w")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_resuming_with_another_lora_rank_is_refused_naming_the_parameters(dataset, tmp_path):
+  common = ["--config.max_steps=1", "--config.epochs=1", "--config.mesh.devices=1", "--config.global_batch=8"]
+  trainer.train(_config("stage2", dataset, *common), tmp_path / "w", log=_quiet)
+  with pytest.raises(UserError, match="does not fit this run's model") as e:
+    trainer.train(_config("stage2", dataset, *common, "--config.lora.rank=4", "--config.max_steps=2"), tmp_path / "w",
+                  log=_quiet)
+  assert "model/layers/mlp/up_proj/lora_a: (2, 64, 8) saved, (2, 64, 4) expected" in str(e.value)

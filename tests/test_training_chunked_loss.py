@@ -78,7 +78,9 @@ def test_chunked_nll_sum_matches_nll_sum_on_the_same_logits():
 
 def test_one_train_step_is_the_same_with_and_without_chunks():
   graphdef, trainable, frozen = _model()
-  optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_ratio=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+  # Adam's first update is lr * g / (|g| + eps): with eps 1e-8 a gradient near 1e-5 turns rounding
+  # differences between the two loss paths into visible update differences; 1e-4 keeps it linear there.
+  optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_ratio=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-4,
                                          max_grad_norm=1.0))
   tx, _ = step_lib.make_optimizer(optim, 10)
   # Two micro-batches of 3 rows, as the trainer's accumulation scan sees them.

@@ -14,7 +14,7 @@ import torch
 from vtimellm_jax import cli
 from vtimellm_jax.convert import clip as convert_clip
 from vtimellm_jax.errors import ConversionError, UserError
-from vtimellm_jax.models import clip as clip_model
+from vtimellm_jax.models import clip as clip_model, load
 
 IMAGE, PATCH, WIDTH, LAYERS, HEADS, MLP, PROJ = 32, 8, 128, 2, 2, 512, 24
 
@@ -44,7 +44,7 @@ def _pixels(n=3, seed=0):
 
 
 def _ours(cfg, params, pixels):
-  return np.asarray(clip_model.from_params(cfg, params).encode_image(jnp.asarray(pixels)))
+  return np.asarray(load.clip_from_params(cfg, params).encode_image(jnp.asarray(pixels)))
 
 
 def _hf_embeds(model, pixels):
@@ -104,7 +104,7 @@ def test_hf_clipmodel_dir_gelu_parity_and_patch_tokens(tmp_path):
   with torch.no_grad():
     vision = model.vision_model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
     expected = model.visual_projection(vision.pooler_output).numpy()
-  out = clip_model.from_params(cfg, params)(jnp.asarray(pixels))
+  out = load.clip_from_params(cfg, params)(jnp.asarray(pixels))
   np.testing.assert_allclose(np.asarray(out.image_embeds), expected, atol=1e-4, rtol=0)
   np.testing.assert_allclose(np.asarray(out.last_hidden_state), vision.last_hidden_state.numpy(), atol=1e-4, rtol=0)
 
@@ -187,7 +187,7 @@ def test_convert_cli_writes_a_loadable_model_dir(tmp_path, capsys):
   assert cli.main(["convert", "clip", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
   meta = json.loads((tmp_path / "out" / "model.json").read_text())
   assert meta["kind"] == "clip" and meta["config"]["width"] == WIDTH
-  loaded = clip_model.load(tmp_path / "out")
+  loaded = load.load_model(tmp_path / "out")
   pixels = _pixels(seed=4)
   np.testing.assert_allclose(np.asarray(loaded.encode_image(jnp.asarray(pixels))), _hf_embeds(model, pixels),
                              atol=1e-4, rtol=0)
@@ -197,7 +197,7 @@ def test_convert_cli_writes_a_loadable_model_dir(tmp_path, capsys):
 
 def test_presets():
   assert clip_model.num_params(clip_model.clip_vit_l14()) == 303_966_208  # OpenAI ViT-L/14's visual tower
-  model = clip_model.init_random(clip_model.tiny(), seed=0)
+  model = load.random_clip(clip_model.tiny(), seed=0)
   assert model.encode_image(jnp.zeros((2, 224, 224, 3))).shape == (2, 768)
 
 

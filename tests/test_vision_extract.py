@@ -11,7 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from vtimellm_jax import cli
-from vtimellm_jax.models import clip as clip_model
+from vtimellm_jax.models import clip as clip_model, load
 from vtimellm_jax.video import preprocess
 
 
@@ -45,7 +45,7 @@ def _reference_features(path, split=None):
 
 @functools.cache
 def _tiny_random_model():
-  return clip_model.init_random(clip_model.tiny(), seed=0)
+  return load.random_clip(clip_model.tiny(), seed=0)
 
 
 @nnx.jit
@@ -165,7 +165,7 @@ def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
   pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
-  expected = np.asarray(_encode(clip_model.init_random(cfg, seed=3), jnp.asarray(pixels)))
+  expected = np.asarray(_encode(load.random_clip(cfg, seed=3), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)
 
 
@@ -177,5 +177,5 @@ def test_tiny_random_64_is_the_tiny_clip_at_64_px(video_dir, tmp_path):
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
   pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
-  expected = np.asarray(_encode(clip_model.init_random(clip_model.tiny(64, 8), seed=2), jnp.asarray(pixels)))
+  expected = np.asarray(_encode(load.random_clip(clip_model.tiny(64, 8), seed=2), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)

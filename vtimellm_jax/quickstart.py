@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.models import time_code
   from vtimellm_jax.video import standardize
-  from vtimellm_jax.video.extract_cli import TINY_RANDOM_SIZES
+  from vtimellm_jax.video.clip_source import TINY_RANDOM_SIZES
 
   if args.size != "tiny" and not args.base:
     raise UserError("--size 7b/13b needs --base <converted Vicuna model directory> (and usually --clip)")

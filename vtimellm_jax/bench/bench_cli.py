@@ -1,7 +1,9 @@
-"""`vtimellm-jax bench {train,decode,clip} [options]`: throughput benchmarks, one JSON line per result.
+"""`vtimellm-jax bench {train,decode,eval,clip,load} [options]`: benchmarks, one JSON line per result.
 
-Each benchmark is also a module (`python -m vtimellm_jax.bench.train --help`); random weights, no
-files needed. Recorded results and their commands: docs/performance.md.
+Each benchmark is also a module (`python -m vtimellm_jax.bench.train --help`). train, decode, eval
+(grounding questions answered one at a time against in batches) and clip use random weights and
+need no files; load measures loading a model directory (or converting an HF LLaMA). Recorded
+results and their commands: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("train", "decode", "clip")
+BENCHMARKS = ("train", "decode", "eval", "clip", "load")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

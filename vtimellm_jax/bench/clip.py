@@ -106,13 +106,13 @@ def main(argv=None) -> int:
   args = _parse_args(argv)
   import jax
 
-  from vtimellm_jax.models import clip as clip_model
-  from vtimellm_jax.video import extract_cli
+  from vtimellm_jax.models import clip as clip_model, load
+  from vtimellm_jax.video import clip_source
 
   cfg = clip_model.PRESETS[args.config]()
-  dtype = extract_cli.compute_dtype(args.dtype)
+  dtype = clip_source.compute_dtype(args.dtype)
   attention = None if args.attention == "auto" else args.attention
-  model = clip_model.init_random(cfg, seed=0, dtype=dtype, attention_impl=attention)
+  model = load.random_clip(cfg, seed=0, dtype=dtype, attention_impl=attention)
   device = jax.devices()[0]
   common = dict(what=f"jax_clip_{args.config}_{dtype.name}", device=device.device_kind, backend=device.platform,
                 attention=args.attention)

@@ -49,11 +49,12 @@ def _dtype(name: str) -> str:
 def random_model(size: str, dtype: str):
   """Returns a LLaMA of preset `size` with random weights created on the device."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
 
   config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
-  # Initialising inside jit builds the weights on the device, without a host copy of 13 GB.
-  return nnx.jit(lambda: LlamaForCausalLM(config, nnx.Rngs(0)))()
+  # A jitted init builds the weights on the device, without a host copy of 13 GB.
+  return load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")
 
 
 def _best_time(fn, repeats: int) -> float:

@@ -33,8 +33,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), per_head on CPU, else XLA")
   parser.add_argument("--loss-chunk", type=int, default=0, metavar="N",
                       help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
-  parser.add_argument("--scan-layers", action="store_true",
-                      help="run the layers as one lax.scan (the 7B/13B stage configs do); default: unrolled")
   parser.add_argument("--lora-rank", type=int, default=64)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
@@ -51,7 +49,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   import numpy as np
   from flax import nnx
 
-  from vtimellm_jax.models import lora
+  from vtimellm_jax.models import load, lora
   from vtimellm_jax.models.llama import LlamaConfig
   from vtimellm_jax.models.vtimellm import VTimeLLM
   from vtimellm_jax.training import step as step_lib
@@ -59,16 +57,14 @@ def run_bench(args: argparse.Namespace) -> dict:
   on_cpu = jax.default_backend() == "cpu"
   dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
   preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[args.size]
-  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention,
-                              scan_layers=args.scan_layers)
+  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention)
 
-  @nnx.jit
   def create():
     model = VTimeLLM(config, nnx.Rngs(0))
     lora.attach_lora(model, lora.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, dropout=0.05), nnx.Rngs(1))
     return model
 
-  model = create()
+  model = load.sharded_model(create, what="the benchmark model")  # random weights, created on the device
   graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
   trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
   optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
@@ -106,7 +102,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   tokens_per_s = b * seq / seconds
   stats = jax.devices()[0].memory_stats() or {}
   return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
-              attention=args.attention, loss_chunk=args.loss_chunk, scan_layers=args.scan_layers,
+              attention=args.attention, loss_chunk=args.loss_chunk,
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
               useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
               peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),

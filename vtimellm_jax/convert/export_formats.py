@@ -44,20 +44,22 @@ def _torch_tensor(array: np.ndarray, dtype: str | None = None):
 
 
 def split_tree(tree: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Returns ({HF name: LLM weight}, {HF name: projector weight}, {peft key: LoRA factor}) of a params tree."""
+  """Returns ({HF name: LLM weight}, {HF name: projector weight}, {peft key: LoRA factor}) of a params tree.
+
+  Stacked layer arrays are split into one entry per layer, in the torch layout.
+  """
   llm, projector, lora, problems = {}, {}, {}, []
   for path, value in model_io.flatten(tree).items():
-    value = np.asarray(value)
-    lora_mapped = table.translate(path, release.PEFT_LORA_TABLE, reverse=True)
-    if lora_mapped is not None:
-      lora[lora_mapped[0]] = lora_mapped[1](value)
+    lora_items = table.unstack(path, value, release.PEFT_LORA_TABLE)
+    if lora_items is not None:
+      lora.update(lora_items)
       continue
-    mapped = table.translate(path, release.RELEASE_TABLE, reverse=True)
-    if mapped is None:
+    items = table.unstack(path, value, release.RELEASE_TABLE)
+    if items is None:
       problems.append(f"no PyTorch name for {path}")
       continue
-    name, transform = mapped
-    (projector if name.startswith("model.mm_projector.") else llm)[name] = transform(value)
+    for name, array in items:
+      (projector if name.startswith("model.mm_projector.") else llm)[name] = array
   if problems:
     raise ConversionError("the model's parameters", problems)
   return llm, projector, lora

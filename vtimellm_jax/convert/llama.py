@@ -1,8 +1,11 @@
 """HF LLaMA/Vicuna weights <-> our parameter tree, as one explicit table used in both directions.
 
-Import reads a HF directory one tensor at a time (at most one shard open), checks every shape
-against an `nnx.eval_shape` skeleton and reports every missing, unexpected or mis-shaped tensor in
-one `ConversionError`. Export is the same table read backwards.
+Import streams an HF directory one tensor at a time (safetensors read without mapping the file,
+`.bin` shards one at a time) into the output arrays, each allocated once in the storage dtype:
+per-layer HF tensors go into their slot of our stacked `model/layers/...` arrays. So converting
+holds the converted model once plus the tensor in hand. Every shape is checked against an
+`nnx.eval_shape` skeleton and every missing, unexpected or mis-shaped tensor is reported in one
+`ConversionError`. Export is the same table read backwards, a layer at a time.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from vtimellm_jax.convert import table, torch_files
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
-# (HF name, our path, transform) -- read forwards on import, backwards on export.
+# (HF name, our path, transform) -- read forwards on import, backwards on export. `{layer}` is the
+# slot along the stacked layers axis of our arrays.
 LLAMA_TABLE: tuple[table.Rule, ...] = (
     ("model.embed_tokens.weight", "model/embed_tokens", table.identity),
     ("model.norm.weight", "model/norm/weight", table.identity),
     ("lm_head.weight", "lm_head/kernel", table.transpose),
-    ("model.layers.{layer}.self_attn.{proj}.weight", "model/layers/{layer}/self_attn/{proj}/kernel", table.transpose),
-    ("model.layers.{layer}.mlp.{proj}.weight", "model/layers/{layer}/mlp/{proj}/kernel", table.transpose),
-    ("model.layers.{layer}.{norm}.weight", "model/layers/{layer}/{norm}/weight", table.identity),
+    ("model.layers.{layer}.self_attn.{proj}.weight", "model/layers/self_attn/{proj}/kernel", table.transpose),
+    ("model.layers.{layer}.mlp.{proj}.weight", "model/layers/mlp/{proj}/kernel", table.transpose),
+    ("model.layers.{layer}.{norm}.weight", "model/layers/{norm}/weight", table.identity),
 )
 # Buffers older checkpoints carry that the model recomputes.
 IGNORED = (r".*rotary_emb\.inv_freq",)
@@ -47,40 +51,65 @@ def abstract_params(config: LlamaConfig, model_cls=LlamaForCausalLM) -> dict[str
 
 def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: dict[str, jax.ShapeDtypeStruct],
                     dtype, source: str, rules=LLAMA_TABLE, ignored=IGNORED) -> dict[str, np.ndarray]:
-  """Returns {path: array in `dtype`} from (file, hf_name, array) triples, or raises listing all problems."""
-  out, problems, seen = {}, [], set()
+  """Returns {path: array in `dtype`} from (file, source name, array) triples, or raises listing all problems.
+
+  Each output array is allocated once, when its first tensor arrives, and filled in place (a
+  stacked array one layer slot at a time), so only the tensor in hand exists beside the output.
+  """
+  out: dict[str, np.ndarray] = {}
+  filled: dict[str, set] = {}
+  problems = []
   for file_name, name, array in tensors:
-    mapped = table.translate(name, rules)
+    mapped = table.to_ours(name, rules)
     if mapped is None:
       if not any(re.fullmatch(p, name) for p in ignored):
         problems.append(f"unexpected tensor {name} (in {pathlib.Path(file_name).name})")
       continue
-    path, transform = mapped
-    seen.add(path)
+    path, layer, transform = mapped
     if path not in expected:
       problems.append(f"tensor {name} maps to {path}, which this config does not have")
       continue
-    value = transform(array)
-    if tuple(value.shape) != tuple(expected[path].shape):
-      problems.append(f"{name}: shape {tuple(array.shape)} does not fit {path} {tuple(expected[path].shape)}")
+    shape = tuple(expected[path].shape)
+    if layer is not None and layer >= shape[0]:
+      problems.append(f"tensor {name}: layer {layer}, but the config has {shape[0]} layers")
       continue
-    out[path] = value.astype(dtype)
-  problems += [f"missing tensor for {path}" for path in expected if path not in seen]
+    slots = filled.setdefault(path, set())  # seen, even if mis-shaped: reported once, not also as missing
+    if layer in slots:
+      problems.append(f"tensor {name} appears twice")
+      continue
+    slots.add(layer)
+    value = transform(array)
+    slot_shape = shape[1:] if layer is not None else shape
+    if tuple(value.shape) != slot_shape:
+      problems.append(f"{name}: shape {tuple(array.shape)} does not fit {path} {slot_shape}")
+      continue
+    if path not in out:
+      out[path] = np.empty(shape, dtype)
+    if layer is None:
+      out[path][...] = value
+    else:
+      out[path][layer] = value
+  for path, struct in expected.items():
+    if path not in filled:
+      problems.append(f"missing tensor for {path}")
+      continue
+    names = table.to_source(path, rules, struct.shape[0] if struct.shape else 0) or []
+    problems += [f"missing tensor {name} (for {path})" for name, layer, _ in names
+                 if layer is not None and layer not in filled[path]]
   if problems:
     raise ConversionError(source, problems)
   return out
 
 
 def to_hf_state_dict(tree: dict, rules=LLAMA_TABLE) -> dict[str, np.ndarray]:
-  """Returns the HF state dict (torch layout, numpy arrays) of a LLaMA parameter tree."""
+  """Returns the HF state dict (torch layout, numpy arrays, one entry per layer) of a LLaMA parameter tree."""
   out, problems = {}, []
   for path, value in model_io.flatten(tree).items():
-    mapped = table.translate(path, rules, reverse=True)
-    if mapped is None:
+    items = table.unstack(path, value, rules)
+    if items is None:
       problems.append(f"no HF name for {path}")
       continue
-    name, transform = mapped
-    out[name] = transform(np.asarray(value))
+    out.update(items)
   if problems:
     raise ConversionError("parameter tree", problems)
   return out

@@ -42,7 +42,7 @@ RELEASE_TABLE = llama.LLAMA_TABLE + PROJECTOR_TABLE
 PEFT_PREFIX = "base_model.model."
 PEFT_LORA_TABLE: tuple[table.Rule, ...] = tuple(
     (f"{PEFT_PREFIX}model.layers.{{layer}}.{block}.{{proj}}.lora_{theirs}.weight",
-     f"model/layers/{{layer}}/{block}/{{proj}}/lora_{ours}", table.transpose)
+     f"model/layers/{block}/{{proj}}/lora_{ours}", table.transpose)
     for block in ("self_attn", "mlp") for theirs, ours in (("A", "a"), ("B", "b")))
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,8 +75,9 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """Returns {HF name: torch-layout shape} of every VTimeLLM weight (projector included)."""
   shapes = {}
   for path, struct in llama.abstract_params(config, VTimeLLM).items():
-    name, transform = table.translate(path, RELEASE_TABLE, reverse=True)
-    shapes[name] = transform(np.empty(struct.shape, np.int8)).shape
+    for name, layer, transform in table.to_source(path, RELEASE_TABLE, struct.shape[0]):
+      slot = struct.shape[1:] if layer is not None else struct.shape
+      shapes[name] = transform(np.empty(slot, np.int8)).shape
   return shapes
 
 
@@ -249,29 +250,35 @@ def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], 
 
 
 def _kept_lora(stage: Stage, config: LlamaConfig, problems: list[str]) -> tuple[dict, dict]:
-  """Returns (our {path: array} of the unmerged LoRA factors, model.json's "lora" entry)."""
-  params, scalings, targets = {}, set(), set()
+  """Returns (our {path: stacked array} of the unmerged LoRA factors, model.json's "lora" entry)."""
+  slots: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # our layer path -> {layer: (A, B)}
+  scalings, targets = set(), set()
   for name, (a, b, scaling) in stage.lora.items():
-    mapped = table.translate(name, llama.LLAMA_TABLE)
+    mapped = table.to_ours(name, llama.LLAMA_TABLE)
     module = name.rsplit(".", 2)[-2]
-    if mapped is None or module not in lora_lib.ALL_TARGETS:
+    if mapped is None or mapped[1] is None or module not in lora_lib.ALL_TARGETS:
       problems.append(f"{stage.folder}: --keep-lora supports LoRA on {', '.join(lora_lib.ALL_TARGETS)} only, not {name}")
       continue
-    layer_path = mapped[0].rsplit("/", 1)[0]
-    params[f"{layer_path}/lora_a"], params[f"{layer_path}/lora_b"] = table.transpose(a), table.transpose(b)
+    kernel_path, layer, _ = mapped
+    slots.setdefault(kernel_path.rsplit("/", 1)[0], {})[layer] = (a, b)
     scalings.add((a.shape[0], scaling))
     targets.add(module)
   if len(scalings) > 1:
     problems.append(f"{stage.folder}: --keep-lora needs one rank and alpha for every layer, found {sorted(scalings)}")
-  expected = {f"{layer}/{target}" for layer in range(config.num_layers) for target in targets}
-  covered = {p.split("/")[2] + "/" + p.split("/")[4] for p in params}
-  if expected - covered:
+  missing = sorted(f"{layer}/{path.rsplit('/', 1)[1]}" for path, held in slots.items()
+                   for layer in range(config.num_layers) if layer not in held)
+  if missing:
     problems.append(f"{stage.folder}: --keep-lora needs LoRA on every layer of each target; missing "
-                    f"{', '.join(sorted(expected - covered))} (layer/target)")
+                    f"{', '.join(missing)} (layer/target)")
   if not stage.lora:
     problems.append(f"{stage.folder}: --keep-lora, but this folder holds no LoRA factors to keep")
-  if not params or problems:
+  if not slots or problems:
     return {}, {}
+  params = {}
+  for path, held in slots.items():
+    # peft's A [r, in] and B [out, r] become our lora_a [L, in, r] and lora_b [L, r, out].
+    params[f"{path}/lora_a"] = np.stack([table.transpose(held[i][0]) for i in range(config.num_layers)])
+    params[f"{path}/lora_b"] = np.stack([table.transpose(held[i][1]) for i in range(config.num_layers)])
   rank, scaling = scalings.pop()
   return params, {"rank": rank, "alpha": scaling * rank, "targets": sorted(targets)}
 

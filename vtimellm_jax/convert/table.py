@@ -1,9 +1,13 @@
-"""Name-mapping tables read in both directions: `source.{layer}.name` <-> `our/{layer}/path`.
+"""Name-mapping tables read in both directions: `source.{layer}.name` <-> `our/path`.
 
 A rule is (source template, our template, transform). Templates name their variable parts in
 braces; `FIELDS` says what each part may match. The same rule maps a source name to our path on
-import and our path back to the source name on export; transforms are involutions (identity or
+import and our path back to the source names on export; transforms are involutions (identity or
 transpose), so one function serves both ways.
+
+Stacking: a `{layer}` field that the source template has and our template lacks is the index along
+our array's leading (layers) axis. Import puts `model.layers.3.mlp.up_proj.weight` into slot 3 of
+`model/layers/mlp/up_proj/kernel` [L, in, out]; export reads slot 3 back out under that name.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ FIELDS = {
     "proj": r"[a-z]+_proj",
     "norm": r"input_layernorm|post_attention_layernorm",
 }
+LAYER = "layer"
 
 
 def identity(w: np.ndarray) -> np.ndarray:
@@ -26,11 +31,12 @@ def identity(w: np.ndarray) -> np.ndarray:
 
 
 def transpose(w: np.ndarray) -> np.ndarray:
-  """torch Linear weight [out, in] <-> our kernel [in, out]."""
-  return np.ascontiguousarray(np.swapaxes(w, -1, -2))
+  """torch Linear weight [out, in] <-> our kernel [in, out] (a view)."""
+  return np.swapaxes(w, -1, -2)
 
 
-Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
+Transform = Callable[[np.ndarray], np.ndarray]
+Rule = tuple[str, str, Transform]
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,11 +46,40 @@ def _pattern(template: str) -> re.Pattern:
   return re.compile(regex)
 
 
-def translate(name: str, rules: Sequence[Rule], reverse: bool = False) -> tuple[str, Callable] | None:
-  """Returns (translated name, transform) for the first rule matching `name`, or None."""
+def _stacked(source: str, ours: str) -> bool:
+  field = "{" + LAYER + "}"
+  return field in source and field not in ours
+
+
+def to_ours(name: str, rules: Sequence[Rule]) -> tuple[str, int | None, Transform] | None:
+  """Returns (our path, slot along its layers axis or None, transform) for the first rule matching `name`."""
   for source, ours, transform in rules:
-    match_from, write_to = (ours, source) if reverse else (source, ours)
-    match = _pattern(match_from).fullmatch(name)
+    match = _pattern(source).fullmatch(name)
     if match:
-      return write_to.format(**match.groupdict()), transform
+      fields = match.groupdict()
+      layer = int(fields.pop(LAYER)) if _stacked(source, ours) else None
+      return ours.format(**fields), layer, transform
   return None
+
+
+def to_source(path: str, rules: Sequence[Rule], layers: int = 0) -> list[tuple[str, int | None, Transform]] | None:
+  """Returns [(source name, slot of our array or None, transform)] of our `path`, or None if no rule matches.
+
+  A stacked path gives one name per slot of its leading axis (`layers` of them).
+  """
+  for source, ours, transform in rules:
+    match = _pattern(ours).fullmatch(path)
+    if match:
+      fields = match.groupdict()
+      if _stacked(source, ours):
+        return [(source.format(**fields, **{LAYER: i}), i, transform) for i in range(layers)]
+      return [(source.format(**fields), None, transform)]
+  return None
+
+
+def unstack(path: str, array, rules: Sequence[Rule]):
+  """Yields (source name, array in the source layout) of one of our arrays, a layer at a time; None if unmapped."""
+  names = to_source(path, rules, array.shape[0] if np.ndim(array) else 0)
+  if names is None:
+    return None
+  return ((name, transform(np.asarray(array if layer is None else array[layer]))) for name, layer, transform in names)

@@ -11,7 +11,7 @@ import json
 import pathlib
 from collections.abc import Iterator
 
-import jax
+import ml_dtypes
 import numpy as np
 
 from vtimellm_jax.errors import UserError
@@ -21,14 +21,13 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def _to_numpy(tensor) -> np.ndarray:
-  if not hasattr(tensor, "detach"):  # a jax array
-    return np.asarray(tensor)
   import torch
 
+  tensor = tensor.detach().cpu()
   if tensor.dtype == torch.bfloat16:
-    # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
-    tensor = tensor.float()
-  return tensor.detach().cpu().numpy()
+    # numpy has no native bfloat16: reinterpret the bits as ml_dtypes' bfloat16 (no widening).
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
 
 
 def _torch_state_dict(path: pathlib.Path) -> dict:
@@ -62,7 +61,8 @@ def _is_zip(path: pathlib.Path) -> bool:
 def iter_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, array) of a `.safetensors`, `.bin` or `.pt` file one tensor at a time.
 
-  bfloat16 is widened to float32 (numpy has no bfloat16); only one tensor is materialised at once.
+  bfloat16 stays bfloat16 (ml_dtypes). Safetensors are read tensor by tensor with plain reads, not
+  memory-mapped, so pages of tensors already converted do not stay resident in this process.
   """
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
@@ -73,24 +73,52 @@ def iter_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
       yield name, _to_numpy(value)
 
 
-def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import safe_open
+# safetensors' dtype names -> numpy.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
+
+def _safetensors_header(path: pathlib.Path, f) -> tuple[dict, int]:
+  """Returns (header {name: {dtype, shape, data_offsets}}, byte offset of the data) of an open file."""
+  size = path.stat().st_size
+  prefix = f.read(8)
+  if len(prefix) < 8:
+    raise UserError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+  length = int.from_bytes(prefix, "little")
+  if length > size - 8:
+    raise UserError(f"{path}: not a safetensors file (header length {length} exceeds the file's {size} bytes)")
+  try:
+    header = json.loads(f.read(length))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: unreadable safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise UserError(f"{path}: unreadable safetensors header (not a JSON object)")
+  header.pop("__metadata__", None)
+  return header, 8 + length
+
+
+def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   if not path.is_file():
     raise UserError(f"{path}: file not found")
-  try:
-    import torch  # noqa: F401
-    framework = "pt"
-  except ImportError:
-    framework = "flax"  # jax arrays; numpy holds their bfloat16 through ml_dtypes
-  try:
-    handle = safe_open(str(path), framework=framework)
-  except Exception as e:
-    raise UserError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
-  with handle as f:
-    for name in f.keys():
-      with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        yield name, _to_numpy(f.get_tensor(name))
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    header, data_start = _safetensors_header(path, f)
+    for name, info in header.items():
+      try:
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(v) for v in info["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: tensor {name}: unsupported or malformed entry {info!r} "
+                        f"(dtypes read: {', '.join(_SAFETENSORS_DTYPES)})") from None
+      count = int(np.prod(shape, dtype=np.int64))
+      if end - begin != count * dtype.itemsize or data_start + end > size:
+        raise UserError(f"{path}: tensor {name}: its bytes [{begin}, {end}) do not hold {info['dtype']} {list(shape)} "
+                        "within the file (truncated?)")
+      f.seek(data_start + begin)
+      yield name, np.fromfile(f, dtype=dtype, count=count).reshape(shape)
 
 
 def load_weight_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:

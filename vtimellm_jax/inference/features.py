@@ -65,9 +65,9 @@ class ClipFeaturizer:
   def _load(self):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from vtimellm_jax.video import extract_cli  # pylint: disable=g-import-not-at-top
+    from vtimellm_jax.video import clip_source  # pylint: disable=g-import-not-at-top
 
-    model = extract_cli.load_clip(self.clip_spec, extract_cli.compute_dtype(self.dtype))
+    model = clip_source.load_clip(self.clip_spec, clip_source.compute_dtype(self.dtype))
     graphdef, state = nnx.split(model)
     encode = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels))
     self._encode = lambda pixels: encode(state, pixels)

@@ -257,40 +257,6 @@ def flatten(nested: dict[str, Any]) -> dict[str, Any]:
   return model_io.flatten(nested, sep=".")
 
 
-def from_params(cfg: ClipVisionConfig, params: dict[str, Any], *, dtype=jnp.float32, param_dtype=None,
-                attention_impl: str | None = None, source: str = "params") -> ClipVision:
-  """Returns a ClipVision holding `params` (flat or nested), every name and shape checked.
-
-  `param_dtype` (default: `dtype`) is what the weights are stored as on the device; LayerNorms
-  always compute in float32.
-  """
-  param_dtype = dtype if param_dtype is None else param_dtype
-  flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
-  model = nnx.eval_shape(lambda: ClipVision(cfg, dtype=dtype, param_dtype=param_dtype,
-                                            attention_impl=attention_impl, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  problems = []
-  seen = set()
-  for path, var in nnx.to_flat_state(state):
-    name = _dotted(path)
-    if not isinstance(var, nnx.Param):
-      continue
-    seen.add(name)
-    if name not in flat:
-      problems.append(f"missing parameter {name} {tuple(var.get_value().shape)}")
-      continue
-    value = flat[name]
-    expected = tuple(var.get_value().shape)
-    if tuple(np.shape(value)) != expected:
-      problems.append(f"{name}: shape {tuple(np.shape(value))}, expected {expected}")
-      continue
-    var.set_value(jnp.asarray(value, dtype=param_dtype))
-  problems += [f"unexpected parameter {name}" for name in sorted(set(flat) - seen)]
-  if problems:
-    raise UserError(f"{source}: parameters do not fit {cfg}:\n" + "\n".join(f"  - {p}" for p in problems))
-  return nnx.merge(graphdef, state)
-
-
 def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]:
   """Returns flat random float32 parameters: N(0, 1/fan_in) kernels, N(0, 0.02) embeddings, LN at identity.
 
@@ -312,19 +278,6 @@ def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]
   return out
 
 
-def init_random(cfg: ClipVisionConfig, seed: int = 0, **kwargs) -> ClipVision:
-  """Returns a ClipVision with `random_params(cfg, seed)` (for `--clip tiny-random` and tests)."""
-  return from_params(cfg, random_params(cfg, seed), source=f"random(seed={seed})", **kwargs)
-
-
 def num_params(cfg: ClipVisionConfig) -> int:
   """Returns the number of parameters of a model with this config."""
   return sum(math.prod(s.shape) for s in abstract_params(cfg).values())
-
-
-def load(directory, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None) -> ClipVision:
-  """Returns the ClipVision stored in a model directory written by `convert clip`."""
-  meta = model_io.read_model_json(directory, kind="clip")
-  cfg = ClipVisionConfig.from_dict(meta["config"], source=f"{directory}/{model_io.MODEL_JSON}")
-  return from_params(cfg, model_io.load_params(directory), dtype=dtype, param_dtype=param_dtype,
-                     attention_impl=attention_impl, source=str(directory))

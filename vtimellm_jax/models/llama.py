@@ -1,10 +1,18 @@
 """LLaMA / Vicuna decoder in Flax NNX, numerically the HF `LlamaForCausalLM`.
 
-Parameter names mirror HF (`model.layers.N.self_attn.q_proj`, `input_layernorm`, `lm_head`) so
-conversion is a table (see `vtimellm_jax/convert/llama.py`). Kernels are stored [in, out]. RoPE
-uses HF's rotate-half layout, so HF q/k weights load without permutation.
+Parameter names mirror HF (`input_layernorm`, `self_attn.q_proj`, `lm_head`) so conversion is a
+table (see `vtimellm_jax/convert/llama.py`). Kernels are stored [in, out]. RoPE uses HF's
+rotate-half layout, so HF q/k weights load without permutation.
 
-Shapes: B batch, T query length, S key length, D model width, N query heads, K kv heads, H head dim.
+The decoder layers are one module whose variables are stacked along a leading `layers` axis
+(`model/layers/self_attn/q_proj/kernel` is [L, D, N*H]), created by `nnx.vmap` over the layer
+constructor and run as one `lax.scan` in training, prefill and decode alike: XLA compiles one layer
+body, and nothing restacks weights inside a step. The KV cache is one stacked pair [L, B, S, K, H]
+that the scan carries and writes in place. HF's per-layer names (`model.layers.N.`) live only in
+the conversion tables.
+
+Shapes: L layers, B batch, T query length, S key length, D model width, N query heads, K kv heads,
+H head dim.
 """
 
 from __future__ import annotations
@@ -13,17 +21,19 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vtimellm_jax import sharding
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import per_head_attention
 from vtimellm_jax.models.lora import Linear
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACTIVATION_AXES = ("batch", None, None)  # [B, T, D] between layers
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "per_head")
 
 
@@ -44,10 +54,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage of the (frozen) base weights
   attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel) | per_head (CPU)
-  remat: str = "none"  # none | full | save_dots
-  # Training / prefill without a cache run the layers as one `lax.scan` over their stacked
-  # variables: XLA compiles one layer body instead of num_layers copies (LlamaModel._scan_layers).
-  scan_layers: bool = False
+  remat: str = "none"  # none | full | save_dots (applied to the scanned layer body)
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
@@ -244,7 +251,6 @@ def splash_attention(q_btnh, k_btkh, v_btkh, lengths_b):
   batch (and heads) via shard_map, as a Pallas call cannot be partitioned by XLA.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.training import sharding  # the logical-axis rule table  # pylint: disable=g-import-not-at-top
 
   t, h = q_btnh.shape[1], q_btnh.shape[3]
   pad = -t % _SPLASH_PAD
@@ -272,8 +278,15 @@ def splash_attention(q_btnh, k_btkh, v_btkh, lengths_b):
                        out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, lengths_b)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer: float[L, B, S, K, H] each, carried through the layer scan."""
+
+  k: jax.Array
+  v: jax.Array
+
+
 class LlamaAttention(nnx.Module):
-  """Causal self-attention with grouped KV heads and an optional KV cache."""
+  """Causal self-attention with grouped KV heads and an optional (stacked) KV cache."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     self.config = config
@@ -284,12 +297,13 @@ class LlamaAttention(nnx.Module):
     self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **kw)
     self.o_proj = Linear(n * h, d, axes=("q_heads", "embed"), **kw)
 
-  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, cache_index_b=None):
+  def __call__(self, x_btd, cos, sin, lengths_b, cache: KVCache | None = None, layer=None, cache_index_b=None):
     """Returns (out float[B, T, D], updated cache or None).
 
     Without a cache: causal attention over the T tokens, keys past each row's length masked
-    (right padding). With a cache {"k","v": [B, S, K, H]}: the T new tokens of row b are written
-    at cache_index_b[b] onward and attend to cache slots < cache_index_b[b] + t + 1.
+    (right padding). With the stacked cache and this layer's index `layer`: the T new tokens of
+    row b are written at cache_index_b[b] onward in the layer's slot and attend to cache slots
+    < cache_index_b[b] + t + 1.
     """
     cfg = self.config
     b, t, _ = x_btd.shape
@@ -308,16 +322,17 @@ class LlamaAttention(nnx.Module):
       )
       new_cache = None
     else:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-      k_all = write(cache["k"], k.astype(cache["k"].dtype), cache_index_b)
-      v_all = write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)
-      s = k_all.shape[1]
+      # One scatter per array into the layer's slot of the carried cache, updated in place.
       query_pos = cache_index_b[:, None] + jnp.arange(t)[None, :]  # [B, T]
-      mask = jnp.arange(s)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
+      rows = jnp.arange(b)[:, None]
+      new_cache = KVCache(cache.k.at[layer, rows, query_pos].set(k.astype(cache.k.dtype)),
+                          cache.v.at[layer, rows, query_pos].set(v.astype(cache.v.dtype)))
+      k_all, v_all = new_cache.k[layer], new_cache.v[layer]  # [B, S, K, H]
+      s_len = k_all.shape[1]
+      mask = jnp.arange(s_len)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
       out = jax.nn.dot_product_attention(
           q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[:, None], implementation="xla"
       )
-      new_cache = {"k": k_all, "v": v_all}
     return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_size)), new_cache
 
 
@@ -344,8 +359,8 @@ class LlamaDecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
     self.mlp = LlamaMLP(config, rngs)
 
-  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, cache_index_b=None):
-    h, new_cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, lengths_b, cache, cache_index_b)
+  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, layer=None, cache_index_b=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, lengths_b, cache, layer, cache_index_b)
     x_btd = x_btd + h
     x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
     return x_btd, new_cache
@@ -358,13 +373,13 @@ _REMAT_POLICIES = {
 
 
 class LlamaModel(nnx.Module):
-  """Embeddings, decoder layers and the final norm (HF `LlamaModel`)."""
+  """Embeddings, the stacked decoder layers and the final norm (HF `LlamaModel`)."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     self.config = config
     embed = nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), config.storage_dtype)
     self.embed_tokens = nnx.Param(embed, out_sharding=("vocab", "embed"), eager_sharding=False)
-    self.layers = nnx.List([LlamaDecoderLayer(config, rngs) for _ in range(config.num_layers)])
+    self.layers = stacked_layers(config, rngs)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
 
   def embed(self, input_ids_bt: jax.Array) -> jax.Array:
@@ -372,59 +387,54 @@ class LlamaModel(nnx.Module):
     ids = jnp.where(input_ids_bt < 0, 0, input_ids_bt)
     return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.config.compute_dtype)
 
-  def __call__(self, inputs_embeds_btd, positions_bt, lengths_b, cache=None, cache_index_b=None, return_hidden_states=False):
-    """Returns (final hidden float[B, T, D], per-layer caches or None, hidden states tuple or None)."""
-    cfg = self.config
-    cos, sin = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta)
-    x = inputs_embeds_btd.astype(cfg.compute_dtype)
-    hidden_states = [x] if return_hidden_states else None
-    new_caches = [] if cache is not None else None
-    if cfg.scan_layers and cache is None and not return_hidden_states:
-      return self.norm(self._scan_layers(x, cos, sin, lengths_b)), None, None
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else cache[i]
-      if cfg.remat != "none" and cache is None:
-        call = nnx.remat(lambda mod, *a: mod(*a), policy=_REMAT_POLICIES[cfg.remat])
-        x, c = call(layer, x, cos, sin, lengths_b)
-      else:
-        x, c = layer(x, cos, sin, lengths_b, layer_cache, cache_index_b)
-      if new_caches is not None:
-        new_caches.append(c)
-      if return_hidden_states:
-        hidden_states.append(x)
-    x = self.norm(x)
-    if return_hidden_states:
-      hidden_states[-1] = x  # HF reports the last layer's output after the final norm
-    return x, new_caches, (tuple(hidden_states) if return_hidden_states else None)
+  def __call__(self, inputs_embeds_btd, positions_bt, lengths_b, cache: KVCache | None = None, cache_index_b=None,
+               return_hidden_states=False):
+    """Returns (final hidden float[B, T, D], updated KVCache or None, hidden states tuple or None).
 
-  def _scan_layers(self, x_btd, cos, sin, lengths_b):
-    """Returns the last layer's output, the layers run as one `lax.scan` over their stacked variables.
-
-    The layers stay a list (checkpoints, conversion and LoRA see one module per layer); their
-    variables are stacked inside the traced step, for the frozen weights a copy of each device's
-    shard of the base. In return XLA compiles one layer body, and the 7B step needs less memory on
-    TPU slices (more on GPU; docs/performance.md). Dropout streams are stacked too, so each layer
-    draws from its own key exactly as in the unrolled loop.
+    The layers run as one `lax.scan` over their stacked variables; with a cache the scan carries
+    it and each layer writes its own slot.
     """
     cfg = self.config
-    graphdef, first = nnx.split(self.layers[0])
-    states = [first]
-    for i, layer in enumerate(self.layers[1:], start=1):
-      layer_def, state = nnx.split(layer)
-      if layer_def != graphdef:
-        raise ValueError(f"scan_layers: layer {i} differs in structure from layer 0 (e.g. LoRA on some layers only)")
-      states.append(state)
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    cos, sin = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta)
+    x = sharding.constrain(inputs_embeds_btd.astype(cfg.compute_dtype), ACTIVATION_AXES)
+    graphdef, state = nnx.split(self.layers)
 
-    def body(x, state):
-      # Updates to the merged copy (dropout counters) are dropped: the trainer reseeds every step.
-      out, _ = nnx.merge(graphdef, state)(x, cos, sin, lengths_b)
-      return out, None
+    def body(carry, xs):
+      x, cache = carry
+      layer_state, index = xs
+      layer = nnx.merge(graphdef, layer_state)
+      x, cache = layer(x, cos, sin, lengths_b, cache, index, cache_index_b)
+      # The carry keeps the batch split over the data axes in every iteration.
+      x = sharding.constrain(x, ACTIVATION_AXES)
+      # The layer's dropout counters advance; they go back to the stack after the scan.
+      return (x, cache), (x if return_hidden_states else None, nnx.state(layer, nnx.RngCount))
 
-    if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-    x_btd, _ = jax.lax.scan(body, x_btd, stacked)
-    return x_btd
+    if cfg.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    (x, cache), (per_layer, counts) = jax.lax.scan(body, (x, cache), (state, jnp.arange(cfg.num_layers)))
+    nnx.update(self.layers, counts)
+    x = self.norm(x)
+    if not return_hidden_states:
+      return x, cache, None
+    # HF reports the embeddings, each layer's output, and the last one after the final norm.
+    hidden_states = (inputs_embeds_btd.astype(cfg.compute_dtype), *per_layer[:-1], x)
+    return x, cache, hidden_states
+
+
+def stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+  """Returns the decoder layers as one module whose variables lead with a `layers` axis of size L.
+
+  Each layer draws its initial weights from its own split of `rngs`; the axis carries the logical
+  name "layers" in every variable's sharding names.
+  """
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return LlamaDecoderLayer(config, rngs)
+
+  return make(rngs)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -446,9 +456,9 @@ class LlamaForCausalLM(nnx.Module):
     logits = self.lm_head(hidden)
     return (logits, states) if return_hidden_states else logits
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
-    """Returns zeroed per-layer KV caches {"k","v": [B, max_len, K, H]}."""
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Returns the zeroed KV cache of every layer: k, v float[L, B, max_len, K, H]."""
     cfg = self.config
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_size)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size)
     dtype = dtype or cfg.compute_dtype
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

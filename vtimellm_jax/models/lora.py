@@ -7,11 +7,17 @@ selected with `BASE_PARAMS` below, never with plain `nnx.Param`.
 
 y = x @ W + (alpha / r) * dropout(x) @ A @ B, as peft's `lora.Linear` computes it (peft stores
 A as [r, in] and B as [out, r]; conversion transposes).
+
+A `Linear` inside the LLaMA decoder's stacked layers holds every layer's weights at once: kernel
+[L, in, out], lora_a [L, in, r], lora_b [L, r, out], each dropout stream one key per layer.
+Attaching and merging work on the whole stack; the forward pass sees one layer's slice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -22,6 +28,13 @@ from flax import nnx
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+# Attribute names of what attaching LoRA adds to a `Linear`.
+LORA_NAMES = ("lora_a", "lora_b", "lora_dropout")
+
+
+def is_lora_path(path: Sequence[str]) -> bool:
+  """Returns whether a variable path names a LoRA factor or LoRA dropout stream."""
+  return any(key in LORA_NAMES for key in path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +96,14 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
-      h = self.lora_dropout(x) if self.lora_dropout is not None else x
       # LoRA factors are kept in fp32 for the optimizer and computed in the layer dtype.
-      h = (h @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+      a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+      dropout = self.lora_dropout
+      if dropout is None or dropout.deterministic or dropout.rate == 0:
+        h = (x @ a) @ b
+      else:
+        # One key per call, drawn as nnx.Dropout draws it, so the masks are the ones it would apply.
+        h = dropout_lora(x, a, b, dropout.rngs(), dropout.rate)
       y = y + h * jnp.asarray(self.lora_scaling, self.dtype)
     return y
 
@@ -94,28 +112,97 @@ class Linear(nnx.Module):
     return self.lora_a is not None
 
   def attach_lora(self, config: LoraConfig, rngs: nnx.Rngs, param_dtype=jnp.float32) -> None:
-    """Adds fresh factors: A ~ kaiming-uniform as peft does, B = 0, so the output is unchanged."""
+    """Adds fresh factors: A ~ kaiming-uniform as peft does, B = 0, so the output is unchanged.
+
+    On a stacked kernel [L, in, out] every layer gets its own A [L, in, r] and dropout key.
+    """
     if self.has_lora:
       raise ValueError("this layer already has LoRA factors; merge them first")
+    lead, lead_axes = self.stack_shape, self.stack_axes
     # peft initialises A with kaiming_uniform(a=sqrt(5)) on [r, in]: bound = 1 / sqrt(in).
     bound = 1.0 / (self.in_features**0.5)
-    a = jax.random.uniform(rngs.params(), (self.in_features, config.rank), param_dtype, -bound, bound)
-    self.lora_a = nnx.data(_param(nnx.LoRAParam, a, (self.axes[0], None)))
-    self.lora_b = nnx.data(_param(nnx.LoRAParam, jnp.zeros((config.rank, self.out_features), param_dtype), (None, self.axes[1])))
+    a = jax.random.uniform(rngs.params(), (*lead, self.in_features, config.rank), param_dtype, -bound, bound)
+    b = jnp.zeros((*lead, config.rank, self.out_features), param_dtype)
+    self.lora_a = nnx.data(_param(nnx.LoRAParam, a, (*lead_axes, self.axes[0], None)))
+    self.lora_b = nnx.data(_param(nnx.LoRAParam, b, (*lead_axes, None, self.axes[1])))
     self.lora_scaling = config.scaling
-    # The trainer reseeds the "dropout" stream every step, so dropout masks follow the step number.
-    dropout_rngs = nnx.Rngs(dropout=rngs.params())
-    self.lora_dropout = nnx.data(nnx.Dropout(config.dropout, rngs=dropout_rngs) if config.dropout > 0 else None)
+    self.lora_dropout = nnx.data(_dropout(config.dropout, rngs.params(), lead) if config.dropout > 0 else None)
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """The leading (layer) dimensions of a stacked kernel; () for a plain one."""
+    return tuple(self.kernel.shape[:-2])
+
+  @property
+  def stack_axes(self) -> tuple:
+    """The logical names of the stacked kernel's leading dimensions."""
+    names = self.kernel.get_metadata().get("out_sharding") or ()
+    return tuple(names[:len(self.stack_shape)]) if names else (None,) * len(self.stack_shape)
 
   def merge_lora(self) -> None:
     """Folds the factors into the kernel (W + alpha/r * A @ B, in fp32) and removes them."""
     if not self.has_lora:
       return
-    kernel = self.kernel[...]
-    delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)
-    self.kernel[...] = (kernel.astype(jnp.float32) + self.lora_scaling * delta).astype(kernel.dtype)
+    self.kernel.set_value(_merged_kernel(self.kernel.get_value(), self.lora_a.get_value(), self.lora_b.get_value(),
+                                         self.lora_scaling))
     self.lora_a = self.lora_b = self.lora_dropout = nnx.data(None)
     self.lora_scaling = 0.0
+
+
+def _keep_scale(key: jax.Array, rate: float, x: jax.Array) -> jax.Array:
+  """Returns the dropout factor of every element of x: 0 where `nnx.Dropout` drops it with `key`, else 1 / (1 - rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dropout_lora(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+  """Returns (dropout(x) @ a) @ b, the mask drawn from `key` as `nnx.Dropout` draws it.
+
+  The backward pass draws the mask again from the key instead of keeping the masked input: per
+  LoRA projection that saves an activation-sized array and its mask, which the rematerialised
+  layer would otherwise hold while its gradients are computed (q, k and v each mask their shared
+  input differently).
+  """
+  return ((x * _keep_scale(key, rate, x)) @ a) @ b
+
+
+def _dropout_lora_fwd(x, a, b, key, rate):
+  ha = (x * _keep_scale(key, rate, x)) @ a
+  return ha @ b, (x, a, b, key, ha)
+
+
+def _dropout_lora_bwd(rate, residuals, g):
+  x, a, b, key, ha = residuals
+  scale = _keep_scale(key, rate, x)
+  g_ha = g @ b.T
+  grad_b = jnp.einsum("...r,...o->ro", ha, g).astype(b.dtype)
+  grad_a = jnp.einsum("...i,...r->ir", x * scale, g_ha).astype(a.dtype)
+  # Dropout is linear in x: its transpose applies the same factors to the cotangent.
+  grad_x = ((g_ha @ a.T) * scale).astype(x.dtype)
+  return grad_x, grad_a, grad_b, None
+
+
+dropout_lora.defvjp(_dropout_lora_fwd, _dropout_lora_bwd)
+
+
+def _dropout(rate: float, key: jax.Array, lead: tuple[int, ...]) -> nnx.Dropout:
+  """Returns a Dropout whose stream holds one key per stacked layer (shape `lead`)."""
+  # The trainer reseeds the "dropout" stream every step, so dropout masks follow the step number.
+  dropout = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=key))
+  if lead:
+    dropout.rngs.key.set_value(jax.random.split(key, lead))
+    dropout.rngs.count.set_value(jnp.zeros(lead, jnp.uint32))
+  return dropout
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _merged_kernel(kernel, a, b, scaling: float):
+  """Returns kernel + scaling * a @ b in the kernel's dtype and sharding; the old kernel's buffer is donated."""
+  delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+  merged = (kernel.astype(jnp.float32) + scaling * delta).astype(kernel.dtype)
+  sharding = getattr(kernel, "sharding", None)
+  return jax.lax.with_sharding_constraint(merged, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else merged
 
 
 def lora_layers(model: nnx.Module, targets: Sequence[str] = ALL_TARGETS) -> Iterator[tuple[tuple, Linear]]:
@@ -126,18 +213,19 @@ def lora_layers(model: nnx.Module, targets: Sequence[str] = ALL_TARGETS) -> Iter
 
 
 def attach_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
-  """Attaches fresh LoRA factors to every targeted projection; returns how many layers got one."""
-  layers = list(lora_layers(model, config.targets))
-  for _, layer in layers:
+  """Attaches fresh LoRA factors to every targeted projection; returns how many per-layer projections got one."""
+  count = 0
+  for _, layer in lora_layers(model, config.targets):
     layer.attach_lora(config, rngs)
-  return len(layers)
+    count += math.prod(layer.stack_shape)
+  return count
 
 
 def merge_lora(model: nnx.Module) -> int:
-  """Merges every LoRA into its base kernel; returns how many layers were merged."""
+  """Merges every LoRA into its base kernel; returns how many per-layer projections were merged."""
   merged = 0
   for _, layer in lora_layers(model):
     if layer.has_lora:
+      merged += math.prod(layer.stack_shape)
       layer.merge_lora()
-      merged += 1
   return merged

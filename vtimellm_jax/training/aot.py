@@ -23,10 +23,11 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import topologies
+from vtimellm_jax import sharding
 from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import llama
-from vtimellm_jax.training import gpu_targets, sharding, trainer
+from vtimellm_jax.training import gpu_targets, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +199,7 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
   log(f"[{config.stage}] AOT for {topology.name}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} "
       f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters; "
       f"attention {attention}, loss chunk {config.model.loss_chunk or 'off'}, "
-      f"layers {'scanned' if state.model_config.scan_layers else 'unrolled'}, remat {state.model_config.remat}")
+      f"{state.model_config.num_layers} layers scanned, remat {state.model_config.remat}")
   args = (state.trainable, state.opt_state, state.frozen, batch, step_index, key)
   try:
     compiled = state.jit_step().lower(*args).compile()

@@ -12,9 +12,12 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from vtimellm_jax import model_io
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import load
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -63,15 +66,33 @@ class TrainCheckpointer:
     self.manager.close()
 
 
-def restore_params(workdir: str | pathlib.Path, step: int | None = None) -> dict | None:
-  """Returns the trained parameters (nested dict) of a workdir's latest (or given) checkpoint, or None."""
-  path = workdir_path(workdir) / CHECKPOINT_DIR
-  if not path.is_dir():
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+  """Returns the newest checkpoint step of a workdir, or None when it has none."""
+  if not (workdir_path(workdir) / CHECKPOINT_DIR).is_dir():
     return None
   manager = _manager(workdir, read_only=True)
-  step = manager.latest_step() if step is None else step
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def params_source(workdir: str | pathlib.Path, step: int | None = None, keep=lambda path: True,
+                  what: str = "trained parameters") -> load.DirectorySource:
+  """Returns the trained parameters of a workdir's latest (or given) checkpoint as a loader source.
+
+  Only paths `keep` accepts are offered. UserError when the workdir has no such checkpoint.
+  """
+  step = latest_step(workdir) if step is None else step
+  step_dir = workdir_path(workdir) / CHECKPOINT_DIR / str(step)
+  if step is None or not step_dir.is_dir():
+    raise UserError(f"{workdir}: no checkpoint{'' if step is None else f' at step {step}'} found")
+  return load.DirectorySource(step_dir, name=f"{workdir} ({what}, step {step})", keep=keep)
+
+
+def restore_params(workdir: str | pathlib.Path, step: int | None = None) -> dict | None:
+  """Returns the trained parameters (nested dict of host arrays) of a workdir's latest (or given) checkpoint, or None."""
+  step = latest_step(workdir) if step is None else step
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  manager.close()
-  return jax.tree.map(lambda x: x, restored.params)
+  return model_io.load_params(workdir_path(workdir) / CHECKPOINT_DIR / str(step))

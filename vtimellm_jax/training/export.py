@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import pathlib
 
-from flax import nnx
+import jax
 
-from vtimellm_jax import model_io
+from vtimellm_jax import sharding
 from vtimellm_jax.convert.llama import copy_tokenizer
-from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import lora
 from vtimellm_jax.models.load import save_model
-from vtimellm_jax.training import checkpointing, model_setup
+from vtimellm_jax.training import model_setup
 
 
 def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lora: bool = False,
                    step: int | None = None) -> pathlib.Path:
-  """Writes the model a run trained (base + loads + trained parameters) to `out`; returns `out`."""
+  """Writes the model a run trained (base + loads + trained parameters) to `out`; returns `out`.
+
+  The model is assembled split over every local device (`fsdp`), so no device holds it whole.
+  """
   config = model_setup.read_run_config(str(workdir))
-  params = checkpointing.restore_params(workdir, step)
-  if params is None:
-    raise UserError(f"{workdir}: no checkpoint to export")
-  model = model_setup.build_train_model(config, vocab_size=_vocab_size(config))
-  trainable = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
-  model_io.assign_params(model, params, f"{workdir} (trained parameters)", variable_filter=trainable)
+  mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.local_devices())
+  model = model_setup.build_train_model(config, _vocab_size(config), mesh, trained=str(workdir), step=step)
   if not keep_lora:
     lora.merge_lora(model)
   # Inference runs in the run's compute dtype with no rematerialisation.

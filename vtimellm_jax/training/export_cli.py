@@ -86,7 +86,7 @@ def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: st
   dtype = dtype or model.config.param_dtype
   if fmt == "hf":
     lora.merge_lora(model)
-  llm, projector, factors = export_formats.split_tree(model_io.params_tree(model))
+  llm, projector, factors = export_formats.split_tree(load.params_tree(model))
   out.mkdir(parents=True, exist_ok=True)
   lines = []
   if projector:

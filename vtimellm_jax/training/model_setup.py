@@ -1,23 +1,28 @@
-"""Builds the model a stage trains: base weights, then what the config loads, then fresh LoRA.
+"""Builds the model a stage trains, every array born in its shards: base, loads, merges, fresh LoRA.
 
-Stages differ only in config: `load.adapter` brings a stage-1 adapter, `load.merge_lora` merges a
-stage-2 LoRA into the base (stage 3), `lora` attaches fresh factors, and `trainable` says which
-variables the optimizer sees. The same function rebuilds the base of a run for `export`.
+Stages differ only in config: `model.base` is the frozen base (a model directory, its own unmerged
+LoRA merged in; or a seeded random preset), `load.adapter` brings a stage-1 adapter, `load.merge_lora`
+merges a stage-2 LoRA into the base (stage 3), `lora` attaches fresh factors, and `trainable` says
+which variables the optimizer sees. Each step is one `load.sharded_model` pass over the mesh that
+reuses the arrays of the pass before, so nothing is whole on one device and nothing is held twice;
+merges run on the sharded kernels. The same function rebuilds a run's model for `export`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 
 import ml_collections
 from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import lora, time_code
+from vtimellm_jax.models import load, lora, time_code
 from vtimellm_jax.models.llama import LlamaConfig
-from vtimellm_jax.models.load import load_model
 from vtimellm_jax.models.vtimellm import VTimeLLM
+from vtimellm_jax.training import checkpointing
 
 TRAINABLE = {
     "adapter": nnx.PathContains("mm_projector"),
@@ -35,31 +40,9 @@ def trainable_filter(name: str):
   return TRAINABLE[name]
 
 
-# "auto" scans the layers on TPU when the base is split over at least this many devices. The scan
-# stacks each device's share of the frozen layers, a copy of 1/N of them: on one device the whole
-# base again. AOT compiles of the 7B step (docs/performance.md): on v5e-16 scanning saves 2.65 GiB
-# per device, on GPU it costs (8xH100: 32.80 GiB scanned, 12.14 unrolled), so GPUs stay unrolled.
-AUTO_SCAN_MIN_SHARDS = 4
-_SCAN_VALUES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
-
-
-def scan_layers(config: ml_collections.ConfigDict, layer_shards: int, platform: str) -> bool:
-  """Returns whether `config.model.scan_layers` (auto | on | off) scans, the base split `layer_shards` ways.
-
-  `platform` is that of the devices trained on (or compiled for). A config without the field runs
-  unrolled; scanning changes no numbers, so a resumed run may switch either way.
-  """
-  raw = str(config.model.get("scan_layers", "off")).lower()
-  if raw not in _SCAN_VALUES:
-    raise UserError(f"config.model.scan_layers must be auto, on or off, got {raw!r}")
-  value = _SCAN_VALUES[raw]
-  return value == "on" or (value == "auto" and platform == "tpu" and layer_shards >= AUTO_SCAN_MIN_SHARDS)
-
-
-def _model_overrides(config: ml_collections.ConfigDict, layer_shards: int, platform: str) -> dict:
+def _model_overrides(config: ml_collections.ConfigDict) -> dict:
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
-              scan_layers=scan_layers(config, layer_shards, platform))
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -67,42 +50,101 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
   return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets))
 
 
-def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None, layer_shards: int = 1,
-               platform: str = "cpu") -> VTimeLLM:
-  """Returns the VTimeLLM of `model.base` (or a seeded random preset) with the configured loads applied.
+def base_structure(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> Callable[[], VTimeLLM]:
+  """Returns a function building the stage's base VTimeLLM, randomly initialised, without LoRA.
 
-  `layer_shards` / `platform`: how many devices the trainer splits the base over, and of what kind
-  (they decide scan_layers=auto).
+  With `model.base` the architecture is that directory's (its weights come later, from the files);
+  otherwise the preset's, resized by the config, seeded by `config.seed`.
   """
-  rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-  overrides = _model_overrides(config, layer_shards, platform)
+  overrides = _model_overrides(config)
   if config.model.base:
-    model = load_model(config.model.base, VTimeLLM, rngs=rngs, **overrides)
+    meta = {k: v for k, v in model_io.read_model_json(config.model.base).items() if k != "lora"}
+    return load.model_builder(meta, VTimeLLM, config.seed, **overrides)
+  vocab = config.model.vocab_size or vocab_size
+  sizes = {k: config.model[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads") if config.model[k]}
+  if "num_heads" in sizes:
+    sizes["num_kv_heads"] = sizes["num_heads"]
+  extra = {"vocab_size": vocab} if vocab else {}
+  for key in ("time_code", "rope_theta"):
+    if config.model.get(key, 0.0):
+      extra[key] = float(config.model[key])
+  model_config = LlamaConfig.preset(config.model.preset, **overrides, **sizes, **extra)
+  piece_ids = _time_piece_ids(config) if model_config.time_code else None
+
+  def build():
+    model = VTimeLLM(model_config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    if piece_ids is not None:
+      time_code.init_time_pieces(model, piece_ids)
+    return model
+
+  return build
+
+
+def with_lora(build: Callable[[], VTimeLLM], config: lora.LoraConfig, seed: int) -> Callable[[], VTimeLLM]:
+  """Returns `build` followed by attaching fresh LoRA factors (seeded by `seed`)."""
+
+  def build_with_lora():
+    model = build()
+    lora.attach_lora(model, config, nnx.Rngs(params=seed))
+    return model
+
+  return build_with_lora
+
+
+def train_structure(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> Callable[[], VTimeLLM]:
+  """Returns a function building the module a stage trains (the base, plus fresh LoRA when LoRA trains)."""
+  build = base_structure(config, vocab_size)
+  return with_lora(build, lora_config(config), config.seed + 2) if config.trainable == "lora" else build
+
+
+def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None, mesh=None) -> VTimeLLM:
+  """Returns the stage's base on `mesh`: `model.base` (its LoRA merged) or a random preset, then the loads.
+
+  `load.adapter` replaces the adapter with a stage-1 run's; `load.merge_lora` merges a stage-2 run's
+  LoRA into the kernels, on their shards.
+  """
+  structure = base_structure(config, vocab_size)
+  if config.model.base:
+    model = load.load_model(config.model.base, VTimeLLM, mesh=mesh, seed=config.seed, merge_lora=True,
+                            **_model_overrides(config))
   else:
-    vocab = config.model.vocab_size or vocab_size
-    sizes = {k: config.model[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads") if config.model[k]}
-    if "num_heads" in sizes:
-      sizes["num_kv_heads"] = sizes["num_heads"]
-    extra = {"vocab_size": vocab} if vocab else {}
-    for key in ("time_code", "rope_theta"):
-      if config.model.get(key, 0.0):
-        extra[key] = float(config.model[key])
-    model = VTimeLLM(LlamaConfig.preset(config.model.preset, **overrides, **sizes, **extra), rngs)
-    if model.config.time_code:
-      time_code.init_time_pieces(model, _time_piece_ids(config))
+    model = load.sharded_model(structure, mesh, what="the random base")
   if config.load.adapter:
-    tree = trained_params(config.load.adapter)
-    if "mm_projector" not in tree:
+    adapter = _workdir_source(config.load.adapter, lambda path: path[0] == "mm_projector", "adapter")
+    if not adapter.available():
       raise UserError(f"{config.load.adapter}: holds no mm_projector (is it a stage-1 run?)")
-    model_io.assign_params(model.mm_projector, tree["mm_projector"], f"{config.load.adapter} (adapter)")
+    model = load.sharded_model(structure, mesh, [adapter, load.module_arrays(model)],
+                               may_initialise=lambda path: False, what="the base with the stage-1 adapter")
   if config.load.merge_lora:
     source = config.load.merge_lora
-    tree = trained_params(source)
     run = read_run_config(source)
-    lora.attach_lora(model, lora_config(run), nnx.Rngs(0))
-    model_io.assign_params(model, tree, f"{source} (LoRA to merge)", variable_filter=nnx.LoRAParam)
+    factors = _workdir_source(source, lora.is_lora_path, "LoRA to merge")
+    if not factors.available():
+      raise UserError(f"{source}: holds no LoRA factors to merge (is it a stage-2 run?)")
+    merging = with_lora(structure, dataclasses.replace(lora_config(run), dropout=0.0), seed=0)
+    model = load.sharded_model(merging, mesh, [factors, load.module_arrays(model)],
+                               may_initialise=lambda path: False, what=f"the base with {source}'s LoRA")
     lora.merge_lora(model)
   return model
+
+
+def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None, mesh=None,
+                      trained: str | None = None, step: int | None = None) -> VTimeLLM:
+  """Returns the stage's model on `mesh`: its base (see `build_base`) plus fresh LoRA when LoRA trains.
+
+  With `trained` (a workdir) the trainable parameters come from its latest (or `step`) checkpoint.
+  """
+  build = train_structure(config, vocab_size)
+  sources = [checkpointing.params_source(trained, step)] if trained else []
+  if trained and config.trainable == "all":  # the checkpoint holds every parameter: no base to read
+    return load.sharded_model(build, mesh, sources, may_initialise=lambda path: False, what=f"{trained}'s model")
+  base = build_base(config, vocab_size, mesh)
+  return load.sharded_model(build, mesh, [*sources, load.module_arrays(base)], may_initialise=lora.is_lora_path,
+                            what="the model to train")
+
+
+def _workdir_source(workdir: str, keep, what: str) -> load.DirectorySource:
+  return checkpointing.params_source(workdir, keep=keep, what=what)
 
 
 def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
@@ -124,22 +166,11 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
                   f"missing {', '.join(repr(p) for p in missing[:5])}")
 
 
-def build_train_model(config: ml_collections.ConfigDict, vocab_size: int | None = None, layer_shards: int = 1,
-                      platform: str = "cpu") -> VTimeLLM:
-  """Returns the stage's model: its base (see `build_base`) plus fresh LoRA when LoRA trains."""
-  model = build_base(config, vocab_size, layer_shards, platform)
-  if config.trainable == "lora":
-    lora.attach_lora(model, lora_config(config), nnx.Rngs(params=config.seed + 2))
-  return model
-
-
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """Returns the config a run was trained with, fields added since then taking today's defaults."""
   from configs import common
 
-  from vtimellm_jax.training.checkpointing import workdir_path
-
-  path = workdir_path(workdir) / RUN_JSON
+  path = checkpointing.workdir_path(workdir) / RUN_JSON
   if not path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")
   saved = json.loads(path.read_text())
@@ -154,13 +185,3 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
       _merge(config[key], value)
     else:
       config[key] = tuple(value) if isinstance(value, list) else value
-
-
-def trained_params(workdir: str) -> dict:
-  """Returns the trained parameters of the latest checkpoint of a training workdir."""
-  from vtimellm_jax.training import checkpointing
-
-  params = checkpointing.restore_params(workdir)
-  if params is None:
-    raise UserError(f"{workdir}: no checkpoint found")
-  return params

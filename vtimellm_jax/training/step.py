@@ -131,7 +131,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ha
     # stream may be reseeded here; the State passed in belongs to the enclosing scan.
     model = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
     if has_dropout:
-      nnx.reseed(model, dropout=key)
+      # Every stacked layer's stream gets its own split of the key.
+      nnx.reseed(model, dropout=key, policy="match_shape")
     return micro_batch_nll(model, micro_batch, loss_chunk)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -19,8 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vtimellm_jax import model_io, sharding
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.training import checkpointing, model_setup, sharding, step as step_lib
+from vtimellm_jax.training import checkpointing, model_setup, step as step_lib
 from vtimellm_jax.training.metrics_log import MetricsLog
 
 
@@ -75,22 +76,32 @@ class TrainState:
   """The sharded model split into what trains and what stays frozen, plus its optimizer."""
 
   def __init__(self, config, mesh, vocab_size: int | None, total_steps: int, abstract: bool = False):
-    """`abstract=True` holds only ShapeDtypeStructs that carry their shardings (for AOT compiles)."""
-    layer_shards, platform = mesh.shape["fsdp"] * mesh.shape["tensor"], mesh.devices.flat[0].platform
-    build = lambda: model_setup.build_train_model(config, vocab_size, layer_shards, platform)  # noqa: E731
-    model = nnx.eval_shape(build) if abstract else build()
+    """`abstract=True` holds only ShapeDtypeStructs that carry their shardings (for AOT compiles).
+
+    Otherwise every array is created in its shards (`model_setup.build_train_model`): the base is
+    restored straight into them, fresh variables come from a jitted init with sharded outputs.
+    """
+    if abstract:
+      model = nnx.eval_shape(model_setup.train_structure(config, vocab_size))
+    else:
+      model = model_setup.build_train_model(config, vocab_size, mesh)
     self.model_config = model.config
     trainable_filter = nnx.All(nnx.Param, model_setup.trainable_filter(config.trainable))
     self.graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+    del model
     if not jax.tree.leaves(trainable):
       raise UserError(f"config.trainable={config.trainable!r} selects no parameter of this model")
-    # Trainable parameters and the optimizer state live in fp32 whatever the base's dtype.
-    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
-    trainable = jax.eval_shape(to_f32, trainable) if abstract else to_f32(trainable)
     self.trainable_sharding = sharding.state_shardings(trainable, mesh)
     self.frozen_sharding = sharding.state_shardings(frozen, mesh)
-    self.trainable = _place(trainable, self.trainable_sharding, abstract)
-    self.frozen = _place(frozen, self.frozen_sharding, abstract)
+    # Trainable parameters and the optimizer state live in fp32 whatever the base's dtype.
+    to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    if abstract:
+      self.trainable = _abstract(jax.eval_shape(to_f32, trainable), self.trainable_sharding)
+      self.frozen = _abstract(frozen, self.frozen_sharding)
+    else:
+      self.trainable = jax.jit(to_f32, out_shardings=self.trainable_sharding)(trainable)
+      self.frozen = frozen
+    del trainable, frozen
     self.tx, self.schedule = step_lib.make_optimizer(config.optim, total_steps)
     # Optimizer moments are sharded like their parameters; counters are replicated.
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -98,7 +109,7 @@ class TrainState:
         self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, self.trainable), self.trainable_sharding,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
     if abstract:
-      self.opt_state = _place(jax.eval_shape(self.tx.init, self.trainable), self.opt_sharding, abstract)
+      self.opt_state = _abstract(jax.eval_shape(self.tx.init, self.trainable), self.opt_sharding)
     else:
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.trainable)
     self.has_dropout = config.trainable == "lora" and config.lora.dropout > 0
@@ -125,24 +136,24 @@ class TrainState:
                    out_shardings=(self.trainable_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
 
-def _place(tree, shardings, abstract: bool = False):
-  """Returns `tree` laid out with `shardings` (or, if `abstract`, its ShapeDtypeStructs carrying them).
+def _check_resumable(workdir, step: int, state: TrainState) -> None:
+  """Raises UserError unless the checkpoint's trained parameters have this run's names and shapes."""
+  saved = model_io.saved_arrays(workdir / checkpointing.CHECKPOINT_DIR / str(step))
+  expected = {tuple(str(k) for k in path): v.get_value().shape for path, v in nnx.to_flat_state(state.trainable)}
+  problems = [f"{'/'.join(p)}: {tuple(saved[p].shape)} saved, {shape} expected" for p, shape in expected.items()
+              if p in saved and tuple(saved[p].shape) != tuple(shape)]
+  problems += [f"{'/'.join(p)}: not in the checkpoint" for p in expected if p not in saved]
+  problems += [f"{'/'.join(p)}: saved, but this run has no such parameter" for p in saved if p not in expected]
+  if problems:
+    shown = "\n".join(f"  - {p}" for p in problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
+    raise UserError(f"{workdir}: its checkpoint (step {step}) does not fit this run's model; it was trained with "
+                    f"another model, LoRA or trainable setting, or by an older vtimellm-jax that stored the layers "
+                    f"one by one. Resume with that run's config, or train into a new --workdir:\n{shown}")
 
-  In a multi-process run a sharding spans devices this process cannot address, which
-  `device_put` refuses; every process holds the same full copy (same seed or same files), so
-  each supplies the shards of its own devices from it.
-  """
-  def one(x, s):
-    if abstract:
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    if s.is_fully_addressable:
-      return jax.device_put(x, s)
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout streams: place the raw key data
-      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 
-  return jax.tree.map(one, tree, shardings)
+def _abstract(tree, shardings):
+  """Returns the ShapeDtypeStructs of `tree`, each carrying its sharding."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _host_batch_to_global(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
@@ -219,10 +230,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
-    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)  # noqa: E731
+    _check_resumable(workdir, latest, state)
     params, opt_state, data_state, _ = ckpt.restore(
-        latest, abstract(state.trainable.to_pure_dict(), state.trainable_sharding.to_pure_dict()),
-        abstract(state.opt_state, state.opt_sharding))
+        latest, _abstract(state.trainable.to_pure_dict(), state.trainable_sharding.to_pure_dict()),
+        _abstract(state.opt_state, state.opt_sharding))
     nnx.replace_by_pure_dict(state.trainable, params)
     state.opt_state = opt_state
     iterator.set_state(data_state)

@@ -17,11 +17,7 @@ import os
 import pathlib
 import sys
 
-TINY_RANDOM = "tiny-random"
-# Random tiny CLIPs by name: (image size, patch size). The 64-px one reads the quickstart's 64-px
-# videos without upsampling them to 224 px, several times faster (docs/synthetic.md).
-TINY_RANDOM_SIZES = {TINY_RANDOM: (224, 32), "tiny-random-64": (64, 8)}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from vtimellm_jax.video.clip_source import DTYPES, TINY_RANDOM_SIZES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,39 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def compute_dtype(name: str):
-  """Returns the jnp dtype for --dtype, resolving 'auto' by the default backend."""
-  import jax
-  import jax.numpy as jnp
-
-  if name == "auto":
-    name = {"gpu": "float16", "tpu": "bfloat16"}.get(jax.default_backend(), "float32")
-  return jnp.dtype(name)
-
-
-def load_clip(spec: str, dtype, seed: int = 0):
-  """Returns a ClipVision from a model directory, a convertible source, or 'tiny-random'."""
-  from vtimellm_jax import model_io
-  from vtimellm_jax.convert import clip as convert_clip
-  from vtimellm_jax.errors import UserError
-  from vtimellm_jax.models import clip as clip_model
-
-  if spec in TINY_RANDOM_SIZES:
-    return clip_model.init_random(clip_model.tiny(*TINY_RANDOM_SIZES[spec]), seed, dtype=dtype)
-  path = pathlib.Path(spec)
-  if (path / model_io.MODEL_JSON).is_file():
-    return clip_model.load(path, dtype=dtype)
-  if not path.exists():
-    raise UserError(f"--clip {spec}: not found (a converted CLIP directory, a CLIP checkpoint, or one of "
-                    f"{', '.join(TINY_RANDOM_SIZES)})")
-  print(f"converting {spec} on the fly (save time next run with `vtimellm-jax convert clip`)", file=sys.stderr)
-  cfg, params, _ = convert_clip.convert(path)
-  return clip_model.from_params(cfg, params, dtype=dtype, source=spec)
-
-
 def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.errors import UserError
-  from vtimellm_jax.video import extract, sampling
+  from vtimellm_jax.video import clip_source, extract, sampling
 
   if args.batch_size < 1 or args.workers < 1:
     raise UserError("--batch-size and --workers must be at least 1")
@@ -88,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.images:
       raise UserError("--splits applies to videos, not --images")
     splits = sampling.load_splits(args.splits)
-  model = load_clip(args.clip, compute_dtype(args.dtype), args.seed)
+  model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
   batch_size = max(1, args.batch_size // per_item) * per_item
   encoder = extract.BatchEncoder(model, batch_size)

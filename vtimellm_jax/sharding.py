@@ -1,8 +1,8 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
-Parameters carry logical names (`("embed", "mlp")`, see models/); activations' batch axis is
-"batch". A dimension whose size the mesh axis does not divide is replicated rather than failing,
-so tiny test models run on any mesh.
+Parameters carry logical names (`("embed", "mlp")`, see models/); the decoder's stacked layers
+lead with "layers"; activations' batch axis is "batch". A dimension whose size the mesh axis does
+not divide is replicated rather than failing, so tiny test models run on any mesh.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "norm": None,
+    # The leading axis of the stacked decoder layers: every device holds its share of every layer,
+    # and the scan over layers gathers one layer at a time.
+    "layers": None,
 }
 
 
@@ -61,16 +64,38 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> P:
   return P(*(_mesh_axes(name, dim, mesh) for name, dim in zip(logical_axes, shape)))
 
 
+def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+  """Returns the NamedSharding of one variable, from its `out_sharding` logical names."""
+  names = variable.get_metadata().get("out_sharding")
+  return NamedSharding(mesh, spec_for(names, variable.get_value().shape, mesh))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh):
   """Returns a NamedSharding pytree matching `state` (from each variable's `out_sharding` names)."""
 
   def one(variable):
     if not isinstance(variable, nnx.Variable):
       return NamedSharding(mesh, P())
-    names = variable.get_metadata().get("out_sharding")
-    return variable.replace(NamedSharding(mesh, spec_for(names, variable.get_value().shape, mesh)))
+    return variable.replace(variable_sharding(variable, mesh))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def single_device_mesh(device=None) -> Mesh:
+  """Returns a (1, 1, 1) mesh over one device (default: the first), where every array lives whole."""
+  return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1), MESH_AXES)
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """Returns `x` constrained to the sharding of its logical axes on the current (abstract) mesh; as is without one.
+
+  Model code calls this where the partitioner would otherwise have to guess, e.g. the carry of the
+  scan over layers, whose layout must be the same in every iteration.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical_axes, x.shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

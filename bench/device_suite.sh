@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Device benchmark suite: every figure of one GPU session (at most --budget-s seconds), as JSON lines
+# in one file, ours and the PyTorch baselines' side by side on the same GPU.
+#
+# usage: bench/device_suite.sh [--out FILE] [--wheels DIR] [--torch-bench DIR] [--size 7b|tiny]
+#                              [--budget-s 480]
+#
+# Steps, in order of priority (a step the remaining budget cannot fit is skipped, with a line saying so):
+#   train_none, train_full  the 7B LoRA train step, B=8, remat none / full (python -m vtimellm_jax.bench.train)
+#   torch_train_ckpt, torch_train_nockpt
+#                           HF + peft on the same shapes, with and without gradient checkpointing (each
+#                           also times HF generate); torch_peft_baseline.py of --torch-bench
+#   decode                  greedy decode at batch 1 (python -m vtimellm_jax.bench.decode)
+#   eval                    grounding questions answered one at a time against batched (bench.eval)
+#   clip, torch_clip        CLIP ViT-L/14 frames/s at batch 100 and 800, fp16, ours and HF's
+# Every JSON line a step prints is written as {"step": NAME, ...its fields...}; a step that fails or
+# times out writes {"step": NAME, "error": "...", ...} (with its last stderr lines) and the suite goes
+# on. The first line ("step": "header") records the device, the UTC date, the git commit and the
+# jax/torch versions; the second ("deps") the module check; the last ("end") the wall time.
+#
+#   --out FILE         the JSON-lines file, overwritten (default: $OUT/device_suite.jsonl when OUT is
+#                      set, as on the device machine, whose $OUT comes back; else ./device_suite.jsonl)
+#   --wheels DIR       install the modules a bare CUDA machine lacks (grain, ml_collections,
+#                      tensorflow_datasets, array_record, av, tensorboardX, pycocoevalcap, ...) from
+#                      these wheels: pip install --no-index --find-links DIR. Without them, or if some
+#                      are still missing, the suite says which and exits 3 before measuring anything.
+#   --torch-bench DIR  the folder of torch_peft_baseline.py and torch_clip_baseline.py (default: shared/bench
+#                      or ../shared/bench of this checkout, whichever exists). The torch steps are skipped
+#                      when it is absent or torch sees no CUDA device.
+#   --size tiny        the same steps at tiny shapes and a few iterations: a CPU smoke test of the suite
+#                      (about a minute; tests/test_device_suite.py). The torch baselines are skipped.
+#   --budget-s N       seconds for the whole suite, checks included (default 480)
+#
+# The project runs from this working tree without installation (PYTHONPATH=<repo root>), since the
+# device machine gets a copy of the tree only. On the device, with the baselines and wheels copied into
+# ignored folders of the checkout (and named in the run's carry), one run of about 8 minutes:
+#   bench/device_suite.sh --wheels .whl --torch-bench .torch_bench --out "$OUT/device_suite.jsonl"
+# Environment: PYTHON (default python3: the interpreter of every step); VTIMELLM_SUITE_EXTRA_MODULES,
+# extra module names (space- or comma-separated) the dependency check requires, used by the tests to
+# check that a missing module is reported.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+usage() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
+
+die() {
+  echo "device_suite: error: $*" >&2
+  exit 2
+}
+
+log() {
+  echo "device_suite: $*" >&2
+}
+
+absolute() {
+  if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+}
+
+OUT_FILE="${OUT:+$OUT/device_suite.jsonl}"
+OUT_FILE="${OUT_FILE:-device_suite.jsonl}"
+WHEELS="" TORCH_BENCH="" SIZE="7b" BUDGET=480
+for candidate in "$ROOT/shared/bench" "$ROOT/../shared/bench"; do
+  if [[ -z $TORCH_BENCH && -d $candidate ]]; then TORCH_BENCH="$candidate"; fi
+done
+while (($#)); do
+  case "$1" in
+    --out) OUT_FILE="${2:?--out needs a file}"; shift 2 ;;
+    --wheels) WHEELS="${2:?--wheels needs a folder}"; shift 2 ;;
+    --torch-bench) TORCH_BENCH="${2:?--torch-bench needs a folder}"; shift 2 ;;
+    --size) SIZE="${2:?--size needs 7b or tiny}"; shift 2 ;;
+    --budget-s) BUDGET="${2:?--budget-s needs seconds}"; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+[[ $SIZE == 7b || $SIZE == tiny ]] || die "--size must be 7b or tiny, got $SIZE"
+[[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget-s must be a whole number of seconds, got $BUDGET"
+# Made absolute before the cd below, so relative paths mean what they meant to the caller.
+OUT_FILE="$(absolute "$OUT_FILE")"
+if [[ -n $WHEELS ]]; then WHEELS="$(absolute "$WHEELS")"; fi
+if [[ -n $TORCH_BENCH ]]; then TORCH_BENCH="$(absolute "$TORCH_BENCH")"; fi
+mkdir -p "$(dirname "$OUT_FILE")"
+: >"$OUT_FILE"
+
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+SECONDS=0
+
+# Prints one JSON object of key/value pairs ("step" first; digits become numbers) and appends it to
+# the output file.
+EMIT_PY='
+import json, sys
+print(json.dumps({k: int(v) if v.isdigit() else v for k, v in zip(sys.argv[1::2], sys.argv[2::2])}))
+'
+emit() {
+  "$PYTHON" -c "$EMIT_PY" "$@" | tee -a "$OUT_FILE"
+}
+
+# Tags each JSON line of a step's stdout with the step's name; adds an error line (with the end of
+# its stderr) when the step failed, timed out or printed nothing.
+TAG_PY='
+import json, sys
+name, rc, limit, wall, out_path, err_path = sys.argv[1:]
+rc, printed = int(rc), 0
+for line in open(out_path, errors="replace"):
+  try:
+    record = json.loads(line)
+  except ValueError:
+    continue
+  if isinstance(record, dict):
+    print(json.dumps({"step": name, **record}))
+    printed += 1
+if rc or not printed:
+  tail = open(err_path, errors="replace").read().strip().splitlines()[-12:]
+  why = (f"timed out after {limit} s" if rc == 124 else f"killed (timed out after {limit} s, or out of memory)"
+         if rc == 137 else f"exit status {rc}" if rc else "exit status 0 but no JSON line")
+  print(json.dumps({"step": name, "error": why + (": " + "\n".join(tail) if tail else ""), "rc": rc,
+                    "wall_s": int(wall)}))
+'
+
+# run_step NAME LIMIT_S NEED_S COMMAND...: runs COMMAND under a timeout of LIMIT_S (or what is left of
+# the budget), unless less than NEED_S is left; its JSON lines go to the output file, tagged.
+run_step() {
+  local name=$1 limit=$2 need=$3 left rc=0 start
+  shift 3
+  left=$((BUDGET - SECONDS))
+  if ((left < need)); then
+    emit step "$name" skipped "budget: ${left} s of ${BUDGET} s left, the step needs about ${need} s"
+    return 0
+  fi
+  if ((limit > left)); then limit=$left; fi
+  log "$name (timeout ${limit} s, $((BUDGET - SECONDS)) s of the budget left): $*"
+  start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" </dev/null >"$TMP/stdout" 2>"$TMP/stderr" || rc=$?
+  "$PYTHON" -c "$TAG_PY" "$name" "$rc" "$limit" "$((SECONDS - start))" "$TMP/stdout" "$TMP/stderr" |
+    tee -a "$OUT_FILE"
+  log "$name: exit status $rc after $((SECONDS - start)) s"
+}
+
+# The header: device, date, commit, versions. Runs before the module check, so it never needs more
+# than the standard library, jax and torch, and it reports what of those is absent.
+HEADER_PY='
+import datetime, json, os, platform, sys
+record = {"step": "header", "suite": "bench/device_suite.sh", "size": sys.argv[1], "budget_s": int(sys.argv[2]),
+          "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+          "git_commit": sys.argv[3] or None, "git_dirty": bool(sys.argv[4]) if sys.argv[3] else None,
+          "host": platform.node(), "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS")}
+try:
+  import jax, jaxlib
+  device = jax.devices()[0]
+  record.update(jax=jax.__version__, jaxlib=jaxlib.__version__, device=device.device_kind, backend=device.platform,
+                device_count=jax.device_count())
+except Exception as e:  # reported, not fatal: the steps say the rest
+  record["jax_error"] = repr(e)[:300]
+for name in ("flax", "transformers", "torch"):
+  try:
+    record[name] = __import__(name).__version__
+  except Exception as e:
+    record[f"{name}_error"] = repr(e)[:300]
+print(json.dumps(record))
+'
+# The device machine gets the working tree without .git: no commit is known there.
+commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)"
+dirty="$(if [[ -n $commit ]]; then git -C "$ROOT" status --porcelain 2>/dev/null | head -c 1; fi)"
+"$PYTHON" -c "$HEADER_PY" "$SIZE" "$BUDGET" "$commit" "$dirty" | tee -a "$OUT_FILE"
+
+# Every module vtimellm_jax imports (pyproject.toml's dependencies, plus etils), as import=pip names.
+# A bare CUDA machine with jax, flax, optax, orbax-checkpoint, transformers and torch lacks some.
+REQUIRED=(jax=jax flax=flax optax=optax orbax.checkpoint=orbax-checkpoint etils=etils grain=grain
+  ml_collections=ml-collections tensorflow_datasets=tensorflow-datasets array_record=array-record
+  transformers=transformers tokenizers=tokenizers sentencepiece=sentencepiece google.protobuf=protobuf
+  safetensors=safetensors numpy=numpy ml_dtypes=ml-dtypes av=av tqdm=tqdm tensorboardX=tensorboardX
+  matplotlib=matplotlib PIL=pillow pycocoevalcap=pycocoevalcap)
+extras="${VTIMELLM_SUITE_EXTRA_MODULES:-}"
+for extra in ${extras//,/ }; do
+  REQUIRED+=("$extra=$extra")
+done
+
+# Imports each module (a real import: an installed module whose own dependency is missing is broken);
+# prints the JSON line and writes the pip names of the absent and broken ones to argv[1].
+DEPS_PY='
+import importlib, json, sys
+absent, broken = [], {}
+for pair in sys.argv[2:]:
+  module, pip_name = pair.split("=", 1)
+  try:
+    importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and (module == e.name or module.startswith(e.name + ".")):
+      absent.append(module)
+    else:
+      broken[module] = repr(e)[:200]
+  except Exception as e:
+    broken[module] = repr(e)[:200]
+  else:
+    continue
+  open(sys.argv[1], "a").write(pip_name + "\n")
+print(json.dumps({"step": "deps", "checked": [p.split("=")[0] for p in sys.argv[2:]], "missing": absent,
+                  "broken": broken}))
+'
+
+# Checks the modules; returns non-zero (and names them) if any is missing.
+check_modules() {
+  : >"$TMP/missing"
+  "$PYTHON" -c "$DEPS_PY" "$TMP/missing" "${REQUIRED[@]}" | tee -a "$OUT_FILE" || return 1
+  if [[ -s $TMP/missing ]]; then
+    log "missing or broken modules (pip names): $(tr '\n' ' ' <"$TMP/missing")"
+    return 1
+  fi
+}
+
+if ! check_modules; then
+  if [[ -n $WHEELS ]]; then
+    mapfile -t names <"$TMP/missing"
+    log "installing ${names[*]} from $WHEELS"
+    "$PYTHON" -m pip install --no-index --find-links "$WHEELS" "${names[@]}" >&2 ||
+      log "pip install from $WHEELS failed"
+  fi
+  if [[ -z $WHEELS ]] || ! check_modules; then
+    hint="${WHEELS:+not installable from $WHEELS}"
+    emit step deps error "missing modules: $(tr '\n' ' ' <"$TMP/missing")(${hint:-give their wheels with --wheels DIR})"
+    log "not measuring anything: modules are missing (see above; --wheels DIR installs them)"
+    exit 3
+  fi
+fi
+
+# The torch baselines need CUDA (they hard-code it) and their folder.
+torch_skip=""
+if [[ $SIZE == tiny ]]; then
+  torch_skip="--size tiny: the baselines have no tiny shapes"
+elif [[ -z $TORCH_BENCH || ! -d $TORCH_BENCH ]]; then
+  torch_skip="no baseline folder (--torch-bench ${TORCH_BENCH:-not given})"
+fi
+if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  torch_skip="no CUDA device"
+fi
+torch_step() {
+  if [[ -n $torch_skip ]]; then emit step "$1" skipped "$torch_skip"; else run_step "$@"; fi
+}
+
+peft_baseline=("$PYTHON" "$TORCH_BENCH/torch_peft_baseline.py")
+clip_baseline=("$PYTHON" "$TORCH_BENCH/torch_clip_baseline.py")
+if [[ $SIZE == 7b ]]; then
+  run_step train_none 180 90 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none
+  run_step train_full 180 90 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --remat full
+  torch_step torch_train_ckpt 150 60 env SIZE=7b B=8 "${peft_baseline[@]}"
+  torch_step torch_train_nockpt 150 60 env SIZE=7b B=8 CKPT=0 "${peft_baseline[@]}"
+  run_step decode 120 60 "$PYTHON" -m vtimellm_jax.bench.decode --size 7b
+  run_step eval 150 60 "$PYTHON" -m vtimellm_jax.bench.eval --size 7b
+  run_step clip 90 40 "$PYTHON" -m vtimellm_jax.bench.clip --config clip_vit_l14 --batch-sizes 100,800 --dtype float16
+  torch_step torch_clip 60 30 "${clip_baseline[@]}"
+else
+  # A few iterations at tiny shapes: each step is mostly Python start-up and compilation.
+  train=("$PYTHON" -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 24 --lora-rank 4 --warmup 1 --iters 1)
+  run_step train_none 90 20 "${train[@]}" --remat none
+  run_step train_full 90 20 "${train[@]}" --remat full
+  torch_step torch_train_ckpt 90 20 env SIZE=7b B=8 "${peft_baseline[@]}"
+  torch_step torch_train_nockpt 90 20 env SIZE=7b B=8 CKPT=0 "${peft_baseline[@]}"
+  run_step decode 90 15 "$PYTHON" -m vtimellm_jax.bench.decode --size tiny --prompt-len 8 --new-tokens 4 --repeats 1
+  run_step eval 90 20 "$PYTHON" -m vtimellm_jax.bench.eval --size tiny --queries 4 --batch-size 2 --max-new-tokens 4
+  run_step clip 90 10 "$PYTHON" -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --warmup 1 --iters 2
+  torch_step torch_clip 90 10 "${clip_baseline[@]}"
+fi
+emit step end wall_s "$SECONDS" budget_s "$BUDGET"
+log "done in $SECONDS s: $OUT_FILE"

@@ -1,0 +1,122 @@
+"""Grounding-eval throughput: queries answered one at a time against in batches (queries/s, speedup).
+
+  python -m vtimellm_jax.bench.eval --size 7b                     # GPU: 32 queries, batch 1 vs 16
+  python -m vtimellm_jax.bench.eval --size tiny --queries 4 --batch-size 2 --max-new-tokens 4   # CPU smoke test
+
+Each query is the release's grounding question ("During which frames can we see ...?") in the v1
+conversation, with random float[100, 768] features, answered greedily by `inference.answerer.Answerer`
+as `vtimellm-jax eval` answers it. Weights are random and the tokenizer is a small one trained on the
+fly (its ids are a subset of the model's vocabulary): speed depends on neither, so no files are needed.
+A random model hardly ever emits </s>, so answers are --max-new-tokens long; tokens_per_s counts the
+tokens actually returned. One JSON line per batch size (each timed after a compiling warm-up call),
+then one with the speedup: batched queries/s over one-at-a-time queries/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+
+import numpy as np
+
+NUM_FEATURES, FEATURE_DIM = 100, 768
+_WORDS = ("the a man woman dog person is walks runs jumps into pool kitchen cooking counting money "
+          "during which frames can we see describe video events from to").split()
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.bench.eval", description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"), help="LLaMA preset")
+  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="weights and compute; auto: bfloat16 on GPU/TPU, float32 on CPU")
+  parser.add_argument("--queries", type=int, default=32, help="grounding queries answered (default: %(default)s)")
+  parser.add_argument("--batch-size", type=int, default=16, help="queries per call when batched (default: %(default)s)")
+  parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
+  return parser.parse_args(argv)
+
+
+def _questions(n: int) -> list[str]:
+  """Returns `n` grounding questions whose prompts all tokenize to the same length.
+
+  The sentences differ only in a zero-padded number (split_digits makes every digit one token), so
+  every call pads to one shape and the warm-up compiles the only program the timed loop runs.
+  """
+  from vtimellm_jax.inference import prompts  # pylint: disable=g-import-not-at-top
+
+  return [prompts.grounding_question(f"Person {i:04d} walks into the kitchen.") for i in range(n)]
+
+
+def random_answerer(size: str, dtype: str, tokenizer_dir: str):
+  """Returns an Answerer of a random VTimeLLM of preset `size` and a small tokenizer trained into `tokenizer_dir`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import templates, tokenizer  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import answerer  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.vtimellm import VTimeLLM  # pylint: disable=g-import-not-at-top
+
+  rng = random.Random(0)
+  corpus = [templates.SYSTEM, "USER: ASSISTANT: </s>", *_questions(20)]
+  corpus += [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))) + f" from {rng.randint(0, 99):02d}."
+             for _ in range(200)]
+  encoder = tokenizer.ReleaseEncoder(tokenizer.load_tokenizer(tokenizer.train_tokenizer(corpus, tokenizer_dir,
+                                                                                        vocab_size=400)))
+  config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
+  # A jitted init builds the weights on the device, without a host copy of 13 GB.
+  model = load.sharded_model(lambda: VTimeLLM(config, nnx.Rngs(0)), what="the benchmark model")
+  return answerer.Answerer(model, encoder)
+
+
+def bench(answerer, questions: list[str], features: list[np.ndarray], batch: int, max_new_tokens: int) -> dict:
+  """Returns the timing of answering every question in calls of `batch` queries, after a compiling warm-up."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
+
+  config = generate.GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+
+  def answer(start: int) -> list:
+    rows = range(start, min(start + batch, len(questions)))
+    # A short last batch is filled up to `batch` rows, as `vtimellm-jax eval` does: one shape.
+    return answerer.answer([((), questions[i]) for i in rows], [features[i] for i in rows], config, batch_size=batch)
+
+  start = time.perf_counter()
+  answer(0)
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  answers = [a for first in range(0, len(questions), batch) for a in answer(first)]
+  seconds = time.perf_counter() - start
+  tokens = sum(len(a.token_ids) for a in answers)
+  return dict(what="jax_grounding_eval", size=None, batch=batch, queries=len(answers), max_new_tokens=max_new_tokens,
+              s=round(seconds, 4), queries_per_s=round(len(answers) / seconds, 3),
+              tokens_per_s=round(tokens / seconds, 1), mean_answer_tokens=round(tokens / len(answers), 1),
+              dtype=answerer.model.config.dtype, compile_s=round(compile_s, 1),
+              device=str(jax.devices()[0].device_kind))
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  if min(args.queries, args.batch_size, args.max_new_tokens) < 1:
+    raise SystemExit("--queries, --batch-size and --max-new-tokens must be at least 1")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  with tempfile.TemporaryDirectory() as tokenizer_dir:
+    answerer = random_answerer(args.size, dtype, tokenizer_dir)
+  questions = _questions(args.queries)
+  rng = np.random.default_rng(0)
+  features = [rng.standard_normal((NUM_FEATURES, FEATURE_DIM), np.float32) for _ in questions]
+  rates = {}
+  for batch in dict.fromkeys((1, args.batch_size)):
+    record = bench(answerer, questions, features, batch, args.max_new_tokens) | dict(size=args.size)
+    rates[batch] = record["queries_per_s"]
+    print(json.dumps(record), flush=True)
+  print(json.dumps(dict(what="jax_grounding_eval_speedup", size=args.size, batch=args.batch_size,
+                        queries=args.queries, speedup=round(rates[args.batch_size] / rates[1], 2))), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
