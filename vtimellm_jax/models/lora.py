@@ -96,14 +96,9 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
+      h = self.lora_dropout(x) if self.lora_dropout is not None else x
       # LoRA factors are kept in fp32 for the optimizer and computed in the layer dtype.
-      a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-      dropout = self.lora_dropout
-      if dropout is None or dropout.deterministic or dropout.rate == 0:
-        h = (x @ a) @ b
-      else:
-        # One key per call, drawn as nnx.Dropout draws it, so the masks are the ones it would apply.
-        h = dropout_lora(x, a, b, dropout.rngs(), dropout.rate)
+      h = (h @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
       y = y + h * jnp.asarray(self.lora_scaling, self.dtype)
     return y
 
@@ -149,43 +144,6 @@ class Linear(nnx.Module):
     self.lora_scaling = 0.0
 
 
-def _keep_scale(key: jax.Array, rate: float, x: jax.Array) -> jax.Array:
-  """Returns the dropout factor of every element of x: 0 where `nnx.Dropout` drops it with `key`, else 1 / (1 - rate)."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def dropout_lora(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array, rate: float) -> jax.Array:
-  """Returns (dropout(x) @ a) @ b, the mask drawn from `key` as `nnx.Dropout` draws it.
-
-  The backward pass draws the mask again from the key instead of keeping the masked input: per
-  LoRA projection that saves an activation-sized array and its mask, which the rematerialised
-  layer would otherwise hold while its gradients are computed (q, k and v each mask their shared
-  input differently).
-  """
-  return ((x * _keep_scale(key, rate, x)) @ a) @ b
-
-
-def _dropout_lora_fwd(x, a, b, key, rate):
-  ha = (x * _keep_scale(key, rate, x)) @ a
-  return ha @ b, (x, a, b, key, ha)
-
-
-def _dropout_lora_bwd(rate, residuals, g):
-  x, a, b, key, ha = residuals
-  scale = _keep_scale(key, rate, x)
-  g_ha = g @ b.T
-  grad_b = jnp.einsum("...r,...o->ro", ha, g).astype(b.dtype)
-  grad_a = jnp.einsum("...i,...r->ir", x * scale, g_ha).astype(a.dtype)
-  # Dropout is linear in x: its transpose applies the same factors to the cotangent.
-  grad_x = ((g_ha @ a.T) * scale).astype(x.dtype)
-  return grad_x, grad_a, grad_b, None
-
-
-dropout_lora.defvjp(_dropout_lora_fwd, _dropout_lora_bwd)
-
-
 def _dropout(rate: float, key: jax.Array, lead: tuple[int, ...]) -> nnx.Dropout:
   """Returns a Dropout whose stream holds one key per stacked layer (shape `lead`)."""
   # The trainer reseeds the "dropout" stream every step, so dropout masks follow the step number.
@@ -198,9 +156,15 @@ def _dropout(rate: float, key: jax.Array, lead: tuple[int, ...]) -> nnx.Dropout:
 
 @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
 def _merged_kernel(kernel, a, b, scaling: float):
-  """Returns kernel + scaling * a @ b in the kernel's dtype and sharding; the old kernel's buffer is donated."""
-  delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-  merged = (kernel.astype(jnp.float32) + scaling * delta).astype(kernel.dtype)
+  """Returns kernel + scaling * a @ b in the kernel's dtype and sharding; the old kernel's buffer is donated.
+
+  A stacked kernel is merged one layer at a time, so the float32 temporaries are one layer's.
+  """
+  def merge(k, a, b):
+    delta = a.astype(jnp.float32) @ b.astype(jnp.float32)
+    return (k.astype(jnp.float32) + scaling * delta).astype(k.dtype)
+
+  merged = jax.lax.map(lambda kab: merge(*kab), (kernel, a, b)) if kernel.ndim > 2 else merge(kernel, a, b)
   sharding = getattr(kernel, "sharding", None)
   return jax.lax.with_sharding_constraint(merged, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else merged
 
