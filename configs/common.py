@@ -14,16 +14,25 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
-  """Returns {key: value} of a big_vision-style argument: `tiny` or `size=7b,runlocal`."""
+  """Returns {"size": ...} of a big_vision-style argument: `tiny`, `7b`, `13b` or `size=7b` ("" is tiny).
+
+  Anything else is refused, listing what is known, so a mistyped size never trains the tiny model.
+  """
   out = {}
+  problems = []
   for part in filter(None, (arg or "").split(",")):
-    key, _, value = part.partition("=")
-    if not value and key in SIZES:
+    key, sep, value = part.partition("=")
+    if not sep:
       key, value = "size", key
-    out[key] = value or "True"
+    if key != "size":
+      problems.append(f"unknown argument {part!r} (known: size, or a size alone)")
+    elif value not in SIZES:
+      problems.append(f"unknown size {value!r}; choose from {', '.join(SIZES)}")
+    else:
+      out["size"] = value
+  if problems:
+    raise ValueError("; ".join(problems))
   out.setdefault("size", "tiny")
-  if out["size"] not in SIZES:
-    raise ValueError(f"size must be one of {SIZES}, got {out['size']!r}")
   return out
 
 

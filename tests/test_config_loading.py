@@ -33,3 +33,22 @@ def test_numbers_and_lists_keep_their_types():
   config = config_loading.load_config(STAGE2_TINY, ["--config.optim.lr=3", "--config.lora.targets=q_proj, v_proj"])
   assert config.optim.lr == 3.0 and isinstance(config.optim.lr, float)
   assert config.lora.targets == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("7B", "unknown size '7B'; choose from tiny, 7b, 13b"),
+    ("huge", "unknown size 'huge'"),
+    ("tiny,foo", "unknown size 'foo'"),
+    ("size=13B", "unknown size '13B'"),
+    ("tiny,runlocal=1", "unknown argument 'runlocal=1'"),
+])
+def test_a_size_that_is_not_known_is_refused_not_trained_as_tiny(arg, message):
+  spec = STAGE2_TINY.rsplit(":", 1)[0] + ":" + arg
+  with pytest.raises(UserError, match=message):
+    config_loading.load_config(spec)
+
+
+def test_known_sizes_load():
+  base = STAGE2_TINY.rsplit(":", 1)[0]
+  assert [config_loading.load_config(f"{base}:{arg}").size for arg in ("", "tiny", "7b", "size=13b")] == \
+      ["tiny", "tiny", "7b", "13b"]

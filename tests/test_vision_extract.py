@@ -103,6 +103,20 @@ def test_resume_skips_finished_ids(video_dir, tmp_path, capsys):
   assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
 
 
+def test_resume_replaces_unreadable_or_wrong_shaped_outputs(video_dir, tmp_path, capsys):
+  out = tmp_path / "feat"
+  _extract(video_dir, out)
+  whole = np.load(out / "alpha.npy")
+  (out / "alpha.npy").write_bytes((out / "alpha.npy").read_bytes()[:1000])  # cut short (a full disk)
+  np.save(out / "beta.npy", np.zeros((100, 512), np.float16))  # another model's features
+  kept = (out / "gamma.npy").stat().st_mtime_ns
+  assert _extract(video_dir, out) == 1
+  assert "2 extracted (2 replacing unreadable or wrong-shaped files), 1 already done" in capsys.readouterr().err
+  np.testing.assert_array_equal(np.load(out / "alpha.npy"), whole)
+  assert np.load(out / "beta.npy").shape == (100, 768)
+  assert (out / "gamma.npy").stat().st_mtime_ns == kept
+
+
 def test_list_file_and_splits(video_dir, tmp_path):
   (video_dir / "list.txt").write_text("beta.mp4\n\n# a comment\nnested/gamma.mkv\n")
   (tmp_path / "splits.json").write_text(json.dumps([{"id": "beta", "meta": {"split": [1.0, 3.5]}}, {"id": "gamma"}]))

@@ -139,6 +139,22 @@ class Summary:
   done: int = 0
   skipped: int = 0
   failed: int = 0
+  replaced: int = 0  # of `done`: outputs that existed but were unreadable or of another shape
+
+
+def complete_output(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
+  """Returns whether `path` is a whole float16 `.npy` of `shape`: its header says so and the data is all there."""
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      saved_shape, _, dtype = read_header(f)
+      data_start = f.tell()
+  except (OSError, ValueError):
+    return False
+  nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np.float16).itemsize
+  return (tuple(saved_shape) == tuple(shape) and dtype == np.float16
+          and path.stat().st_size == data_start + nbytes)
 
 
 def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
@@ -176,8 +192,12 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
 
   out_dir.mkdir(parents=True, exist_ok=True)
   summary = Summary()
-  todo = [item for item in items if not (out_dir / f"{item.id}.npy").exists()]
+  # A finished id is skipped only if its file is whole and of the expected shape; anything else
+  # (a file cut short by a full disk, another model's features) is extracted again.
+  shape = (encoder.output_dim,) if images else (num_frames, encoder.output_dim)
+  todo = [item for item in items if not complete_output(out_dir / f"{item.id}.npy", shape)]
   summary.skipped = len(items) - len(todo)
+  summary.replaced = sum((out_dir / f"{item.id}.npy").exists() for item in todo)
   splits = splits or {}
   size = encoder.image_size
   if images:

@@ -6,7 +6,8 @@
   vtimellm-jax extract-features --videos videos/ --clip tiny-random --out /tmp/feat   # no weights needed
 
 Each video gives `{out}/{id}.npy`, float16 [100, 768] (images: [768]); the id is the file name
-without extension. Finished ids are skipped, so a stopped run is resumed by running it again.
+without extension. Finished ids (a whole float16 file of the expected shape) are skipped, so a
+stopped run is resumed by running it again; an unreadable or wrong-shaped file is extracted again.
 Inputs that cannot be read are listed in `{out}/failures.jsonl`; the exit status is then 1.
 """
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
                             workers=args.workers, progress=not args.no_progress)
   total = len(items) + len(failures)
-  print(f"{summary.done} extracted, {summary.skipped} already done, {summary.failed} failed, of {total} "
+  replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
+  print(f"{summary.done} extracted{replaced}, {summary.skipped} already done, {summary.failed} failed, of {total} "
         f"input(s) -> {out_dir}", file=sys.stderr)
   if summary.failed:
     print(f"{summary.failed} input(s) failed: reasons in {out_dir / extract.FAILURES}", file=sys.stderr)
