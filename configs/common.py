@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from vtimellm_jax.models.lora import ALL_TARGETS as LORA_TARGETS
+
 SIZES = ("tiny", "7b", "13b")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

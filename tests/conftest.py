@@ -15,13 +15,10 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures" / "vtimellm_official"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "vtimellm_official"
 
 
 @pytest.fixture(scope="session")
 def official_fixtures() -> pathlib.Path:
-  """The release's real files (`../shared/fixtures/vtimellm_official`)."""
-  if not FIXTURES.exists():
-    pytest.fail(f"fixtures not found at {FIXTURES}; the checkout must sit beside shared/")
+  """The release's real files (tests/fixtures/README.md says what each is)."""
   return FIXTURES

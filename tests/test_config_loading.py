@@ -52,3 +52,49 @@ def test_known_sizes_load():
   base = STAGE2_TINY.rsplit(":", 1)[0]
   assert [config_loading.load_config(f"{base}:{arg}").size for arg in ("", "tiny", "7b", "size=13b")] == \
       ["tiny", "tiny", "7b", "13b"]
+
+
+def test_every_problem_of_a_config_is_listed_at_once():
+  bad = ["--config.micro_batch=0", "--config.checkpoint.every_steps=0", "--config.lora.rank=0",
+         "--config.max_steps=-5", "--config.optim.lr=-1", "--config.optim.warmup_ratio=2",
+         "--config.mesh.devices=-3", "--config.lora.dropout=1", "--config.trainable=most",
+         "--config.model.remat=some", "--config.lora.targets=q_proj,qkv", "--config.optim.eps=1e999"]
+  with pytest.raises(UserError) as e:
+    config_loading.load_config(STAGE2_TINY, bad)
+  lines = str(e.value).splitlines()
+  assert lines[0] == f"{STAGE2_TINY}: {len(bad)} setting(s) cannot run:"
+  assert sorted(line.split(" = ")[0].strip() for line in lines[1:]) == sorted(o[9:].split("=")[0] for o in bad)
+  assert "  optim.warmup_ratio = 2.0: must be a number in [0, 1]" in lines
+  assert "  trainable = 'most': must be one of adapter, lora, all" in lines
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.global_batch=10", "--config.micro_batch=4"], "global_batch = 10 is not a multiple of micro_batch = 4"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may be -1"),
+])
+def test_rules_between_fields(overrides, message):
+  with pytest.raises(UserError, match=message):
+    config_loading.load_config(STAGE2_TINY, overrides)
+
+
+def test_every_shipped_config_passes_the_checks():
+  configs = pathlib.Path(STAGE2_TINY).parent
+  for stage in ("stage0", "stage1", "stage2", "stage3"):
+    for size in ("tiny", "7b", "13b"):
+      assert config_loading.config_problems(config_loading.load_config(f"{configs / stage}.py:{size}")) == []
+
+
+def test_train_refuses_bad_settings_with_exit_2_and_no_traceback(tmp_path, capsys):
+  from vtimellm_jax import cli  # pylint: disable=import-outside-toplevel
+  rc = cli.main(["train", "--config", STAGE2_TINY, "--workdir", str(tmp_path / "w"), "--config.micro_batch=0",
+                 "--config.lora.rank=0"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "micro_batch = 0: must be an integer >= 1" in err and "lora.rank = 0" in err
+  assert "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+def test_more_mesh_devices_than_the_job_has_is_refused():
+  from vtimellm_jax import sharding  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match="mesh.devices = 9 but this job has 8 cpu device"):
+    sharding.first_devices(9)
+  assert len(sharding.first_devices(0)) == 8 and len(sharding.first_devices(3)) == 3

@@ -29,6 +29,7 @@ PLANTED = {
     "truncated": "unreadable feature file",
     "shape": "wrong feature shape",
     "dtype": "wrong feature dtype",
+    "nan": "non-finite feature values",
     "metatok": "missing meta token",
     "outside": "timestamp outside [0, duration]",
     "novideo": "no <video>",
@@ -62,6 +63,9 @@ def faulty(tmp_path):
         rid, ((100, 768), np.float16))
     np.save(feat / f"{rid}.npy", rng.standard_normal(shape).astype(dtype))
   (feat / "garbage.npy").write_bytes(b"\x00 definitely not numpy")
+  nan = np.load(feat / "nan.npy")
+  nan[37, 5], nan[60, 0] = np.nan, np.inf
+  np.save(feat / "nan.npy", nan)
   full = (feat / "truncated.npy").read_bytes()
   (feat / "truncated.npy").write_bytes(full[:len(full) // 2])
   data = tmp_path / "data.json"
@@ -82,7 +86,7 @@ def test_check_finds_every_planted_fault(faulty, tiny_tokenizer_dir, capsys):  #
     found.setdefault(item["id"], set()).add("note: " + item["kind"])
   assert found == {rid: {kind} for rid, kind in PLANTED.items() if kind}
   assert all(f["index"] == list(PLANTED).index(f["id"]) for f in report["faults"])
-  assert report["unusable"] == 11 and report["noted"] == 2 and report["records"] == len(PLANTED)
+  assert report["unusable"] == 12 and report["noted"] == 2 and report["records"] == len(PLANTED)
   assert report["fault_counts"]["unreadable feature file"] == 2
 
 
@@ -91,7 +95,8 @@ def test_check_text_output_and_clean_exit(faulty, tmp_path, capsys):
   assert cli.main(["data", "check", "--data", str(data), "--features", str(feat)]) == 1
   out = capsys.readouterr().out
   assert "record 1 (id 'missing'): missing feature file" in out
-  assert f"{len(PLANTED)} records, 11 unusable" in out
+  assert f"{len(PLANTED)} records, 12 unusable" in out
+  assert "(id 'nan'): non-finite feature values: " in out and "NaN or inf in 2 of 76800 values (the first in row 37)" in out
   clean = tmp_path / "clean.json"
   clean.write_text(json.dumps([video("good")]))
   assert cli.main(["data", "check", "--data", str(clean), "--features", str(feat)]) == 0

@@ -190,6 +190,21 @@ def test_feature_broken_after_planning_is_an_error_or_a_dummy_row(tmp_path, tok)
   assert batch["valid"].sum() == 5  # left out, not replaced by another record
 
 
+def test_nan_features_are_an_error_naming_the_record_or_a_dummy_row(tmp_path, tok):
+  data, feat = write_stage2(tmp_path, 6, seed=5)
+  victim = json.loads(data.read_text())[3]["id"]
+  values = np.load(feat / f"{victim}.npy")
+  values[10, 3] = np.nan
+  np.save(feat / f"{victim}.npy", values)
+  # Planning reads headers only; the values are checked when the batch loads.
+  pipes = [build((data, feat), tok, skip_bad_records=skip, batch_size=6) for skip in (False, True)]
+  with pytest.raises(errors.UserError, match=rf"record 3 \(id '{victim}'\).*non-finite feature values.*"
+                     rf"{victim}.npy: NaN or inf in 1 of 76800 values \(the first in row 10\)"):
+    next(pipes[0].iterator())
+  batch = next(pipes[1].iterator())
+  assert batch["valid"].sum() == 5 and np.isfinite(batch["features"]).all()
+
+
 def test_stage1_images_batch_with_one_feature_row(tmp_path, tok):
   feat = tmp_path / "feat"
   feat.mkdir()

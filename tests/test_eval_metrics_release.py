@@ -70,3 +70,30 @@ def test_without_java_grounding_still_reported(official_fixtures, capsys, monkey
                  "--data", str(official_fixtures / "data_example.json")])
   out = capsys.readouterr()
   assert rc == 2 and "need Java" in out.err and out.out == ""
+
+
+def test_a_repeated_answer_line_is_reported_and_scored_once(official_fixtures, capsys, tmp_path):
+  """Concatenated or double-written logs: the release would count lines 2 and 5 twice (mIoU 34.57)."""
+  _, grounding = _expected(official_fixtures)
+  lines = (official_fixtures / "example_log.txt").read_text().splitlines()
+  log = tmp_path / "log.txt"
+  log.write_text("\n".join(lines + [lines[1], lines[4]]) + "\n")
+  rc, metrics, err = _run_json(capsys, "--task", "grounding", "--log", str(log),
+                               "--data", str(official_fixtures / "data_example.json"))
+  assert rc == 0
+  for key, value in grounding.items():
+    assert metrics[key] == pytest.approx(value, abs=0.01), key
+  assert "2 log line(s) answer a query already answered and were not scored: line 9 (first at line 2), " \
+         "line 10 (first at line 5)" in err
+
+
+def test_the_query_key_tells_sentences_and_videos_apart():
+  from vtimellm_jax.evaluation import answer_log  # pylint: disable=import-outside-toplevel
+  line = {"video_id": "v", "task": "grounding", "query_id": 0, "answer": "from 01 to 02", "info": {"sentence_id": 0}}
+  other_sentence = {**line, "info": {"sentence_id": 1}}
+  other_video = {**line, "video_id": "w"}
+  changed_answer = {**line, "answer": "from 03 to 04"}
+  log = answer_log.parse_log_lines([json.dumps(x) for x in (line, other_sentence, other_video, changed_answer)])
+  assert [r.line for r in log.records] == [1, 2, 3]
+  assert log.repeated_lines == ((4, 1),)
+  assert log.records[0].answer == "from 01 to 02"  # the first answer is the one scored

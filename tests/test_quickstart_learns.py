@@ -34,7 +34,7 @@ def test_shortened_quickstart_grounds_held_out_videos(tmp_path):
   assert model["mIoU"] >= constant["mIoU"] + 20, metrics
   # Dense captioning: the answers are lists the release's reader takes whole (metrics on them need
   # Java, which CI may lack). A model that has not learnt the format breaks every list after its
-  # first event (docs/synthetic.md, "Eighth session").
+  # first event (docs/synthetic.md, "Stages").
   answers = [json.loads(line) for line in (workdir / "eval" / "answers.jsonl").read_text().splitlines()]
   parsed = [captioning.parse_answer(a["answer"]) for a in answers if a["task"] == "captioning"]
   clean = [p for p in parsed if p.items and not p.problems]

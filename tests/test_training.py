@@ -188,6 +188,8 @@ def test_exact_resume_after_sigkill(dataset, tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert checkpointing._manager(tmp_path / "killed", read_only=True).latest_step() == 3
+  steps = lambda w: [json.loads(line)["step"] for line in open(w / "metrics.jsonl")]  # noqa: E731
+  assert steps(tmp_path / "killed") == [1, 2, 3, 4, 5]
   logs = []
   trainer.train(config_loading.load_config(config_spec, overrides), tmp_path / "killed", log=logs.append)
   assert any("resumed from step 3" in line for line in logs)
@@ -195,6 +197,9 @@ def test_exact_resume_after_sigkill(dataset, tmp_path):
   resumed, straight = checkpointing.restore_params(tmp_path / "killed"), checkpointing.restore_params(tmp_path / "straight")
   for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(x, y)
+  # Steps 4 and 5 ran twice; the step log holds each step once, as the uninterrupted run's.
+  assert steps(tmp_path / "killed") == steps(tmp_path / "straight") == list(range(1, 9))
+  np.testing.assert_array_equal(_losses(tmp_path / "killed"), _losses(tmp_path / "straight"))
 
 
 def test_one_compile_per_bucket(dataset, tmp_path):
@@ -220,6 +225,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(dataset, tmp_path):
     trainer.train(config, tmp_path / "w", log=_quiet)
   good = checkpointing._manager(tmp_path / "w", read_only=True).latest_step()
   assert f"step {good})" in str(e.value)
+  assert f"This process's rows of the batch: {dataset['stage2']}: record " in str(e.value)
   params = checkpointing.restore_params(tmp_path / "w")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -227,7 +233,10 @@ def test_non_finite_loss_stops_with_checkpoint_intact(dataset, tmp_path):
 def test_resuming_with_another_lora_rank_is_refused_naming_the_parameters(dataset, tmp_path):
   common = ["--config.max_steps=1", "--config.epochs=1", "--config.mesh.devices=1", "--config.global_batch=8"]
   trainer.train(_config("stage2", dataset, *common), tmp_path / "w", log=_quiet)
-  with pytest.raises(UserError, match="does not fit this run's model") as e:
+  with pytest.raises(UserError, match="lora.rank: 8 in run.json, 4 now"):
     trainer.train(_config("stage2", dataset, *common, "--config.lora.rank=4", "--config.max_steps=2"), tmp_path / "w",
                   log=_quiet)
+  with pytest.raises(UserError, match="does not fit this run's model") as e:
+    trainer.train(_config("stage2", dataset, *common, "--config.lora.rank=4", "--config.max_steps=2"), tmp_path / "w",
+                  log=_quiet, allow_config_change=True)
   assert "model/layers/mlp/up_proj/lora_a: (2, 64, 8) saved, (2, 64, 4) expected" in str(e.value)

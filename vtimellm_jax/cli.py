@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     # Bad input is reported, not dumped as a traceback.
     print(f"vtimellm-jax: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    # A second Ctrl-C during training, or one during any other command: every command's output is
+    # written whole or not at all, and a rerun resumes.
+    print("vtimellm-jax: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

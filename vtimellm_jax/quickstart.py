@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from vtimellm_jax import cli_types
+
 ACCEPTS_CONFIG_OVERRIDES = True
 
 # The tiny preset widened so the quickstart model can learn the task in minutes on a CPU, with a
@@ -33,7 +35,7 @@ QUICKSTART_RANDOM_INIT = ["--config.model.time_code=1.0", "--config.model.rope_t
 # Per-stage schedule of the tiny run: steps and peak lr sized for a CPU budget (the recipe's 7B
 # values are in the configs), few bucket lengths (few compiles). Stage 2 trains every parameter of
 # the minutes-old LLaMA, not a LoRA on it: the query learns to find its frames only after several
-# hundred steps (docs/synthetic.md, "Sixth and seventh sessions" to "Ninth session"); stage 3 then
+# hundred steps (docs/synthetic.md, "Stages"); stage 3 then
 # starts from its export instead of merging a LoRA, and trains a fresh LoRA as the recipe does, for
 # as many steps as valid dense-captioning JSON takes.
 _BATCH_8 = ["--config.global_batch=8", "--config.micro_batch=8"]
@@ -48,7 +50,7 @@ QUICKSTART_STAGES = {
 # The quickstart tokenizer's size. 1,024 pieces hold the corpus's words and the JSON answer's
 # punctuation whole ('▁slides', '"},'); at 512, after 259 byte pieces and the 100 time pieces, only
 # ~150 merges were left: words were spelt in letters, every sequence was twice as long, and JSON
-# answers (twice as many pieces too) broke after their first event (docs/synthetic.md, "Ninth session").
+# answers (twice as many pieces too) broke after their first event (docs/synthetic.md, "Tokenizer").
 QUICKSTART_VOCAB = 1024
 # A dense-captioning answer in JSON is 36-79 pieces of that tokenizer on the held-out videos; the
 # budget leaves room for a model that lists an event twice before it closes the bracket.
@@ -59,10 +61,10 @@ QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", default="quickstart", help="everything goes here (default: %(default)s)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--train-videos", type=int, default=1000)
-  parser.add_argument("--eval-videos", type=int, default=30)
-  parser.add_argument("--steps", type=int, default=0, help="steps of every stage (0: the quickstart's own per stage)")
+  parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0)
+  parser.add_argument("--train-videos", type=cli_types.int_at_least(1), default=1000)
+  parser.add_argument("--eval-videos", type=cli_types.int_at_least(1), default=30)
+  parser.add_argument("--steps", type=cli_types.int_at_least(0), default=0, help="steps of every stage (0: the quickstart's own per stage)")
   parser.add_argument("--stage-steps", default="", metavar="STAGE=N,...",
                       help="steps of single stages, e.g. stage0=100,stage2=300 (overrides --steps for those)")
   parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b"))

@@ -32,6 +32,14 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def first_devices(count: int) -> list:
+  """Returns the first `count` of this job's devices (all of them for 0); refuses more than there are."""
+  devices = jax.devices()
+  if count > len(devices):
+    raise UserError(f"mesh.devices = {count} but this job has {len(devices)} {devices[0].platform} device(s)")
+  return devices[:count] if count > 0 else devices
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
   """Returns a (data, fsdp, tensor) mesh over `devices` (default: all); -1 fills the rest."""
   devices = list(devices if devices is not None else jax.devices())

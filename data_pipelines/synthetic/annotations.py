@@ -27,7 +27,7 @@ DENSE_FRACTION = 0.2  # stage 2: share of single-turn dense-captioning records, 
 # Stage 2, multi-turn records: every event is asked for (grounding, the skill the quickstart measures
 # and the slower one to learn), and this share of events is also captioned from its given moment.
 # Grounding every event instead of 75% of them brought the quickstart's transition to finding the
-# asked event forward by hundreds of steps (docs/synthetic.md, "Eighth session").
+# asked event forward by hundreds of steps (docs/synthetic.md, "What is written").
 CAPTIONING_SHARE = 0.25
 
 

@@ -2,7 +2,9 @@
 # Trains a stage on a Cloud TPU slice end to end, surviving preemption: create the slice, ship
 # and install the code on every worker, train on all workers; if the slice is preempted (spot or
 # queued capacity taken back), delete it, create it again and rerun the same command, which
-# resumes from the gs:// workdir's latest orbax checkpoint. Deletes the slice when training ends.
+# resumes from the gs:// workdir's latest orbax checkpoint. The SIGTERM a preempted VM receives
+# makes training save a checkpoint of the step it reached and exit with status 143 (docs/launch.md).
+# Deletes the slice when training ends.
 #
 # usage: launch/tpu/run.sh --zone ZONE --topology TOPOLOGY --config SPEC --workdir gs://BUCKET/PATH
 #                          [--name NAME] [--project PROJECT] [--provisioning on-demand|spot|queued|queued-spot]
@@ -33,11 +35,14 @@ while :; do
   tpu_wait_ready
   tpu_ship
   tpu_install
-  if tpu_train; then
-    break
-  fi
+  status=0
+  tpu_train || status=$?
+  ((status != 0)) || break
   state="$(tpu_state)"
-  [[ $state != READY ]] || die "training failed on a healthy slice (not a preemption); see $LOG_DIR/$NAME.log"
+  # Status 143: training received SIGTERM (a preemption or maintenance notice), finished its step and
+  # saved a checkpoint of it; resume even if the slice still reports READY.
+  [[ $state != READY || $status == 143 ]] ||
+    die "training failed on a healthy slice (status $status, not a preemption); see $LOG_DIR/$NAME.log"
   ((restarts < MAX_RESTARTS)) || die "preempted $restarts times; giving up (rerun to resume)"
   restarts=$((restarts + 1))
   echo "$NAME is $state: recreating it (restart $restarts of $MAX_RESTARTS); training resumes from $WORKDIR" >&2

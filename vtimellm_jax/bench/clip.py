@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from vtimellm_jax import cli_types
+
 
 def _parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.bench.clip", description=__doc__.splitlines()[0])
@@ -28,11 +30,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                       help="jax.nn.dot_product_attention implementation (auto lets jax choose)")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--warmup", type=cli_types.int_at_least(0), default=3)
+  parser.add_argument("--iters", type=cli_types.int_at_least(1), default=10)
   parser.add_argument("--videos", default=None, help="also time extract-features over these videos")
-  parser.add_argument("--workers", type=int, default=8, help="decoding threads for --videos")
-  parser.add_argument("--e2e-batch-size", type=int, default=800, help="frames per encoder call for --videos")
+  parser.add_argument("--workers", type=cli_types.int_at_least(1), default=8, help="decoding threads for --videos")
+  parser.add_argument("--e2e-batch-size", type=cli_types.int_at_least(1), default=800, help="frames per encoder call for --videos")
   parser.add_argument("--preprocess", default="", help="also time preprocess_frames on 100 random frames of "
                       "these HxW sizes, one core (e.g. 64x64,720x1280)")
   return parser.parse_args(argv)

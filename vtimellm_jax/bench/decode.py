@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from vtimellm_jax import cli_types
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -30,11 +32,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"), help="LLaMA preset")
   parser.add_argument("--dtype", default="auto", choices=DTYPES,
                       help="weights and compute; auto: bfloat16 on GPU/TPU, float32 on CPU")
-  parser.add_argument("--prompt-len", type=int, default=160, help="prompt embeddings (default: %(default)s)")
-  parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default: %(default)s)")
+  parser.add_argument("--prompt-len", type=cli_types.int_at_least(1), default=160, help="prompt embeddings (default: %(default)s)")
+  parser.add_argument("--new-tokens", type=cli_types.int_at_least(1), default=128, help="tokens generated (default: %(default)s)")
   parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: %(default)s)")
-  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the release samples at 0.05")
-  parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
+  parser.add_argument("--temperature", type=cli_types.number_in(0), default=0.0, help="0: greedy (default); the release samples at 0.05")
+  parser.add_argument("--repeats", type=cli_types.int_at_least(1), default=3, help="timed runs; the best is reported")
   return parser.parse_args(argv)
 
 

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from vtimellm_jax import cli_types
+
 NUM_FEATURES, FEATURE_DIM = 100, 768
 _WORDS = ("the a man woman dog person is walks runs jumps into pool kitchen cooking counting money "
           "during which frames can we see describe video events from to").split()
@@ -32,9 +34,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"), help="LLaMA preset")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                       help="weights and compute; auto: bfloat16 on GPU/TPU, float32 on CPU")
-  parser.add_argument("--queries", type=int, default=32, help="grounding queries answered (default: %(default)s)")
-  parser.add_argument("--batch-size", type=int, default=16, help="queries per call when batched (default: %(default)s)")
-  parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
+  parser.add_argument("--queries", type=cli_types.int_at_least(1), default=32, help="grounding queries answered (default: %(default)s)")
+  parser.add_argument("--batch-size", type=cli_types.int_at_least(1), default=16, help="queries per call when batched (default: %(default)s)")
+  parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=64, help="tokens per answer (default: %(default)s)")
   return parser.parse_args(argv)
 
 

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from vtimellm_jax import cli_types
+
 # The shape `--make-random-hf` writes: 0.74B parameters, 1.48 GB in bfloat16.
 RANDOM_HF = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_layers=12, num_heads=16, num_kv_heads=16)
 
@@ -36,7 +38,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
   what.add_argument("--make-random-hf", metavar="DIR",
                     help=f"write a random bfloat16 HF LLaMA of {RANDOM_HF} to DIR (safetensors) and exit")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="--convert-from: storage dtype")
-  parser.add_argument("--mesh-fsdp", type=int, default=1, help="split the loaded model over this many devices")
+  parser.add_argument("--mesh-fsdp", type=cli_types.int_at_least(1), default=1, help="split the loaded model over this many devices")
   parser.add_argument("--child", choices=("load", "convert"), help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   return parser.parse_args(argv)

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.errors import UserError
 
 NUM_FEATURES = 100
@@ -24,18 +25,18 @@ NUM_FEATURES = 100
 def _parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="vtimellm-jax bench train", description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"))
-  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--batch", type=cli_types.int_at_least(1), default=8)
   # 157 text ids incl. the placeholder -> 256 positions, the baseline's L (156 text + 100 video).
-  parser.add_argument("--text-len", type=int, default=157, help="text ids per row incl. the placeholder (L = text + 99)")
+  parser.add_argument("--text-len", type=cli_types.int_at_least(2), default=157, help="text ids per row incl. the placeholder (L = text + 99)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash", "per_head"),
                       help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), per_head on CPU, else XLA")
-  parser.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+  parser.add_argument("--loss-chunk", type=cli_types.int_at_least(0), default=0, metavar="N",
                       help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
-  parser.add_argument("--lora-rank", type=int, default=64)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--lora-rank", type=cli_types.int_at_least(1), default=64)
+  parser.add_argument("--warmup", type=cli_types.int_at_least(0), default=2)
+  parser.add_argument("--iters", type=cli_types.int_at_least(1), default=10)
   return parser.parse_args(argv)
 
 

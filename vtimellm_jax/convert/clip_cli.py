@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from vtimellm_jax import cli_types
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--act", default=None, choices=("quick_gelu", "gelu"),
                       help="activation for OpenAI-layout state dicts without a config (default quick_gelu; "
                            "open_clip's own non-OpenAI trainings use gelu)")
-  parser.add_argument("--heads", type=int, default=None, help="attention heads, if not width / 64")
+  parser.add_argument("--heads", type=cli_types.int_at_least(1), default=None, help="attention heads, if not width / 64")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ import collections
 import json
 import sys
 
+from vtimellm_jax import cli_types
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data", required=True, help="release data JSON (stage 1, 2 or 3)")
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "release's label mismatch")
   parser.add_argument("--template", choices=("plain", "v1"),
                       help="prompt template (default: plain for image records, v1 for videos)")
-  parser.add_argument("--max-length", type=int, default=2048,
+  parser.add_argument("--max-length", type=cli_types.int_at_least(2), default=2048,
                       help="model sequence limit: text tokens - 1 + features (default 2048)")
   parser.add_argument("--strict", action="store_true", help="notes also make the exit status 1")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
   def feature_faults(prepared):
     return records.check_feature_file(records.feature_path(args.features, prepared.id),
-                                      prepared.is_image)
+                                      prepared.is_image, values=True)
 
   bad, noted = [], []
   fault_counts, note_counts = collections.Counter(), collections.Counter()

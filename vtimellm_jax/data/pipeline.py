@@ -8,7 +8,8 @@ Contract (what the model and trainer rely on):
 - A batch (one host's rows): `input_ids` int32[B, T] right-padded with the pad id (= unk = 0);
   `labels` int32[B, T] (-100 on padding); `attention_mask` int32[B, T] (1 on real tokens);
   `features` float16[B, N, 768]; `valid` int32[B] (0 for the dummy rows that pad the last batch or
-  stand for a record skipped at load time; their labels are all -100).
+  stand for a record skipped at load time; their labels are all -100); `index` int64[B] (each
+  row's record index in the source, -1 for a dummy row; `Pipeline.row_names` names them).
   T is a bucket length, the same on every host for a given step, with T - 1 + N <= max_length (the
   model splices N features in place of the placeholder).
 - `build_pipeline(...)` returns a `Pipeline` (stats, padding fraction, `iterator()`);
@@ -24,8 +25,9 @@ of `P` takes rows `[p * B, (p + 1) * B)`, so hosts see disjoint records and equa
 
 Bad records: text faults and (with `validate_features`) feature-file faults are found while
 planning; each is an error naming the file, record index and id, or with `skip_bad_records` is left
-out and counted (`Pipeline.stats`, logged). A feature that fails later, when loaded, is an error too,
-or with `skip_bad_records` becomes a dummy row (`valid` 0). No record is ever replaced by another.
+out and counted (`Pipeline.stats`, logged). A feature that fails later, when loaded (NaN or inf
+values are found only then: planning reads headers), is an error too, or with `skip_bad_records`
+becomes a dummy row (`valid` 0). No record is ever replaced by another.
 Samples the release would drop (its length-count check) stay in, with all labels ignored as in the
 release, and are counted (`stats['release_dropped']`).
 """
@@ -114,6 +116,14 @@ class Pipeline:
   bucket_lengths: tuple[int, ...]
   padding_fraction: float  # padded share of the text positions of all batches
   num_features: int
+  source: RecordSource
+
+  def row_names(self, indices: np.ndarray, most: int = 8) -> str:
+    """Names the records of a batch's `index` rows (dummy rows, -1, left out): file, index and id."""
+    rows = [int(i) for i in np.asarray(indices).reshape(-1) if i >= 0]
+    names = [records_lib.record_name(self.source.record(i), i) for i in rows[:most]]
+    more = f" and {len(rows) - most} more" if len(rows) > most else ""
+    return f"{self.source.name}: " + ", ".join(names) + more if rows else "no records (every row is a dummy)"
 
   def iterator(self):
     """Returns a fresh Grain `DatasetIterator` (with `get_state()` / `set_state()`)."""
@@ -198,7 +208,7 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return Pipeline(dataset, plans, stats, bounds, 1 - real / padded, num_features)
+  return Pipeline(dataset, plans, stats, bounds, 1 - real / padded, num_features, source)
 
 
 def build_iterator(data_path: str, feature_dir: str, tokenizer, **kwargs):
@@ -296,6 +306,7 @@ class BatchLoader(grain.transforms.Map):
         "attention_mask": np.zeros((b, t), np.int32),
         "features": np.zeros((b, self.num_features, records_lib.FEATURE_DIM), np.float16),
         "valid": np.zeros((b,), np.int32),
+        "index": np.full((b,), -1, np.int64),  # the record of each row, -1 for a dummy row
     }
     for row, index in enumerate(indices):
       if index < 0:
@@ -315,6 +326,7 @@ class BatchLoader(grain.transforms.Map):
       batch["attention_mask"][row, :n] = 1
       batch["features"][row] = feats
       batch["valid"][row] = 1
+      batch["index"][row] = index
     return batch
 
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

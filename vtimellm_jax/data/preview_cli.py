@@ -12,6 +12,8 @@ import argparse
 import json
 import re
 
+from vtimellm_jax import cli_types
+
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -20,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
   parser.add_argument("--template", required=True, choices=("v1", "plain"),
                       help="plain for stage 1, v1 for stages 2 and 3")
-  parser.add_argument("--index", type=int, default=0, help="record index in the JSON list")
-  parser.add_argument("--max-length", type=int, default=2048, help="model sequence limit")
+  parser.add_argument("--index", type=cli_types.int_at_least(0), default=0, help="record index in the JSON list")
+  parser.add_argument("--max-length", type=cli_types.int_at_least(2), default=2048, help="model sequence limit")
   parser.add_argument("--json", action="store_true",
                       help='print {"input_ids": [...], "labels": [...]} on one line')
 

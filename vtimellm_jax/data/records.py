@@ -38,6 +38,7 @@ MISSING_FEATURE = "missing feature file"
 UNREADABLE_FEATURE = "unreadable feature file"
 BAD_SHAPE = "wrong feature shape"
 BAD_DTYPE = "wrong feature dtype"
+NON_FINITE_FEATURE = "non-finite feature values"
 MISSING_META_TOKEN = "missing meta token"
 BAD_TIMESTAMP = "timestamp outside [0, duration]"
 NO_VIDEO = "no <video>"
@@ -185,7 +186,19 @@ def check_feature_array(array: np.ndarray, is_image: bool) -> list[Fault]:
                         f"{' or '.join(str(list(s)) for s in shapes)}"))
   if array.dtype != np.float16:
     faults.append(Fault(BAD_DTYPE, f"dtype {array.dtype}, expected float16"))
+  elif not faults:
+    faults.extend(non_finite_faults(array))
   return faults
+
+
+def non_finite_faults(array: np.ndarray, where: str = "") -> list[Fault]:
+  """Returns a fault if any value of a float feature array is NaN or inf (one would poison the loss)."""
+  bad = ~np.isfinite(array)
+  if not bad.any():
+    return []
+  row = int(np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0][0]) if bad.ndim > 1 else 0
+  return [Fault(NON_FINITE_FEATURE, f"{where}NaN or inf in {int(bad.sum())} of {bad.size} values "
+                                     f"(the first in row {row})")]
 
 
 # numpy parses `.npy` headers with `ast.literal_eval`; CPython 3.11's parser is not thread-safe
@@ -218,8 +231,18 @@ def _open_npy(path: str):
   return f, shape, fortran, dtype, available
 
 
-def check_feature_file(path: str, is_image: bool) -> list[Fault]:
-  """Returns the faults of a feature file, reading only its header (and its size)."""
+def check_feature_file(path: str, is_image: bool, *, values: bool = False) -> list[Fault]:
+  """Returns the faults of a feature file, reading only its header and size, or with `values` the data too.
+
+  Only reading the data finds NaN or inf values; planning a pipeline reads headers (fast at corpus
+  scale) and such values are found when a batch loads the file.
+  """
+  if values:
+    try:
+      load_features(path, is_image)
+    except FeatureError as e:
+      return [e.fault]
+    return []
   try:
     f, shape, _, dtype, available = _open_npy(path)
   except FileNotFoundError:
@@ -239,7 +262,7 @@ def load_features(path: str, is_image: bool) -> np.ndarray:
   """Returns float16[N, 768] features of one record (a stage-1 [768] vector becomes [1, 768]).
 
   Raises:
-    FeatureError: the file is missing, unreadable, or has the wrong shape or dtype.
+    FeatureError: the file is missing, unreadable, has the wrong shape or dtype, or holds NaN or inf.
   """
   try:
     f, shape, fortran, dtype, available = _open_npy(path)
@@ -259,6 +282,9 @@ def load_features(path: str, is_image: bool) -> np.ndarray:
                                f"needs {array.nbytes}"))
   if fortran:
     array = array.T
+  faults = non_finite_faults(array, f"{path}: ")
+  if faults:
+    raise FeatureError(faults[0])
   return array.reshape(1, FEATURE_DIM) if array.ndim == 1 else array
 
 

@@ -4,7 +4,10 @@ Each line is what the release's `eval.py` appends per query:
   {"video_id": "v_x", "task": "grounding", "query_id": 0, "answer": "...", "info": {"sentence_id": 1, "iou": 0.2}}
   {"video_id": "v_x", "task": "captioning", "query_id": 0, "answer": "..."}
 `info.iou` is what the release computed at generation time; metrics are recomputed here from the
-answer and the annotations, so a log is scored the same whoever wrote it.
+answer and the annotations, so a log is scored the same whoever wrote it. A query is
+(video_id, task, query_id, info.sentence_id); a line that answers a query an earlier line already
+answered (logs concatenated, or a run resumed by a writer that does not check) is reported and not
+scored, where the release's metric script would count it twice.
 """
 
 from __future__ import annotations
@@ -31,15 +34,27 @@ class LogRecord:
 
 @dataclasses.dataclass(frozen=True)
 class AnswerLog:
-  """The records of a log, plus the numbers of the lines that were not JSON (skipped, as the release does)."""
+  """The records of a log, one per query, and the lines that were skipped.
+
+  `unreadable_lines` were not JSON (skipped, as the release does); `repeated_lines` holds
+  (line, first line) for each line that answers a query already answered at `first line`.
+  """
 
   path: str
   records: tuple[LogRecord, ...]
   unreadable_lines: tuple[int, ...] = ()
+  repeated_lines: tuple[tuple[int, int], ...] = ()
 
   def of_task(self, task: str) -> list[LogRecord]:
     """Returns the records of one task, in log order."""
     return [r for r in self.records if r.task == task]
+
+
+def query_key(obj: dict) -> tuple:
+  """Returns the query a decoded log line answers: (video_id, task, query_id, sentence_id or None)."""
+  info = obj.get("info")
+  sentence_id = info.get("sentence_id") if obj.get("task") == "grounding" and isinstance(info, dict) else None
+  return (obj.get("video_id"), obj.get("task"), obj.get("query_id"), sentence_id)
 
 
 def parse_record(obj, where: str, line: int) -> LogRecord | None:
@@ -68,7 +83,7 @@ def parse_record(obj, where: str, line: int) -> LogRecord | None:
 
 def parse_log_lines(lines: list[str], path: str = "<log>") -> AnswerLog:
   """Returns the AnswerLog of the given lines (`path` only names the source in messages)."""
-  records, unreadable = [], []
+  records, unreadable, repeated, first_line = [], [], [], {}
   for line_no, text in enumerate(lines, start=1):
     if not text.strip():
       continue
@@ -79,9 +94,14 @@ def parse_log_lines(lines: list[str], path: str = "<log>") -> AnswerLog:
       unreadable.append(line_no)
       continue
     record = parse_record(obj, f"{path} line {line_no}", line_no)
-    if record is not None:
-      records.append(record)
-  return AnswerLog(path, tuple(records), tuple(unreadable))
+    if record is None:
+      continue
+    first = first_line.setdefault(query_key(obj), line_no)
+    if first != line_no:
+      repeated.append((line_no, first))
+      continue
+    records.append(record)
+  return AnswerLog(path, tuple(records), tuple(unreadable), tuple(repeated))
 
 
 def read_log(path: str | os.PathLike) -> AnswerLog:

@@ -32,6 +32,11 @@ def _problem_lines(name: str, malformed: int, total: int, problems: dict[str, in
   return lines
 
 
+def _first_ten(items) -> str:
+  items = list(items)
+  return ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+
+
 def run(args: argparse.Namespace) -> int:
   # pylint: disable=import-outside-toplevel
   from vtimellm_jax.errors import UserError
@@ -50,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
   metrics, notes, failure = {}, [], None
   caption_scores = grounding_scores = None
   if log.unreadable_lines:
-    shown = ", ".join(map(str, log.unreadable_lines[:10])) + (" ..." if len(log.unreadable_lines) > 10 else "")
-    notes.append(f"{len(log.unreadable_lines)} log line(s) are not JSON and were skipped: line {shown}")
+    notes.append(f"{len(log.unreadable_lines)} log line(s) are not JSON and were skipped: "
+                 f"line {_first_ten(map(str, log.unreadable_lines))}")
+  if log.repeated_lines:
+    notes.append(f"{len(log.repeated_lines)} log line(s) answer a query already answered and were not scored: "
+                 f"{_first_ten(f'line {line} (first at line {first})' for line, first in log.repeated_lines)}")
   if "captioning" in want:
     try:
       caption_scores = captioning.score_captioning(log.records, annotations, args.log)

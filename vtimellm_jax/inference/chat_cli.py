@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.errors import UserError
 
 QUIT_WORDS = ("exit", "quit")
@@ -36,19 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "accepts, or 'tiny-random' (random tiny CLIP, smoke tests)")
   parser.add_argument("--query", help="one question; without it, read questions from stdin, one a line, "
                                       "keeping the conversation (empty line skipped, 'exit' or EOF ends)")
-  parser.add_argument("--temperature", type=float, default=generate.RELEASE_TEMPERATURE,
+  parser.add_argument("--temperature", type=cli_types.number_in(0), default=generate.RELEASE_TEMPERATURE,
                       help="sampling temperature; 0 = greedy (default: the release's %(default)s)")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
-  parser.add_argument("--top-k", type=int, default=0,
+  parser.add_argument("--top-p", type=cli_types.number_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+  parser.add_argument("--top-k", type=cli_types.int_at_least(0), default=0,
                       help="sample among the k most likely tokens, before --top-p (default: %(default)s, off)")
-  parser.add_argument("--max-new-tokens", type=int, default=generate.RELEASE_MAX_NEW_TOKENS,
+  parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
                       help="most tokens per answer (default: %(default)s)")
-  parser.add_argument("--duration", type=float, help="video length in seconds (to show moments in seconds "
+  parser.add_argument("--duration", type=cli_types.number_in(0, lo_open=True), help="video length in seconds (to show moments in seconds "
                                                      "with --features; --video measures it)")
   parser.add_argument("--json", action="store_true",
                       help='one JSON line per answer: {"answer", "token_ids", "moments" (seconds, null '
                            'without a duration), "frames" (the moments as frame indices)}')
-  parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
                       help="compute/storage dtype; auto keeps the model directory's (default)")
 

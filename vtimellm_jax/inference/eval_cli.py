@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.errors import UserError
 
 
@@ -35,17 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--task", choices=("grounding", "captioning", "all"), default="all",
                       help="which queries (default: %(default)s)")
   parser.add_argument("--out", required=True, help="answer log (JSON lines); appended to, resumable")
-  parser.add_argument("--batch-size", type=int, default=8, help="queries per generate call (default: %(default)s)")
-  parser.add_argument("--max-new-tokens", type=int, default=generate.RELEASE_MAX_NEW_TOKENS,
+  parser.add_argument("--batch-size", type=cli_types.int_at_least(1), default=8, help="queries per generate call (default: %(default)s)")
+  parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
                       help="most tokens per answer (default: the release's %(default)s)")
-  parser.add_argument("--temperature", type=float, default=generate.RELEASE_TEMPERATURE,
+  parser.add_argument("--temperature", type=cli_types.number_in(0), default=generate.RELEASE_TEMPERATURE,
                       help="sampling temperature, 0 = greedy (default: the release's %(default)s)")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
-  parser.add_argument("--top-k", type=int, default=0,
+  parser.add_argument("--top-p", type=cli_types.number_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+  parser.add_argument("--top-k", type=cli_types.int_at_least(0), default=0,
                       help="sample among the k most likely tokens, before --top-p (default: %(default)s, off)")
-  parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+  parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--skip-missing", action="store_true", help="skip and count videos without features")
-  parser.add_argument("--max-batches", type=int, help="stop after this many batches (rerun to continue)")
+  parser.add_argument("--max-batches", type=cli_types.int_at_least(1), help="stop after this many batches (rerun to continue)")
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
                       help="compute/storage dtype; auto keeps the model directory's (default)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")

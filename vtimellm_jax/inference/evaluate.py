@@ -28,7 +28,8 @@ import jax
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import grounding
 from vtimellm_jax.evaluation.annotations import Annotations
-from vtimellm_jax.evaluation.answer_log import TASKS  # one list of tasks for the log's writer and reader
+# One list of tasks and one query key for the log's writer and reader.
+from vtimellm_jax.evaluation.answer_log import TASKS, query_key
 from vtimellm_jax.inference import prompts
 
 
@@ -88,9 +89,7 @@ def log_line(query: Query, answer: str, annotations: Annotations) -> str:
 def _logged_key(obj) -> tuple | None:
   if not isinstance(obj, dict) or obj.get("task") not in TASKS:
     return None
-  info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
-  sentence_id = info.get("sentence_id") if obj["task"] == "grounding" else None
-  return (obj.get("video_id"), obj["task"], obj.get("query_id"), sentence_id)
+  return query_key(obj)
 
 
 def read_done(log_path: str | os.PathLike, summary: EvalSummary) -> set[tuple]:

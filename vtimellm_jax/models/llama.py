@@ -35,6 +35,7 @@ from vtimellm_jax.models.lora import Linear
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D] between layers
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "per_head")
+REMAT_MODES = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class LlamaConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-    if self.remat not in ("none", "full", "save_dots"):
+    if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be none, full or save_dots, got {self.remat!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")

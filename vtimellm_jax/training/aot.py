@@ -179,7 +179,7 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
     config.micro_batch = micro_batch or config.micro_batch
     devices = target_devices(topology)
   else:  # this process's own devices, with the config's mesh
-    devices = jax.devices()[:config.mesh.devices] if config.mesh.devices > 0 else jax.devices()
+    devices = sharding.first_devices(config.mesh.devices)
     topology = topologies.Topology(f"{len(devices)}x{devices[0].device_kind}", devices[0].platform, len(devices), 1,
                                    0, config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.micro_batch)
   seq_len = seq_len or config.data.max_length

@@ -1,15 +1,24 @@
-"""Loading `configs/stageN.py:arg` files and applying `--config.a.b=value` overrides."""
+"""Loading `configs/stageN.py:arg` files, applying `--config.a.b=value` overrides, checking the result.
+
+Every field is checked once the overrides are applied (`check_config`): types, ranges and the rules
+between fields, all problems in one `UserError`, before any data is read or a device touched.
+"""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import pathlib
 import sys
 
 import ml_collections
 
+from vtimellm_jax.data.templates import TEMPLATES
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models.llama import ATTENTION_IMPLS, REMAT_MODES
+from vtimellm_jax.models.lora import ALL_TARGETS as LORA_TARGETS
+from vtimellm_jax.training.model_setup import TRAINABLE
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -33,7 +42,100 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     raise UserError(f"{spec}: {e}") from e
   for override in overrides:
     apply_override(config, override, source=spec)
+  check_config(config, spec)
   return config
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+_INT, _REAL = "an integer", "a number"
+
+
+def _rules(c: ml_collections.ConfigDict):
+  """Yields (field, value, ok, what it must be) for each checked field present in `c`."""
+  def get(key):
+    node = c
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return _ABSENT
+      node = node[part]
+    return node
+
+  def at_least(lo, kind=_INT):
+    return lambda v: _is_number(v, kind) and v >= lo, f"{kind} >= {lo}"
+
+  def positive():
+    return lambda v: _is_number(v, _REAL) and v > 0, "a number > 0"
+
+  def between(lo, hi, hi_open=False):
+    end = ")" if hi_open else "]"
+    return (lambda v: _is_number(v, _REAL) and lo <= v and (v < hi if hi_open else v <= hi),
+            f"a number in [{lo}, {hi}{end}")
+
+  def one_of(options):
+    return lambda v: v in options, f"one of {', '.join(options)}"
+
+  def mesh_axis():
+    return lambda v: _is_number(v, _INT) and (v == -1 or v >= 1), "-1 (the remaining devices) or an integer >= 1"
+
+  table = {
+      "seed": at_least(0),
+      "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(DTYPES),
+      "model.remat": one_of(REMAT_MODES), "model.attention_impl": one_of(ATTENTION_IMPLS),
+      "model.loss_chunk": at_least(0), "model.vocab_size": at_least(0),
+      "model.hidden_size": at_least(0), "model.intermediate_size": at_least(0),
+      "model.num_layers": at_least(0), "model.num_heads": at_least(0),
+      "model.rope_theta": at_least(0, _REAL), "model.time_code": at_least(0, _REAL),
+      "trainable": one_of(tuple(TRAINABLE)),
+      "lora.rank": at_least(1), "lora.alpha": positive(), "lora.dropout": between(0, 1, hi_open=True),
+      "lora.targets": (lambda v: isinstance(v, tuple) and bool(v) and set(v) <= set(LORA_TARGETS),
+                       f"a non-empty list of {', '.join(LORA_TARGETS)}"),
+      "data.template": one_of(TEMPLATES), "data.max_length": at_least(2),
+      "data.num_buckets": at_least(1), "data.workers": at_least(0),
+      "global_batch": at_least(1), "micro_batch": at_least(1), "epochs": at_least(1), "max_steps": at_least(0),
+      "optim.lr": positive(), "optim.warmup_ratio": between(0, 1), "optim.weight_decay": at_least(0, _REAL),
+      "optim.b1": between(0, 1, hi_open=True), "optim.b2": between(0, 1, hi_open=True), "optim.eps": positive(),
+      "optim.max_grad_norm": positive(),
+      "mesh.data": mesh_axis(), "mesh.fsdp": mesh_axis(), "mesh.tensor": mesh_axis(),
+      "mesh.devices": at_least(0),
+      "checkpoint.every_steps": at_least(1), "checkpoint.keep": at_least(1),
+      "log_every": at_least(1),
+  }
+  for key, (ok, what) in table.items():
+    value = get(key)
+    if value is not _ABSENT:
+      yield key, value, ok(value), what
+
+
+_ABSENT = object()
+
+
+def _is_number(value, kind: str) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  return isinstance(value, int) if kind == _INT else math.isfinite(value)
+
+
+def config_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Returns one message per problem of a loaded config (empty when it can run)."""
+  problems = [f"{key} = {value!r}: must be {what}" for key, value, ok, what in _rules(config) if not ok]
+  bad = {p.split(" ", 1)[0] for p in problems}
+  if not bad & {"global_batch", "micro_batch"} and "global_batch" in config and "micro_batch" in config:
+    if config.global_batch % config.micro_batch:
+      problems.append(f"global_batch = {config.global_batch} is not a multiple of micro_batch = "
+                      f"{config.micro_batch}")
+  if "mesh" in config and not bad & {"mesh.data", "mesh.fsdp", "mesh.tensor"}:
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    if sizes.count(-1) > 1:
+      problems.append(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}: at most one axis may be -1")
+  return problems
+
+
+def check_config(config: ml_collections.ConfigDict, source: str = "config") -> None:
+  """Raises a UserError listing every problem of `config` (see `config_problems`)."""
+  problems = config_problems(config)
+  if problems:
+    raise UserError(f"{source}: {len(problems)} setting(s) cannot run:\n  " + "\n  ".join(problems))
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str, source: str = "config") -> None:

@@ -21,6 +21,8 @@ import argparse
 import pathlib
 import tempfile
 
+from vtimellm_jax import cli_types
+
 FORMATS = ("jax", "release", "hf")
 
 
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--format", default="jax", choices=FORMATS, help="what to write (default: %(default)s)")
   parser.add_argument("--keep-lora", action="store_true", help="jax: keep the trained LoRA unmerged (to train on)")
-  parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: the latest)")
+  parser.add_argument("--step", type=cli_types.int_at_least(0), default=None, help="workdir checkpoint step (default: the latest)")
   parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                       help="hf / base weights dtype (default: the model's storage dtype)")
   parser.add_argument("--adapter-format", default="bin", choices=("bin", "safetensors"),

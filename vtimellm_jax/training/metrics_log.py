@@ -1,14 +1,35 @@
 """Training logs: a progress bar with ETA, a console line every K steps, TensorBoard and JSON lines.
 
-`{workdir}/metrics.jsonl` holds one line per step ({"step", "loss", "lr", ...}); TensorBoard event
-files go to `{workdir}/tensorboard/`. Only process 0 writes.
+`{workdir}/metrics.jsonl` holds one line per step ({"step", "loss", "lr", ...}), each step once: a
+run resumed from the checkpoint of step S first drops the lines after S (steps run after that
+checkpoint, before the run was stopped, which it runs again). TensorBoard event files go to
+`{workdir}/tensorboard/`. Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from tqdm import tqdm
+
+
+def _drop_steps_after(path: pathlib.Path, step: int) -> None:
+  """Rewrites a step log without its lines after `step` (and without a torn last line)."""
+  if not path.exists():
+    return
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      keep = line.endswith("\n") and json.loads(line)["step"] <= step
+    except (json.JSONDecodeError, KeyError, TypeError):
+      keep = False
+    kept += [line] if keep else []
+    dropped += not keep
+  if dropped:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -19,7 +40,9 @@ class MetricsLog:
     self.window: list[dict] = []
     if not enabled:
       return
-    self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    _drop_steps_after(path, start_step)
+    self.jsonl = open(path, "a")
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     try:
       from tensorboardX import SummaryWriter

@@ -23,6 +23,7 @@ from vtimellm_jax.models import load, lora, time_code
 from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import checkpointing
+from vtimellm_jax.training.run_record import RUN_JSON  # the config of a training run, in its workdir
 
 TRAINABLE = {
     "adapter": nnx.PathContains("mm_projector"),
@@ -30,7 +31,6 @@ TRAINABLE = {
     "all": nnx.Param,
 }
 
-RUN_JSON = "run.json"  # the config of a training run, written into its workdir
 
 
 def trainable_filter(name: str):

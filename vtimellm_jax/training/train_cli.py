@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vtimellm_jax import cli_types
+
 ACCEPTS_CONFIG_OVERRIDES = True
 
 
@@ -13,11 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dry-run", action="store_true", help="compile the step for every bucket, print memory, do not train")
   parser.add_argument("--topology", default="", help="a preset of configs/topologies.py (v5e-16, 8xH100, cpu-8, ...): "
                       "sets the mesh and micro-batch; with --dry-run, compiles for it without its hardware or data")
-  parser.add_argument("--seq-len", type=int, default=0, help="with --dry-run: compile one step of this sequence length "
+  parser.add_argument("--seq-len", type=cli_types.int_at_least(0), default=0, help="with --dry-run: compile one step of this sequence length "
                       "from shapes alone (no data files); default with --topology: config.data.max_length")
-  parser.add_argument("--num-features", type=int, default=100, help="with --seq-len: feature rows per sample "
+  parser.add_argument("--num-features", type=cli_types.int_at_least(1), default=100, help="with --seq-len: feature rows per sample "
                       "(100 video frames; 1 for stage-1 images)")
-  parser.epilog = "Any config field can be overridden: --config.optim.lr=2e-4 --config.data.json=train.json"
+  parser.add_argument("--allow-config-change", action="store_true", help="resume a workdir whose checkpoint was "
+                      "trained with other settings than these (run.json lists them; it is kept as run.N.json)")
+  parser.epilog = ("Any config field can be overridden: --config.optim.lr=2e-4 --config.data.json=train.json. "
+                   "Exit status: 0 done, 1 or 2 an error, 143 (SIGTERM) or 130 (SIGINT) stopped after a step with "
+                   "a checkpoint of it: rerun to resume.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,5 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     topologies.apply(config, aot.resolve(args.topology))
     config.micro_batch = micro_batch or config.micro_batch
-  trainer.train(config, args.workdir, dry_run=args.dry_run)
-  return 0
+  from vtimellm_jax.training import preemption
+
+  summary = trainer.train(config, args.workdir, dry_run=args.dry_run, allow_config_change=args.allow_config_change)
+  return preemption.EXIT_STATUS.get(summary.get("stopped_by"), 0)

@@ -1,7 +1,10 @@
 """The training loop shared by every stage: data, sharded state, compiled step, checkpoints, logs.
 
-`train(config, workdir)` runs a stage to the end, resuming from the workdir's latest checkpoint on
-the exact next batch. One compiled step per bucket length; memory analysis printed before step 1.
+`train(config, workdir)` runs a stage to the end, resuming from the workdir's newest readable
+checkpoint on the exact next batch (an unreadable one is named and moved to
+`{workdir}/unreadable_checkpoints/`). A rerun must keep the settings of run.json
+(`run_record.py`). SIGTERM or SIGINT stops it after the current step with a checkpoint of that step
+(`preemption.py`). One compiled step per bucket length; memory analysis printed before step 1.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from flax import nnx
 
 from vtimellm_jax import model_io, sharding
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.training import checkpointing, model_setup, step as step_lib
+from vtimellm_jax.training import checkpointing, model_setup, preemption, run_record, step as step_lib
 from vtimellm_jax.training.metrics_log import MetricsLog
+
+UNREADABLE_DIR = "unreadable_checkpoints"
 
 
 def maybe_initialize_distributed() -> None:
@@ -136,6 +141,10 @@ class TrainState:
                    out_shardings=(self.trainable_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
 
 
+class CheckpointMismatch(UserError):
+  """A readable checkpoint of another model: an error, never a reason to fall back to an older one."""
+
+
 def _check_resumable(workdir, step: int, state: TrainState) -> None:
   """Raises UserError unless the checkpoint's trained parameters have this run's names and shapes."""
   saved = model_io.saved_arrays(workdir / checkpointing.CHECKPOINT_DIR / str(step))
@@ -146,9 +155,47 @@ def _check_resumable(workdir, step: int, state: TrainState) -> None:
   problems += [f"{'/'.join(p)}: saved, but this run has no such parameter" for p in saved if p not in expected]
   if problems:
     shown = "\n".join(f"  - {p}" for p in problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
-    raise UserError(f"{workdir}: its checkpoint (step {step}) does not fit this run's model; it was trained with "
+    raise CheckpointMismatch(f"{workdir}: its checkpoint (step {step}) does not fit this run's model; it was trained with "
                     f"another model, LoRA or trainable setting, or by an older vtimellm-jax that stored the layers "
                     f"one by one. Resume with that run's config, or train into a new --workdir:\n{shown}")
+
+
+def _restore_newest_readable(ckpt, workdir, state: TrainState, log) -> tuple[int, tuple] | None:
+  """Returns (step, restored state) of the newest checkpoint that reads whole, or None when there is none.
+
+  Each unreadable checkpoint is named in the log and moved to `{workdir}/unreadable_checkpoints/`
+  (kept for inspection; its step is then free to be saved again).
+  """
+  unreadable = []
+  for step in sorted(ckpt.manager.all_steps(), reverse=True):
+    try:
+      _check_resumable(workdir, step, state)
+      restored = ckpt.restore(
+          step, _abstract(state.trainable.to_pure_dict(), state.trainable_sharding.to_pure_dict()),
+          _abstract(state.opt_state, state.opt_sharding))
+    except CheckpointMismatch:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # a torn file: orbax, tensorstore, json each raise their own
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      log(f"checkpoint {workdir / checkpointing.CHECKPOINT_DIR / str(step)} is unreadable ({reason}); "
+          "trying an older one")
+      unreadable.append(step)
+      continue
+    if unreadable:
+      if jax.process_index() == 0:
+        (workdir / UNREADABLE_DIR).mkdir(parents=True, exist_ok=True)
+        for bad in unreadable:
+          (workdir / checkpointing.CHECKPOINT_DIR / str(bad)).rename(workdir / UNREADABLE_DIR / f"{bad}-{time.time_ns()}")
+        log(f"moved unreadable checkpoint(s) {unreadable} to {workdir / UNREADABLE_DIR}")
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("unreadable checkpoints moved")
+      ckpt.manager.reload()
+    return step, restored
+  if unreadable:
+    raise UserError(f"{workdir}: no checkpoint is readable (steps {unreadable}); move {checkpointing.CHECKPOINT_DIR}/ "
+                    "away to start over")
+  return None
 
 
 def _abstract(tree, shardings):
@@ -185,17 +232,24 @@ def _format_memory(compiled) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_run: bool = False,
-          log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-  """Runs (or resumes) a stage; returns a summary {steps, final_loss, compiled, ...}.
+          log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) a stage; returns a summary {steps, final_loss, compiled, stopped_by, ...}.
 
   `on_step(step)` is called after each step's checkpoint decision (tests use it to kill a run).
+  `stopped_by` is the name of the signal that stopped the run early (a checkpoint of its last step
+  is saved), else None. `allow_config_change` resumes a checkpoint trained with other settings.
   """
   maybe_initialize_distributed()
   workdir = checkpointing.workdir_path(workdir)
-  devices = jax.devices()[:config.mesh.devices] if config.mesh.devices > 0 else None
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                            sharding.first_devices(config.mesh.devices))
   dp = sharding.data_parallel_size(mesh)
   accum = accumulation_steps(config.global_batch, config.micro_batch, dp)
+  if not dry_run:  # before any data is read: a refused rerun costs nothing
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_record.record_run(workdir, config, has_checkpoint=checkpointing.latest_step(workdir) is not None,
+                          allow_changes=allow_config_change, write=jax.process_index() == 0, log=log)
   data = build_data(config, jax.process_index(), jax.process_count())
   total_steps = len(data) if config.max_steps <= 0 else min(config.max_steps, len(data))
   log(f"[{config.stage}] mesh {dict(mesh.shape)}, global batch {config.global_batch} = micro {config.micro_batch} x "
@@ -221,67 +275,79 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
       compile_for(length)
     return {"steps": 0, "compiled": len(compiled), "dry_run": True}
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / model_setup.RUN_JSON).write_text(config.to_json(indent=2))
   ckpt = checkpointing.TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                          config.checkpoint.async_save)
   iterator = data.iterator()
   start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _check_resumable(workdir, latest, state)
-    params, opt_state, data_state, _ = ckpt.restore(
-        latest, _abstract(state.trainable.to_pure_dict(), state.trainable_sharding.to_pure_dict()),
-        _abstract(state.opt_state, state.opt_sharding))
+  resumed = _restore_newest_readable(ckpt, workdir, state, log)
+  if resumed is not None:
+    start, (params, opt_state, data_state, _) = resumed
     nnx.replace_by_pure_dict(state.trainable, params)
     state.opt_state = opt_state
     iterator.set_state(data_state)
-    start = latest
-    log(f"[{config.stage}] resumed from step {latest}")
+    log(f"[{config.stage}] resumed from step {start}")
 
   # Logs are appended line by line, which buckets do not allow: a remote workdir logs locally.
   log_dir = pathlib.Path(str(workdir)) if "://" not in str(workdir) else pathlib.Path("logs") / workdir.name
   log_dir.mkdir(parents=True, exist_ok=True)
   peak_tflops = step_lib.peak_tflops(jax.devices())
   metrics_log = MetricsLog(log_dir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
-  summary: dict[str, Any] = {"steps": start, "compiled": 0}
+  summary: dict[str, Any] = {"steps": start, "compiled": 0, "stopped_by": None}
   step_index, last_loss = start, math.nan
-  try:
-    while step_index < total_steps:
-      host_batch = next(iterator)
-      length = host_batch["input_ids"].shape[1]
-      batch = _host_batch_to_global(host_batch, accum, mesh)
-      step_executable = compile_for(length)
-      t0 = time.perf_counter()
-      new_trainable, new_opt, metrics = step_executable(state.trainable, state.opt_state, state.frozen, batch,
-                                                            jnp.int32(step_index), key)
-      loss = float(metrics["loss"])
-      seconds = time.perf_counter() - t0
-      if not math.isfinite(loss):
-        raise UserError(f"[{config.stage}] loss is {loss} at step {step_index + 1}; stopping. The last good "
-                        f"checkpoint (step {ckpt.latest_step()}) is intact in {workdir / checkpointing.CHECKPOINT_DIR}")
-      state.trainable, state.opt_state = new_trainable, new_opt
-      step_index += 1
-      last_loss = loss
-      real = int(host_batch["attention_mask"].sum()) + (data.num_features - 1) * int(host_batch["valid"].sum())
-      tflops = step_lib.training_flops_per_token(state.model_config, length - 1 + data.num_features,
-                                                 config.trainable == "all") * real * jax.process_count() / seconds / 1e12
-      metrics_log.record(step_index, {
-          "loss": loss, "lr": float(state.schedule(step_index - 1)), "grad_norm": float(metrics["grad_norm"]),
-          "step_time": seconds, "tokens_per_s": real * jax.process_count() / seconds,
-          "padding": 1 - real / (host_batch["input_ids"].shape[0] * (length - 1 + data.num_features)),
-          "tflops_per_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else 0.0,
-          "labelled_tokens": int(metrics["tokens"]), "bucket": length})
-      # Parameters are saved as a plain nested dict (what `export` and stage hand-offs read).
-      ckpt.save(step_index, state.trainable.to_pure_dict(), state.opt_state, iterator.get_state(),
-                {"step": step_index, "stage": config.stage}, force=step_index == total_steps)
-      if on_step is not None:
-        on_step(step_index)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    metrics_log.close()
+
+  def save_checkpoint(force: bool) -> bool:
+    # Parameters are saved as a plain nested dict (what `export` and stage hand-offs read).
+    return ckpt.save(step_index, state.trainable.to_pure_dict(), state.opt_state, iterator.get_state(),
+                     {"step": step_index, "stage": config.stage}, force=force)
+
+  with preemption.StopOnSignal() as stop:
+    try:
+      while step_index < total_steps:
+        host_batch = next(iterator)
+        length = host_batch["input_ids"].shape[1]
+        batch = _host_batch_to_global(host_batch, accum, mesh)
+        step_executable = compile_for(length)
+        t0 = time.perf_counter()
+        new_trainable, new_opt, metrics = step_executable(state.trainable, state.opt_state, state.frozen, batch,
+                                                              jnp.int32(step_index), key)
+        loss = float(metrics["loss"])
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):
+          last = ckpt.latest_step()
+          kept = (f"the last good checkpoint (step {last}) is intact in {workdir / checkpointing.CHECKPOINT_DIR}"
+                  if last is not None else "no checkpoint has been written yet")
+          raise UserError(f"[{config.stage}] loss is {loss} at step {step_index + 1}; stopping ({kept}). "
+                          f"This process's rows of the batch: {data.row_names(host_batch['index'])}")
+        state.trainable, state.opt_state = new_trainable, new_opt
+        step_index += 1
+        last_loss = loss
+        real = int(host_batch["attention_mask"].sum()) + (data.num_features - 1) * int(host_batch["valid"].sum())
+        tflops = step_lib.training_flops_per_token(state.model_config, length - 1 + data.num_features,
+                                                   config.trainable == "all") * real * jax.process_count() / seconds / 1e12
+        metrics_log.record(step_index, {
+            "loss": loss, "lr": float(state.schedule(step_index - 1)), "grad_norm": float(metrics["grad_norm"]),
+            "step_time": seconds, "tokens_per_s": real * jax.process_count() / seconds,
+            "padding": 1 - real / (host_batch["input_ids"].shape[0] * (length - 1 + data.num_features)),
+            "tflops_per_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else 0.0,
+            "labelled_tokens": int(metrics["tokens"]), "bucket": length})
+        saved = save_checkpoint(force=step_index == total_steps)
+        if on_step is not None:
+          on_step(step_index)
+        if step_index < total_steps:
+          summary["stopped_by"] = stop.requested()
+        if summary["stopped_by"]:
+          if not saved:
+            save_checkpoint(force=True)
+          break
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      metrics_log.close()
   summary.update(steps=step_index, final_loss=last_loss, compiled=len(compiled))
-  log(f"[{config.stage}] done: {step_index} steps, last loss {last_loss:.4f}, checkpoints in {workdir / checkpointing.CHECKPOINT_DIR}")
+  if summary["stopped_by"]:
+    log(f"[{config.stage}] stopped by {summary['stopped_by']} after step {step_index} of {total_steps}: checkpoint "
+        f"saved in {workdir / checkpointing.CHECKPOINT_DIR}; rerun the same command to resume")
+  else:
+    log(f"[{config.stage}] done: {step_index} steps, last loss {last_loss:.4f}, checkpoints in "
+        f"{workdir / checkpointing.CHECKPOINT_DIR}")
   return summary

@@ -18,6 +18,7 @@ import os
 import pathlib
 import sys
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.video.clip_source import DTYPES, TINY_RANDOM_SIZES
 
 
@@ -33,13 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--splits", default=None,
                       help="JSON: {id: [start_s, end_s]} or a stage-2/3 data file (records' meta.split)")
   parser.add_argument("--images", action="store_true", help="inputs are images: write [768] per image (stage 1)")
-  parser.add_argument("--batch-size", type=int, default=800,
+  parser.add_argument("--batch-size", type=cli_types.int_at_least(1), default=800,
                       help="frames per encoder call (rounded to whole videos and to the device count)")
-  parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+  parser.add_argument("--workers", type=cli_types.int_at_least(1), default=min(8, os.cpu_count() or 1),
                       help="decoding threads")
   parser.add_argument("--dtype", default="auto", choices=DTYPES,
                       help="compute dtype; auto: float16 on GPU (as the release), bfloat16 on TPU, float32 on CPU")
-  parser.add_argument("--seed", type=int, default=0, help="seed of a random --clip")
+  parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="seed of a random --clip")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

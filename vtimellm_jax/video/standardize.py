@@ -3,7 +3,7 @@
 A randomly initialised CLIP maps every image to nearly the same embedding: over the synthetic
 corpus's frames the part every frame shares has RMS 1.0 and the part that varies 0.16. Frame tokens
 made from such features are mostly that shared part, and a small LLaMA trained for minutes does not
-learn to find the asked event among them (docs/synthetic.md, "Sixth session"). Subtracting the
+learn to find the asked event among them (docs/synthetic.md, "Features"). Subtracting the
 training frames' mean and dividing by their standard deviation, per dimension, leaves what tells
 frames apart at unit scale. Trained CLIPs (the release's ViT-L/14) need none of this, and the
 release's checkpoints expect raw features, so only `quickstart` with a random CLIP uses it.

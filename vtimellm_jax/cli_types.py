@@ -1,0 +1,40 @@
+"""argparse types for numeric flags, so that a value out of range is a usage error naming the flag.
+
+argparse reports a type's `ArgumentTypeError` as `argument --batch-size: must be >= 1, got 0` and
+exits with status 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+  """Returns an argparse type accepting integers >= `lo`."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < lo:
+      raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+    return value
+  return parse
+
+
+def number_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+  """Returns an argparse type accepting finite numbers in the interval from `lo` to `hi` (open ends as given)."""
+  interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not (math.isfinite(value) and inside):
+      raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+    return value
+  return parse
