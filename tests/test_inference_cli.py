@@ -82,8 +82,10 @@ def test_negative_top_k_is_a_user_error(tiny_vtimellm, feats, tmp_path, capsys, 
   folder, _ = feats
   source = (["--features", folder / "v1.npy", "--query", "hi"] if command == "chat" else
             ["--features", folder, "--data", tmp_path / "ann.json", "--out", tmp_path / "log.jsonl"])
-  code, _, err = _run([command, "--model", tiny_vtimellm.model_dir, *source, "--top-k", "-1"], capsys)
-  assert code == 2 and "top_k" in err and "Traceback" not in err
+  with pytest.raises(SystemExit) as e:  # argparse refuses it before anything loads
+    _run([command, "--model", tiny_vtimellm.model_dir, *source, "--top-k", "-1"], capsys)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "argument --top-k: must be >= 0, got -1" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content,message", [

@@ -3,7 +3,7 @@
 import pytest
 
 from inference_fixtures import SYSTEM, tiny_vtimellm  # noqa: F401
-from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.data import templates, tokenizer as tokenizer_lib
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation.annotations import VideoAnnotation
 from vtimellm_jax.inference import evaluate, moments, prompts
@@ -11,10 +11,10 @@ from vtimellm_jax.inference import evaluate, moments, prompts
 
 def test_release_queries_verbatim():
   # SPEC section 4, written out by hand.
-  assert prompts.grounding_question("  A Man jumps into the pool. ") == (
+  assert templates.grounding_question("  A Man jumps into the pool. ") == (
       "<video>\nDuring which frames can we see a man jumps into the pool?")
-  assert prompts.grounding_question("the end..") == "<video>\nDuring which frames can we see the end.?"
-  assert prompts.captioning_question() == (
+  assert templates.grounding_question("the end..") == "<video>\nDuring which frames can we see the end.?"
+  assert templates.captioning_question() == (
       "<video>\n Could you please describe the events in the video in detail? Be specific about the activities "
       "of individuals, their surroundings, and interactions with others. The output should be in JSON format, "
       'structured as follows: {"event": "xx", "timestamps": "from xx to xx"}.')

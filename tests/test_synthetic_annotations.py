@@ -13,10 +13,9 @@ import pytest
 
 from data_pipelines import synthetic
 from data_pipelines.synthetic import vocabulary
-from vtimellm_jax.data import records
+from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import annotations as eval_annotations
-from vtimellm_jax.inference import prompts
 
 TOKEN = re.compile(r"<[se]\d+>")
 
@@ -115,7 +114,7 @@ def test_stage2_task_mix_and_templates(corpus):
 def test_stage3_dialogues_teach_the_eval_dense_captioning_answer(corpus):
   data = _load(corpus, "stage3")
   assert all(len(r["conversations"]) >= 6 for r in data)  # an opener and at least two follow-ups
-  json_records = [r for r in data if r["conversations"][0]["value"] == prompts.captioning_question()]
+  json_records = [r for r in data if r["conversations"][0]["value"] == templates.captioning_question()]
   assert json_records
   for r in json_records:
     prepared, _ = records.prepare(r)

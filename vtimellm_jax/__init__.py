@@ -1,3 +1,18 @@
-"""VTimeLLM in JAX / Flax NNX."""
+"""VTimeLLM in JAX / Flax NNX.
+
+Layers, lowest first; a module imports only from its own layer or below (tests/test_layers.py):
+
+0. `errors`, `cli_types`, `sharding`, `model_io`: errors, flag types, the logical-axis rules, the
+   model-directory format.
+1. `models` (LLaMA, LoRA, CLIP, VTimeLLM, the one loader), `data` (records, templates, tokenizer,
+   the Grain pipeline), `evaluation` (answer logs, annotations, metrics).
+2. `convert`: Hugging Face / PyTorch / release checkpoints to model directories and back.
+3. `video`: decoding, frame sampling and CLIP feature extraction.
+4. `inference` (generation, chat, the benchmark run) and `training` (configs, the step, the trainer).
+5. `bench`, `quickstart`, `cli`: commands over everything below.
+
+Within a package, `*_cli.py` modules parse arguments and call the library; no library module
+imports one.
+"""
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.synthetic import vocabulary
-from vtimellm_jax.inference import prompts
+from vtimellm_jax.data import templates
 
 DENSE_FRACTION = 0.2  # stage 2: share of single-turn dense-captioning records, as the release
 # Stage 2, multi-turn records: every event is asked for (grounding, the skill the quickstart measures
@@ -50,7 +50,7 @@ DENSE_QUESTIONS = (
     "Tell me everything that happens in this video, in order, with times.",
 )
 GROUNDING_QUESTIONS = (
-    prompts.GROUNDING_QUERY,  # the release's evaluation query, verbatim
+    templates.GROUNDING_QUERY,  # the release's evaluation query, verbatim
     "When in the video does it happen that {}?",
     "Find the moment in which {}.",
     "Give the start and end of the segment where {}.",
@@ -95,8 +95,8 @@ def _record(plan: vocabulary.VideoPlan, qa: list[tuple[str, str]], source: str) 
   """Returns a stage-2/3 record; the first question gets the `<video>\\n` prefix unless it has it."""
   conversations = []
   for i, (q, a) in enumerate(qa):
-    if i == 0 and not q.startswith(prompts.VIDEO_TAG):
-      q = prompts.VIDEO_TAG + "\n" + q
+    if i == 0 and not q.startswith(templates.VIDEO_TAG):
+      q = templates.VIDEO_TAG + "\n" + q
     conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
   return {"source": source, "id": plan.id, "conversations": conversations, "meta": meta(plan)}
 
@@ -151,7 +151,7 @@ def _ask_json(plan, k, rng):
   del k, rng
   items = [{"event": ev.sentence, "timestamps": "from {} to {}".format(*_tokens(i))}
            for i, ev in enumerate(plan.events)]
-  return prompts.CAPTIONING_QUERY, json.dumps(items)
+  return templates.CAPTIONING_QUERY, json.dumps(items)
 
 
 def _ask_when_colour(plan, k, rng):
@@ -188,7 +188,7 @@ def _ask_count(plan, k, rng):
 def _ask_grounding(plan, k, rng):
   del rng
   event, (s, e) = plan.events[k], _tokens(k)
-  return prompts.GROUNDING_QUERY.format(event.sentence), GROUNDING_ANSWER.format(colour=event.colour, s=s, e=e)
+  return templates.GROUNDING_QUERY.format(event.sentence), GROUNDING_ANSWER.format(colour=event.colour, s=s, e=e)
 
 
 _OPENERS = (_ask_json, _ask_overview, _ask_grounding)
@@ -200,7 +200,7 @@ def stage3_record(rng: np.random.Generator, plan: vocabulary.VideoPlan) -> dict[
   opener = _OPENERS[int(rng.integers(len(_OPENERS)))]
   qa = [opener(plan, int(rng.integers(len(plan.events))), rng)]
   if opener is _ask_json:  # asked exactly as `eval` asks it, "<video>\n " included
-    qa[0] = (prompts.captioning_question(), qa[0][1])
+    qa[0] = (templates.captioning_question(), qa[0][1])
   for _ in range(int(rng.integers(2, 4))):
     ask = _FOLLOW_UPS[int(rng.integers(len(_FOLLOW_UPS)))]
     qa.append(ask(plan, int(rng.integers(len(plan.events))), rng))
@@ -225,7 +225,7 @@ def corpus_lines(records: list[dict[str, Any]]) -> list[str]:
     m = record.get("meta")
     for turn in record["conversations"]:
       text = turn["value"]
-      for tag in (prompts.VIDEO_TAG, "<image>"):
+      for tag in (templates.VIDEO_TAG, "<image>"):
         text = text.replace(tag, "")
       if m is not None:
         for key, t in m["token"].items():

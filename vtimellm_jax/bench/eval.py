@@ -46,9 +46,9 @@ def _questions(n: int) -> list[str]:
   The sentences differ only in a zero-padded number (split_digits makes every digit one token), so
   every call pads to one shape and the warm-up compiles the only program the timed loop runs.
   """
-  from vtimellm_jax.inference import prompts  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import templates  # pylint: disable=g-import-not-at-top
 
-  return [prompts.grounding_question(f"Person {i:04d} walks into the kitchen.") for i in range(n)]
+  return [templates.grounding_question(f"Person {i:04d} walks into the kitchen.") for i in range(n)]
 
 
 def random_answerer(size: str, dtype: str, tokenizer_dir: str):

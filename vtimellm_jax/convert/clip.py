@@ -24,8 +24,10 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from vtimellm_jax import model_io
 from vtimellm_jax.convert import torch_files
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models import clip as clip_model
@@ -282,6 +284,17 @@ def convert(src: str | pathlib.Path, *, act: str | None = None, heads: int | Non
     raise UserError(f"{src}: OpenAI's TorchScript CLIP uses quick_gelu; --act {act} would give wrong features")
   cfg = _override_heads(openai_config(tensors, str(src), act or "quick_gelu"), heads)
   return cfg, apply_rules(cfg, tensors, "openai", str(src), dtype), kind
+
+
+def convert_to_directory(src: str | pathlib.Path, out: str | pathlib.Path, *, act: str | None = None,
+                         heads: int | None = None, dtype: str = "float32") -> str:
+  """Converts a CLIP file or directory (see `convert`) into a model directory; returns a one-line summary."""
+  cfg, params, kind = convert(src, act=act, heads=heads, dtype=np.dtype(jnp.dtype(dtype)))
+  model_io.save_model_dir(out, kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(params),
+                          source=str(src), source_format=kind)
+  count = sum(int(np.prod(v.shape)) for v in params.values())
+  return (f"converted {src} ({kind}) -> {out}: {cfg.layers} layers, width {cfg.width}, "
+          f"{cfg.image_size}px/{cfg.patch_size}, {cfg.act}, {count / 1e6:.1f}M parameters, {dtype}")
 
 
 def _override_heads(cfg: clip_model.ClipVisionConfig, heads: int | None) -> clip_model.ClipVisionConfig:

@@ -11,7 +11,6 @@ The output uses `model_io`'s layout (model.json with kind "clip" + an orbax para
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from vtimellm_jax import cli_types
 
@@ -32,18 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  import jax.numpy as jnp
-  import numpy as np
-
-  from vtimellm_jax import model_io
   from vtimellm_jax.convert import clip as convert_clip
-  from vtimellm_jax.models import clip as clip_model
 
-  dtype = np.dtype(jnp.dtype(args.dtype))
-  cfg, params, kind = convert_clip.convert(args.src, act=args.act, heads=args.heads, dtype=dtype)
-  model_io.save_model_dir(args.out, kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(params),
-                          source=str(args.src), source_format=kind)
-  count = sum(int(np.prod(v.shape)) for v in params.values())
-  print(f"converted {args.src} ({kind}) -> {args.out}: {cfg.layers} layers, width {cfg.width}, "
-        f"{cfg.image_size}px/{cfg.patch_size}, {cfg.act}, {count / 1e6:.1f}M parameters, {args.dtype}")
+  print(convert_clip.convert_to_directory(args.src, args.out, act=args.act, heads=args.heads, dtype=args.dtype))
   return 0

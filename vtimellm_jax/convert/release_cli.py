@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from vtimellm_jax.convert import clip_cli, release
+  from vtimellm_jax.convert import clip as convert_clip
+  from vtimellm_jax.convert import release
 
   config, notes = release.convert_release(args.base, args.projector, args.out, stage2=args.stage2,
                                           stage3=args.stage3, dtype=args.dtype, keep_lora=args.keep_lora)
@@ -45,6 +46,5 @@ def run(args: argparse.Namespace) -> int:
   print(f"converted the release -> {args.out}: {config.num_layers} layers, d_model {config.hidden_size}, "
         f"{args.dtype}; projector loaded{''.join(', ' + s for s in stages)}")
   if args.clip:
-    clip_cli.run(argparse.Namespace(src=args.clip, out=str(pathlib.Path(args.out) / "clip"), dtype="float32",
-                                    act=None, heads=None))
+    print(convert_clip.convert_to_directory(args.clip, pathlib.Path(args.out) / "clip"))
   return 0

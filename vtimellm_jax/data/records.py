@@ -288,6 +288,28 @@ def load_features(path: str, is_image: bool) -> np.ndarray:
   return array.reshape(1, FEATURE_DIM) if array.ndim == 1 else array
 
 
+def read_features(path: str | os.PathLike, feature_dim: int) -> np.ndarray:
+  """Returns float32[N, feature_dim] frame features from a `.npy` file ([feature_dim] -> N = 1)."""
+  path = pathlib.Path(path)
+  try:
+    array = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise errors.UserError(f"{path}: feature file not found") from None
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"{path}: not a readable .npy feature file ({e})") from None
+  if array.ndim == 1:
+    array = array[None]
+  if array.ndim != 2 or array.shape[-1] != feature_dim or array.shape[0] < 1:
+    raise errors.UserError(f"{path}: features of shape {list(np.shape(array))}; expected [N, {feature_dim}] "
+                    f"(a video: [100, {feature_dim}]) or [{feature_dim}] (an image)")
+  if not np.issubdtype(array.dtype, np.floating):
+    raise errors.UserError(f"{path}: features of dtype {array.dtype}; expected floating point (float16 as stored)")
+  array = array.astype(np.float32)
+  if not np.isfinite(array).all():
+    raise errors.UserError(f"{path}: features hold NaN or infinite values")
+  return array
+
+
 class FeatureError(errors.UserError):
   """A feature file that cannot be used; carries its `Fault`."""
 

@@ -56,12 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _video_inputs(args, feature_dim: int):
   """Returns (float32[N, feature_dim] features, duration in seconds or None)."""
+  from vtimellm_jax.data import records  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import features  # pylint: disable=g-import-not-at-top
 
-  if args.duration is not None and not args.duration > 0:
-    raise UserError(f"--duration must be a positive number of seconds, got {args.duration}")
   if args.features is not None:
-    return features.read_features(args.features, feature_dim), args.duration
+    return records.read_features(args.features, feature_dim), args.duration
   duration = args.duration if args.duration is not None else features.video_duration(args.video)
   return features.ClipFeaturizer(args.clip, args.dtype)(args.video), duration
 

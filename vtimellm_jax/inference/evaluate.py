@@ -25,12 +25,12 @@ from collections.abc import Callable
 
 import jax
 
+from vtimellm_jax.data import templates
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import grounding
 from vtimellm_jax.evaluation.annotations import Annotations
 # One list of tasks and one query key for the log's writer and reader.
 from vtimellm_jax.evaluation.answer_log import TASKS, query_key
-from vtimellm_jax.inference import prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +65,10 @@ def build_queries(annotations: Annotations, task: str) -> list[Query]:
   queries = []
   for video_id, video in annotations.items():
     if task in ("captioning", "all"):
-      queries.append(Query(len(queries), video_id, "captioning", prompts.captioning_question()))
+      queries.append(Query(len(queries), video_id, "captioning", templates.captioning_question()))
     if task in ("grounding", "all"):
       for sentence_id, sentence in enumerate(video.sentences):
-        queries.append(Query(len(queries), video_id, "grounding", prompts.grounding_question(sentence), sentence_id))
+        queries.append(Query(len(queries), video_id, "grounding", templates.grounding_question(sentence), sentence_id))
   return queries
 
 

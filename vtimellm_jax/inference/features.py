@@ -14,31 +14,10 @@ import sys
 
 import numpy as np
 
+from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
 
 VIDEO_EXTENSIONS = ("mp4", "mkv", "webm")  # the extensions the release's eval.py looks for, in its order
-
-
-def read_features(path: str | os.PathLike, feature_dim: int) -> np.ndarray:
-  """Returns float32[N, feature_dim] frame features from a `.npy` file ([feature_dim] -> N = 1)."""
-  path = pathlib.Path(path)
-  try:
-    array = np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise UserError(f"{path}: feature file not found") from None
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a readable .npy feature file ({e})") from None
-  if array.ndim == 1:
-    array = array[None]
-  if array.ndim != 2 or array.shape[-1] != feature_dim or array.shape[0] < 1:
-    raise UserError(f"{path}: features of shape {list(np.shape(array))}; expected [N, {feature_dim}] "
-                    f"(a video: [100, {feature_dim}]) or [{feature_dim}] (an image)")
-  if not np.issubdtype(array.dtype, np.floating):
-    raise UserError(f"{path}: features of dtype {array.dtype}; expected floating point (float16 as stored)")
-  array = array.astype(np.float32)
-  if not np.isfinite(array).all():
-    raise UserError(f"{path}: features hold NaN or infinite values")
-  return array
 
 
 def video_duration(path: str | os.PathLike) -> float:
@@ -141,7 +120,7 @@ class FeatureSource:
     if path is None:
       raise UserError(f"video {video_id!r}: no features ({self.describe_lookup(video_id)} not found)")
     if path.suffix == ".npy":
-      features = read_features(path, self.feature_dim)
+      features = records.read_features(path, self.feature_dim)
     else:
       print(f"computing CLIP features of {path}", file=sys.stderr)
       features = self.featurizer(path)

@@ -14,33 +14,6 @@ from vtimellm_jax.errors import UserError
 
 VIDEO_TAG = templates.VIDEO_TAG
 
-# The release's evaluation queries (its eval.py), verbatim.
-GROUNDING_QUERY = "During which frames can we see {}?"
-CAPTIONING_QUERY = (
-    "Could you please describe the events in the video in detail? Be specific about the activities of "
-    "individuals, their surroundings, and interactions with others. The output should be in JSON format, "
-    'structured as follows: {"event": "xx", "timestamps": "from xx to xx"}.')
-
-
-def grounding_sentence(sentence: str) -> str:
-  """Returns an annotated sentence as the release puts it in a query: stripped, lower-cased, no final '.'."""
-  sentence = sentence.strip().lower()
-  return sentence[:-1] if sentence.endswith(".") else sentence
-
-
-def grounding_question(sentence: str) -> str:
-  """Returns the release's first user message of a grounding query for an annotated sentence."""
-  return VIDEO_TAG + "\n" + GROUNDING_QUERY.format(grounding_sentence(sentence))
-
-
-def captioning_question() -> str:
-  """Returns the release's first user message of the dense-captioning query.
-
-  The release puts a space between "<video>\\n" and the query text here (and not for grounding).
-  """
-  return VIDEO_TAG + "\n " + CAPTIONING_QUERY
-
-
 def chat_question(query: str) -> str:
   """Returns the first user message of a chat about a video: '<video>\\n' + query."""
   return VIDEO_TAG + "\n" + query

@@ -21,7 +21,6 @@ import numpy as np
 
 from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.inference.features import read_features
 
 STATS_FILE = "standardize.npz"
 # A dimension that barely varies over the training frames is divided by at least this share of the
@@ -34,7 +33,7 @@ def feature_stats(files: Iterable[pathlib.Path],
   """Returns (mean, std), float32[feature_dim] each, over every frame of every file."""
   total, squares, count = np.zeros(feature_dim), np.zeros(feature_dim), 0
   for path in files:
-    frames = read_features(path, feature_dim).astype(np.float64)
+    frames = records.read_features(path, feature_dim).astype(np.float64)
     total += frames.sum(0)
     squares += np.square(frames).sum(0)
     count += frames.shape[0]
@@ -55,7 +54,7 @@ def standardize_dir(src: str | pathlib.Path, dst: str | pathlib.Path, mean: np.n
     raise UserError(f"{src}: no .npy feature files to standardise")
   dst.mkdir(parents=True, exist_ok=True)
   for path in files:
-    frames = read_features(path, mean.shape[0])  # checked, float32 [frames, dim]
+    frames = records.read_features(path, mean.shape[0])  # checked, float32 [frames, dim]
     stored = np.load(path, mmap_mode="r")  # the header only: the dtype and shape to write back
     out = ((frames.astype(np.float64) - mean) / std).astype(stored.dtype).reshape(stored.shape)
     tmp = dst / f".{path.name}.tmp"

@@ -1,0 +1,51 @@
+"""The package's modules import only from their own layer or below (the order is in vtimellm_jax/__init__.py)."""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vtimellm_jax"
+LAYERS = {
+    "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0,
+    "models": 1, "data": 1, "evaluation": 1,
+    "convert": 2,
+    "video": 3,
+    "inference": 4, "training": 4,
+    "bench": 5, "quickstart": 5, "cli": 5,
+}
+
+
+def _imports(path: pathlib.Path):
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      yield node.module, [f"{node.module}.{a.name}" for a in node.names]
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        yield alias.name, []
+
+
+def _top(module: str) -> str | None:
+  parts = module.split(".")
+  return parts[1] if parts[0] == "vtimellm_jax" and len(parts) > 1 else None
+
+
+def test_every_module_has_a_layer():
+  names = {p.stem if p.parent == PACKAGE else p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")}
+  assert names - {"__init__"} == set(LAYERS)
+
+
+def test_no_module_imports_from_a_layer_above_it_or_a_cli_module():
+  upward, cli_imports = [], []
+  for path in PACKAGE.rglob("*.py"):
+    rel = path.relative_to(PACKAGE)
+    own = rel.stem if len(rel.parts) == 1 else rel.parts[0]
+    if own == "__init__":
+      continue
+    for module, names in _imports(path):
+      for name in [module, *names]:
+        top = _top(name)
+        if top in LAYERS and LAYERS[top] > LAYERS[own]:
+          upward.append(f"{rel} imports {name} (layer {LAYERS[top]} above {LAYERS[own]})")
+        if name.endswith("_cli") and own != "cli" and _top(name):
+          cli_imports.append(f"{rel} imports {name}")
+  assert not upward, "\n".join(upward)
+  assert not cli_imports, "\n".join(cli_imports)
