@@ -54,9 +54,10 @@ def test_sharded_safetensors_round_trip(tmp_path, hf_model):
   assert cli.main(["convert", "llama", "--src", str(src), "--out", str(tmp_path / "jax"), "--dtype", "float32"]) == 0
   assert (tmp_path / "jax" / "tokenizer_config.json").is_file()
   _check_logits(tmp_path / "jax", hf_model)
-  # Export direction of the same table returns the original tensors.
-  from vtimellm_jax import model_io
-  back = llama_convert.to_hf_state_dict(model_io.load_params(tmp_path / "jax"))
+  # `export --format hf`, the table's other direction, gives back the original tensors.
+  assert cli.main(["export", "--model", str(tmp_path / "jax"), "--format", "hf", "--out", str(tmp_path / "back"),
+                   "--dtype", "float32"]) == 0
+  back = {name: array for _, name, array in torch_files.iter_checkpoint(tmp_path / "back")}
   original = state_dict_numpy(hf_model)
   assert set(back) == set(original)
   for name, value in original.items():

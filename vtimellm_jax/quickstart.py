@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from vtimellm_jax import cli_types
+from vtimellm_jax.data import records
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
@@ -105,7 +106,7 @@ def _configs_dir() -> pathlib.Path:
 def stage0_records(corpus: dict[str, pathlib.Path]) -> list[dict]:
   """Returns plain-template records over the corpus text: every caption, and every stage-2/3 conversation
   written in the v1 chat frame, so the pretrained LLM knows both formats the later stages use."""
-  from vtimellm_jax.data import records, templates
+  from vtimellm_jax.data import templates
 
   texts = [record["conversations"][1]["value"] for record in json.loads(corpus["stage1"].read_text())]
   for name in ("stage2", "stage3"):
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     say("4/6 stage 0: pretraining the tiny LLaMA on the corpus text")
     text_feats = wd / "features" / "text"
     text_feats.mkdir(parents=True, exist_ok=True)
-    np.save(text_feats / "blank.npy", np.zeros(768, np.float16))
+    np.save(text_feats / "blank.npy", np.zeros(records.FEATURE_DIM, np.float16))
     stage0_json = wd / "stage0.json"
     stage0_json.write_text(json.dumps(stage0_data))
     train("stage0", stage0_json, text_feats, *(QUICKSTART_RANDOM_INIT if args.size == "tiny" else []))

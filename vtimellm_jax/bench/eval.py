@@ -24,7 +24,6 @@ import numpy as np
 
 from vtimellm_jax import cli_types
 
-NUM_FEATURES, FEATURE_DIM = 100, 768
 _WORDS = ("the a man woman dog person is walks runs jumps into pool kitchen cooking counting money "
           "during which frames can we see describe video events from to").split()
 
@@ -100,16 +99,16 @@ def bench(answerer, questions: list[str], features: list[np.ndarray], batch: int
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  if min(args.queries, args.batch_size, args.max_new_tokens) < 1:
-    raise SystemExit("--queries, --batch-size and --max-new-tokens must be at least 1")
   import jax  # pylint: disable=g-import-not-at-top
+
+  from vtimellm_jax.data import records  # pylint: disable=g-import-not-at-top
 
   dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   with tempfile.TemporaryDirectory() as tokenizer_dir:
     answerer = random_answerer(args.size, dtype, tokenizer_dir)
   questions = _questions(args.queries)
   rng = np.random.default_rng(0)
-  features = [rng.standard_normal((NUM_FEATURES, FEATURE_DIM), np.float32) for _ in questions]
+  features = [rng.standard_normal((records.NUM_FRAMES, records.FEATURE_DIM), np.float32) for _ in questions]
   rates = {}
   for batch in dict.fromkeys((1, args.batch_size)):
     record = bench(answerer, questions, features, batch, args.max_new_tokens) | dict(size=args.size)

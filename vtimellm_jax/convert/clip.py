@@ -22,7 +22,6 @@ import pathlib
 import re
 import zipfile
 from collections.abc import Callable
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -149,16 +148,6 @@ def apply_rules(cfg: clip_model.ClipVisionConfig, tensors: dict[str, np.ndarray]
   problems += [f"unexpected key {k} {tuple(np.shape(tensors[k]))}" for k in unexpected]
   if problems:
     raise ConversionError(source, problems)
-  return out
-
-
-def export_hf(params: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Returns an HF `CLIPVisionModelWithProjection` state dict ({key: array}) from our flat params."""
-  inverse = {_same: _same, _linear: _linear, _conv: lambda x: x.transpose(3, 2, 0, 1)}
-  out = {}
-  for name, value in clip_model.flatten(params).items():
-    rule, m = next((r, m) for r in HF_RULES if (m := re.fullmatch(r.target, name)))
-    out[rule.source.format(**m.groupdict())] = np.ascontiguousarray(inverse[rule.transform](np.asarray(value)))
   return out
 
 

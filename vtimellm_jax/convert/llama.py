@@ -101,20 +101,6 @@ def convert_tensors(tensors: Iterable[tuple[str, str, np.ndarray]], expected: di
   return out
 
 
-def to_hf_state_dict(tree: dict, rules=LLAMA_TABLE) -> dict[str, np.ndarray]:
-  """Returns the HF state dict (torch layout, numpy arrays, one entry per layer) of a LLaMA parameter tree."""
-  out, problems = {}, []
-  for path, value in model_io.flatten(tree).items():
-    items = table.unstack(path, value, rules)
-    if items is None:
-      problems.append(f"no HF name for {path}")
-      continue
-    out.update(items)
-  if problems:
-    raise ConversionError("parameter tree", problems)
-  return out
-
-
 def convert_llama(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "bfloat16") -> LlamaConfig:
   """Converts an HF LLaMA directory into a model directory at `out`; returns its config."""
   src = pathlib.Path(src)

@@ -12,9 +12,9 @@ Contract (what the model and trainer rely on):
   row's record index in the source, -1 for a dummy row; `Pipeline.row_names` names them).
   T is a bucket length, the same on every host for a given step, with T - 1 + N <= max_length (the
   model splices N features in place of the placeholder).
-- `build_pipeline(...)` returns a `Pipeline` (stats, padding fraction, `iterator()`);
-  `build_iterator(...)` returns its Grain `DatasetIterator`, whose `get_state()/set_state()` resume
-  on the exact next batch (the trainer stores that state in its checkpoint).
+- `build_pipeline(...)` returns a `Pipeline` (stats, padding fraction); its `iterator()` is a Grain
+  `DatasetIterator`, whose `get_state()/set_state()` resume on the exact next batch (the trainer
+  stores that state in its checkpoint).
 
 How batches are planned (all at build time, in the main process, so it is deterministic and cheap
 to checkpoint): every record is prepared and tokenized once to learn its length and faults; each
@@ -209,11 +209,6 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return Pipeline(dataset, plans, stats, bounds, 1 - real / padded, num_features, source)
-
-
-def build_iterator(data_path: str, feature_dir: str, tokenizer, **kwargs):
-  """Returns the Grain `DatasetIterator` of a JSON + feature-folder dataset (see `build_pipeline`)."""
-  return build_pipeline(JsonSource(data_path, feature_dir), tokenizer, **kwargs).iterator()
 
 
 def auto_boundaries(lengths: np.ndarray, num_buckets: int, budget: int,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import time_code
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -20,7 +21,7 @@ from vtimellm_jax.models.lora import Linear
 
 VIDEO_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
-CLIP_FEATURE_DIM = 768
+CLIP_FEATURE_DIM = records.FEATURE_DIM  # CLIP ViT-L/14's embedding width
 
 
 def check_placeholders(input_ids_bt: np.ndarray, attention_mask_bt: np.ndarray | None = None, names=None) -> None:
@@ -85,14 +86,3 @@ class VTimeLLM(LlamaForCausalLM):
     """Returns (logits [B, T', V], labels [B, T'] or None) for right-padded multimodal batches."""
     hidden, labels, _ = self.hidden_states(input_ids_bt, attention_mask_bt, features_bnf, labels_bt)
     return self.lm_head(hidden), labels
-
-
-def causal_lm_loss(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns (mean next-token cross-entropy over labelled positions, their count), as HF shifts."""
-  logits = logits_btv[:, :-1].astype(jnp.float32)
-  targets = labels_bt[:, 1:]
-  valid = targets != IGNORE_INDEX
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-  count = valid.sum()
-  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1), count

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from vtimellm_jax import model_io, sharding
+from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.training import checkpointing, model_setup, preemption, run_record, step as step_lib
 from vtimellm_jax.training.metrics_log import MetricsLog
@@ -217,7 +218,7 @@ def _abstract_batch(rows: int, length: int, num_features: int, accum: int, mesh)
   shapes = {"input_ids": ((accum, rows // accum, length), jnp.int32),
             "labels": ((accum, rows // accum, length), jnp.int32),
             "attention_mask": ((accum, rows // accum, length), jnp.int32),
-            "features": ((accum, rows // accum, num_features, 768), jnp.float16)}
+            "features": ((accum, rows // accum, num_features, records.FEATURE_DIM), jnp.float16)}
   return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s), 1)) for k, (s, d) in shapes.items()}
 
 
