@@ -42,6 +42,24 @@ def test_layers_are_stored_stacked_and_load_back_equal(saved):
   assert loaded.model.layers.self_attn.q_proj.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "q_heads")
 
 
+def test_model_json_holds_the_architecture_and_loads_in_the_stored_dtype(tmp_path):
+  model = LlamaForCausalLM(CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16", remat="full"), nnx.Rngs(2))
+  load.save_model(model, tmp_path / "bf16")
+  stored = json.loads((tmp_path / "bf16" / "model.json").read_text())["config"]
+  assert not set(stored) & set(LlamaConfig.RUN_SETTINGS)
+  assert stored == CONFIG.architecture() and stored["num_layers"] == 3
+  loaded = load.load_model(tmp_path / "bf16")
+  assert (loaded.config.dtype, loaded.config.param_dtype, loaded.config.remat) == ("bfloat16", "bfloat16", "none")
+  assert loaded.model.layers.mlp.up_proj.kernel[...].dtype == np.dtype("bfloat16")
+  assert load.load_model(tmp_path / "bf16", dtype="float32", param_dtype="float32").config.param_dtype == "float32"
+  # Run settings an earlier version wrote into model.json belong to that run: ignored.
+  meta = json.loads((tmp_path / "bf16" / "model.json").read_text())
+  meta["config"] |= {"dtype": "float32", "param_dtype": "float32", "remat": "full", "attention_impl": "xla"}
+  (tmp_path / "bf16" / "model.json").write_text(json.dumps(meta))
+  old = load.load_model(tmp_path / "bf16")
+  assert (old.config.param_dtype, old.config.remat, old.config.attention_impl) == ("bfloat16", "none", "auto")
+
+
 def test_loading_onto_a_mesh_splits_every_kernel(saved):
   directory, _ = saved
   mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)

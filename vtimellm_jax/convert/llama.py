@@ -10,7 +10,6 @@ holds the converted model once plus the tensor in hand. Every shape is checked a
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import re
 import shutil
@@ -110,7 +109,7 @@ def convert_llama(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
   expected = abstract_params(config)
   np_dtype = jax.numpy.dtype(config.storage_dtype)
   flat = convert_tensors(torch_files.iter_checkpoint(src), expected, np_dtype, str(src))
-  model_io.save_model_dir(out, kind="llama", config=dataclasses.asdict(config), params=model_io.nest(flat), source=str(src.absolute()))
+  model_io.save_model_dir(out, kind="llama", config=config.architecture(), params=model_io.nest(flat), source=str(src.absolute()))
   copy_tokenizer(src, out)
   return config
 

@@ -341,6 +341,6 @@ def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out
   if lora_meta:
     extra["lora"] = lora_meta
   flat.update(kept)
-  model_io.save_model_dir(out, kind="vtimellm", config=dataclasses.asdict(config), params=model_io.nest(flat), **extra)
+  model_io.save_model_dir(out, kind="vtimellm", config=config.architecture(), params=model_io.nest(flat), **extra)
   llama.copy_tokenizer(base, out)
   return config, notes

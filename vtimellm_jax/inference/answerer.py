@@ -37,7 +37,7 @@ class Answer:
 def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer:
   """Returns the Answerer of a model directory (model.json + params/ + tokenizer files).
 
-  `dtype` "auto" keeps the directory's compute and storage dtypes; any other value sets both (the
+  `dtype` "auto" computes and stores in the dtype the directory stores; any other value sets both (the
   adapter stays float32), e.g. bfloat16 to halve the memory of a float32 checkpoint on a GPU.
   """
   from vtimellm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top

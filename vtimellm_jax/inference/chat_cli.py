@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'without a duration), "frames" (the moments as frame indices)}')
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
-                      help="compute/storage dtype; auto keeps the model directory's (default)")
+                      help="compute/storage dtype; auto: the dtype the model directory stores (default)")
 
 
 def _video_inputs(args, feature_dim: int):

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--skip-missing", action="store_true", help="skip and count videos without features")
   parser.add_argument("--max-batches", type=cli_types.int_at_least(1), help="stop after this many batches (rerun to continue)")
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
-                      help="compute/storage dtype; auto keeps the model directory's (default)")
+                      help="compute/storage dtype; auto: the dtype the model directory stores (default)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,13 @@ REMAT_MODES = ("none", "full", "save_dots")
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture and numerics of a LLaMA-2-style decoder."""
+  """Architecture of a LLaMA-2-style decoder, and the run settings a module is built with.
+
+  The architecture (sizes, vocabulary, norms, rope, time code) is what a checkpoint needs and what
+  model.json stores (`architecture()`). The `RUN_SETTINGS` (compute and storage dtype, attention
+  kernel, rematerialisation) are how one run executes it: the caller chooses them (a stage config,
+  `chat --dtype`); a model directory loads by default in the dtype its arrays are stored in.
+  """
 
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -59,6 +65,8 @@ class LlamaConfig:
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
+
+  RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_impl", "remat")
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads and self.head_dim is None:
@@ -155,6 +163,16 @@ class LlamaConfig:
     except json.JSONDecodeError as e:
       raise UserError(f"{path}: invalid JSON ({e})") from e
     return cls.from_hf_dict(hf, source=str(path), **overrides)
+
+  def architecture(self) -> dict[str, Any]:
+    """Returns the fields a model directory stores: every field but the run settings."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUN_SETTINGS}
+
+  @classmethod
+  def from_architecture(cls, stored: dict[str, Any], **settings) -> LlamaConfig:
+    """Returns the config of model.json's "config" with run `settings` (run settings stored by older
+    versions are ignored: they belong to the run that wrote them)."""
+    return cls(**{k: v for k, v in stored.items() if k not in cls.RUN_SETTINGS}, **settings)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """Returns an HF LLaMA `config.json` dict describing this architecture."""

@@ -197,7 +197,7 @@ def model_builder(meta: dict, model_cls=None, seed: int = 0, **overrides) -> Cal
                    attention_impl=overrides.get("attention_impl"))
     return lambda: clip.ClipVision(cfg, **options, rngs=nnx.Rngs(seed))
   model_cls = model_cls or KINDS[kind]
-  config = LlamaConfig(**{**meta["config"], **overrides})
+  config = LlamaConfig.from_architecture(meta["config"], **overrides)
   spec = meta.get("lora")
 
   def build():
@@ -220,11 +220,15 @@ def load_model(directory: str | pathlib.Path, model_cls=None, *, mesh=None, seed
 
   `model_cls` defaults to the directory's kind; a LLaMA directory opened as a `VTimeLLM` gets a new
   adapter, initialised from `seed`. `mesh` (default: the first device) decides where every array
-  lives. `merge_lora` folds LoRA stored unmerged into the base kernels. `overrides` replace config
-  fields (e.g. dtype="bfloat16", remat="full"; a CLIP directory takes dtype, param_dtype and
-  attention_impl).
+  lives. `merge_lora` folds LoRA stored unmerged into the base kernels. `overrides` set run settings
+  (`LlamaConfig.RUN_SETTINGS`, e.g. dtype="bfloat16", remat="full"; by default a LLaMA / VTimeLLM
+  computes and stores in the dtype of its stored arrays; a CLIP directory takes dtype, param_dtype
+  and attention_impl).
   """
   meta = model_io.read_model_json(directory)
+  if meta.get("kind") != "clip":
+    stored = stored_dtype(directory)
+    overrides = {"dtype": stored, "param_dtype": stored, **overrides}
   build = model_builder(meta, model_cls, seed, **overrides)
   new_adapter = meta["kind"] == "llama" and model_cls is VTimeLLM
   model = sharded_model(build, mesh, [DirectorySource(directory)], what=f"{directory}",
@@ -232,6 +236,15 @@ def load_model(directory: str | pathlib.Path, model_cls=None, *, mesh=None, seed
   if merge_lora:
     lora.merge_lora(model)
   return model
+
+
+def stored_dtype(directory: str | pathlib.Path) -> str:
+  """Returns the dtype a LLaMA / VTimeLLM directory stores its token embeddings in (read from metadata)."""
+  arrays = model_io.saved_arrays(directory)
+  embed = arrays.get(("model", "embed_tokens"))
+  if embed is None:
+    raise UserError(f"{directory}: no model/embed_tokens array; not a LLaMA or VTimeLLM model directory")
+  return jnp.dtype(embed.dtype).name
 
 
 def save_model(model: LlamaForCausalLM, directory: str | pathlib.Path, **extra) -> None:
@@ -244,7 +257,7 @@ def save_model(model: LlamaForCausalLM, directory: str | pathlib.Path, **extra) 
     rank = layer.lora_a.shape[-1]
     extra["lora"] = {"rank": rank, "alpha": layer.lora_scaling * rank,
                      "targets": sorted({str(path[-1]) for path, _ in attached})}
-  model_io.save_model_dir(directory, kind=kind, config=dataclasses.asdict(model.config), params=params_tree(model),
+  model_io.save_model_dir(directory, kind=kind, config=model.config.architecture(), params=params_tree(model),
                           **extra)
 
 

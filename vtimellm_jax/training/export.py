@@ -24,8 +24,6 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lo
   model = model_setup.build_train_model(config, _vocab_size(config), mesh, trained=str(workdir), step=step)
   if not keep_lora:
     lora.merge_lora(model)
-  # Inference runs in the run's compute dtype with no rematerialisation.
-  model.config = model.config.replace(remat="none")
   save_model(model, out, source_workdir=str(pathlib.Path(workdir).absolute()), stage=config.stage)
   tokenizer_dir = config.data.tokenizer or config.model.base
   if tokenizer_dir:
