@@ -9,6 +9,7 @@ tokenizer trained here. References are built from the HF model, the projector we
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import random
 
@@ -48,14 +49,22 @@ class TinyVTimeLLM:
 
     Each chunk is split at `</s>` (a special token the slow tokenizer never feeds to
     sentencepiece) and every piece is encoded with sentencepiece; only the first chunk keeps BOS.
+    The folder says `legacy: false`: a piece after `</s>` that does not start with a space loses the
+    `▁` of its first sentencepiece token (a bare `▁` goes; the rest is looked up, unknown = 0).
     """
+    legacy = json.loads((self.model_dir / "tokenizer_config.json").read_text()).get("legacy", True)
+
     def chunk_ids(text):
       ids = []
       for k, piece in enumerate(text.split("</s>")):
         if k:
           ids.append(2)
-        if piece:
-          ids += self.sp.encode(piece)
+        if not piece:
+          continue
+        pieces = self.sp.encode(piece, out_type=str)
+        if k and not legacy and not piece.startswith(" ") and pieces[0].startswith("\u2581"):
+          pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        ids += [self.sp.piece_to_id(x) for x in pieces]
       return ids
     before, after = prompt.split("<video>")
     return [1] + chunk_ids(before), chunk_ids(after)

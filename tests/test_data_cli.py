@@ -9,6 +9,7 @@ import pytest
 
 from data_fixtures import tiny_tokenizer_dir  # noqa: F401  pylint: disable=unused-import
 from test_data_templates import v1_reference
+from test_tokenizer_legacy import _folder, release_v1
 from vtimellm_jax import cli
 
 import sentencepiece as spm
@@ -122,9 +123,18 @@ def test_preview_json_is_the_release_tokens(tmp_path, tiny_tokenizer_dir, capsys
   assert rc == 0 and len(lines) == 1
   got = json.loads(lines[0])
   sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir / "tokenizer.model"))
+  # The folder says `legacy: false`: the release's rules for that flag, labels counted per round.
+  turns = [("human", "<video>\nDuring which frames can we see a dog?"), ("gpt", "From 00 to 99."),
+           ("human", "And the man?"), ("gpt", "Never.")]
+  ids, labels, _ = release_v1(sp, turns, legacy=False)
+  assert got == {"input_ids": ids, "labels": labels}
+  # Without the flag (legacy mode) the labels are the answers' tokens.
+  legacy_dir = _folder(tiny_tokenizer_dir, tmp_path / "legacy", None)
+  assert cli.main(["data", "preview", "--data", str(data), "--tokenizer", str(legacy_dir),
+                   "--template", "v1", "--index", "1", "--json"]) == 0
   ids, labels = v1_reference(sp, [("<video>\nDuring which frames can we see a dog?",
                                    "From 00 to 99."), ("And the man?", "Never.")])
-  assert got == {"input_ids": ids, "labels": labels}
-  assert cli.main(["data", "preview", "--data", str(data), "--tokenizer", str(tiny_tokenizer_dir),
+  assert json.loads(capsys.readouterr().out) == {"input_ids": ids, "labels": labels}
+  assert cli.main(["data", "preview", "--data", str(data), "--tokenizer", str(legacy_dir),
                    "--template", "v1", "--index", "1"]) == 0
   assert "[[ From 00 to 99.</s>]]" in capsys.readouterr().out

@@ -10,7 +10,9 @@ final newline.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -32,8 +34,21 @@ def sp(tiny_tokenizer_dir):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def enc(tiny_tokenizer_dir):  # noqa: F811
-  return tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(tiny_tokenizer_dir))
+def legacy_dir(tiny_tokenizer_dir, tmp_path_factory):  # noqa: F811
+  """The tiny tokenizer folder without the `legacy` flag (transformers 4.31 then defaults to true)."""
+  out = tmp_path_factory.mktemp("legacy") / "tok"
+  shutil.copytree(tiny_tokenizer_dir, out)
+  config = json.loads((out / "tokenizer_config.json").read_text())
+  config.pop("legacy", None)
+  (out / "tokenizer_config.json").write_text(json.dumps(config))
+  return out
+
+
+@pytest.fixture(scope="module")
+def enc(legacy_dir):
+  out = tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(legacy_dir))
+  assert out.legacy
+  return out
 
 
 def legacy_pieces(sp, text: str, base: int = 0) -> list[tuple[int, int, int]]:
