@@ -168,8 +168,9 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """Returns the config a run was trained with, fields added since then taking today's defaults."""
-  from configs import common
+  from vtimellm_jax.training import config_files
 
+  common = config_files.bundled("common")
   path = checkpointing.workdir_path(workdir) / RUN_JSON
   if not path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")
