@@ -61,7 +61,7 @@ def clip_dir(tmp_path_factory):
   """
   cfg = clip_model.tiny()
   params = clip_model.random_params(cfg, seed=0)
-  params["visual_projection.kernel"] *= 0.1
+  params["visual_projection/kernel"] *= 0.1
   folder = tmp_path_factory.mktemp("clip")
   model_io.save_model_dir(folder, kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(params))
   return folder
