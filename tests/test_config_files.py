@@ -1,4 +1,5 @@
-"""Config files load by path: siblings import relatively, a user's own directory works, bare names find the bundled ones."""
+"""Config files load by path: siblings import relatively, a user's own directory works, bare names find
+the bundled ones."""
 
 import pathlib
 import shutil
@@ -12,7 +13,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_the_bundled_configs_are_the_repository_configs():
-  assert sorted(p.name for p in config_files.CONFIGS_DIR.glob("*.py")) == sorted(p.name for p in CONFIGS.glob("*.py"))
+  bundled = sorted(p.name for p in config_files.CONFIGS_DIR.glob("*.py"))
+  assert bundled == sorted(p.name for p in CONFIGS.glob("*.py"))
   assert (config_files.CONFIGS_DIR / "stage2.py").read_text() == (CONFIGS / "stage2.py").read_text()
 
 
@@ -27,7 +29,8 @@ def test_a_local_file_wins_over_the_bundled_one(tmp_path, monkeypatch):
   (tmp_path / "configs").mkdir()
   shutil.copy(CONFIGS / "common.py", tmp_path / "configs")
   (tmp_path / "configs/stage2.py").write_text(
-      "from . import common\n\ndef get_config(arg=None):\n  c = common.recipe('tiny')\n  c.stage = 'local'\n  return c\n")
+      "from . import common\n\ndef get_config(arg=None):\n"
+      "  c = common.recipe('tiny')\n  c.stage = 'local'\n  return c\n")
   monkeypatch.chdir(tmp_path)
   assert config_loading.load_config("configs/stage2.py:tiny").stage == "local"
 
@@ -51,13 +54,14 @@ def test_a_users_config_directory_imports_its_own_siblings(tmp_path):
 
 
 def test_a_users_config_can_import_the_bundled_common_by_package(tmp_path):
-  (tmp_path / "mine.py").write_text("from vtimellm_jax.configs import common\n\n"
-                                    "def get_config(arg=None):\n  c = common.recipe('tiny')\n  c.stage = 'mine'\n  return c\n")
+  (tmp_path / "mine.py").write_text("from vtimellm_jax.configs import common\n\ndef get_config(arg=None):\n"
+                                    "  c = common.recipe('tiny')\n  c.stage = 'mine'\n  return c\n")
   assert config_loading.load_config(f"{tmp_path / 'mine.py'}").stage == "mine"
 
 
 def test_an_unresolvable_import_is_a_user_error_naming_the_file(tmp_path):
-  (tmp_path / "old.py").write_text("from my_configs import common\n\ndef get_config(arg=None):\n  return common.recipe('tiny')\n")
+  (tmp_path / "old.py").write_text("from my_configs import common\n\n"
+                                   "def get_config(arg=None):\n  return common.recipe('tiny')\n")
   with pytest.raises(UserError, match=r"old.py: No module named 'my_configs'.*`from \. import common`"):
     config_loading.load_config(f"{tmp_path / 'old.py'}:tiny")
   (tmp_path / "lonely.py").write_text("from . import common\n")
