@@ -5,7 +5,7 @@ feature is a zero vector, so the same data path and train step serve. Real runs 
 (`convert llama`) and skip this stage.
 """
 
-from configs import common
+from . import common
 
 
 def get_config(arg: str | None = None):

@@ -4,7 +4,7 @@ vtimellm-jax train --config configs/stage1.py:7b --config.model.base=<vicuna dir
   --config.data.json=blip_laion_cc_sbu_558k.json --config.data.features=<feature dir> --workdir <dir>
 """
 
-from configs import common
+from . import common
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ vtimellm-jax train --config configs/stage2.py:7b --config.model.base=<vicuna dir
   --config.data.features=<feature dir> --workdir <dir>
 """
 
-from configs import common
+from . import common
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@ vtimellm-jax train --config configs/stage3.py:7b --config.model.base=<vicuna dir
   --config.data.json=stage3.json --config.data.features=<feature dir> --workdir <dir>
 """
 
-from configs import common
+from . import common
 
 
 def get_config(arg: str | None = None):

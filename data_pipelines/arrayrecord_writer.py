@@ -1,11 +1,11 @@
 """Write a release JSON + feature folder as the `vtimellm_data` TFDS dataset in ArrayRecord files.
 
-  python -m data_pipelines.arrayrecord_writer --data stage2.json --features stage2_feat \\
+  python -m vtimellm_jax.data_pipelines.arrayrecord_writer --data stage2.json --features stage2_feat \\
       --out DATA_DIR --config stage2 [--shards 16] [--skip-bad-records]
 
 writes `DATA_DIR/vtimellm_data/stage2/1.0.0/` (ArrayRecord shards, `dataset_info.json`,
 `features.json`), which `tfds.data_source("vtimellm_data/stage2", data_dir=DATA_DIR)` and
-`data_pipelines.arrayrecord_source.ArrayRecordSource` read without TensorFlow. Records keep the
+`vtimellm_jax.data_pipelines.arrayrecord_source.ArrayRecordSource` read without TensorFlow. Records keep the
 JSON's order (shard k holds a contiguous range), so the pipeline plans the same batches from either
 source. Uses the array_record package directly (no Beam, no TensorFlow).
 """
@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from data_pipelines import vtimellm_data
+from . import vtimellm_data
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """TFDS registration of VTimeLLM data: `vtimellm_data/{stage1,stage2,stage3}` as ArrayRecord.
 
 Importing this module registers the builder, so that with data written by
-`data_pipelines.arrayrecord_writer` (or prepared by this builder) users can load it with
+`vtimellm_jax.data_pipelines.arrayrecord_writer` (or prepared by this builder) users can load it with
 
   tfds.data_source("vtimellm_data/stage2", data_dir=DATA_DIR, split="train")   # random access
   tfds.builder("vtimellm_data/stage2", data_dir=DATA_DIR).as_data_source("train")

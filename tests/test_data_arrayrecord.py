@@ -10,12 +10,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_fixtures import tiny_tokenizer_dir, write_stage2  # noqa: F401  pylint: disable=unused-import
-from data_pipelines import arrayrecord_source
-from data_pipelines import arrayrecord_writer
-from data_pipelines import vtimellm_data  # noqa: F401  registers the builder
 from vtimellm_jax import errors
 from vtimellm_jax.data import pipeline
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.data_pipelines import arrayrecord_source
+from vtimellm_jax.data_pipelines import arrayrecord_writer
+from vtimellm_jax.data_pipelines import vtimellm_data  # noqa: F401  registers the builder
 
 
 @pytest.fixture(scope="module")

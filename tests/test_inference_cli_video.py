@@ -12,10 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipelines.synthetic.render import write_mp4
 from inference_fixtures import SYSTEM, tiny_vtimellm  # noqa: F401
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.data_pipelines.synthetic.render import write_mp4
 from vtimellm_jax.models import clip as clip_model
 
 FPS, FRAMES, SIZE = 8, 24, 32  # 3-second videos: decoding and the tiny CLIP stay fast
@@ -61,7 +61,7 @@ def clip_dir(tmp_path_factory):
   """
   cfg = clip_model.tiny()
   params = clip_model.random_params(cfg, seed=0)
-  params["visual_projection.kernel"] *= 0.1
+  params["visual_projection/kernel"] *= 0.1
   folder = tmp_path_factory.mktemp("clip")
   model_io.save_model_dir(folder, kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(params))
   return folder

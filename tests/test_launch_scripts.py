@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import topologies
+from vtimellm_jax.configs import topologies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*ROOT.glob("launch/**/*.sh"), *ROOT.glob("launch/**/*.sbatch")])

@@ -1,17 +1,30 @@
 """The package's modules import only from their own layer or below (the order is in vtimellm_jax/__init__.py)."""
 
 import ast
+import os
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vtimellm_jax"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "vtimellm_jax"
 LAYERS = {
     "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0,
     "models": 1, "data": 1, "evaluation": 1,
-    "convert": 2,
+    "convert": 2, "data_pipelines": 2,
     "video": 3,
     "inference": 4, "training": 4,
     "bench": 5, "quickstart": 5, "cli": 5,
+    "configs": 6,
 }
+# Top-level directories of the repository that the package carries under its own name (links in a checkout).
+LINKED = ("configs", "data_pipelines")
+
+
+def _modules():
+  """Yields every .py file of the package, through the links to the top-level directories."""
+  for directory, _, files in os.walk(PACKAGE, followlinks=True):
+    for name in files:
+      if name.endswith(".py"):
+        yield pathlib.Path(directory, name)
 
 
 def _imports(path: pathlib.Path):
@@ -29,13 +42,13 @@ def _top(module: str) -> str | None:
 
 
 def test_every_module_has_a_layer():
-  names = {p.stem if p.parent == PACKAGE else p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")}
+  names = {p.stem if p.parent == PACKAGE else p.relative_to(PACKAGE).parts[0] for p in _modules()}
   assert names - {"__init__"} == set(LAYERS)
 
 
 def test_no_module_imports_from_a_layer_above_it_or_a_cli_module():
-  upward, cli_imports = [], []
-  for path in PACKAGE.rglob("*.py"):
+  upward, cli_imports, top_level = [], [], []
+  for path in _modules():
     rel = path.relative_to(PACKAGE)
     own = rel.stem if len(rel.parts) == 1 else rel.parts[0]
     if own == "__init__":
@@ -47,5 +60,14 @@ def test_no_module_imports_from_a_layer_above_it_or_a_cli_module():
           upward.append(f"{rel} imports {name} (layer {LAYERS[top]} above {LAYERS[own]})")
         if name.endswith("_cli") and own != "cli" and _top(name):
           cli_imports.append(f"{rel} imports {name}")
+        if name.split(".")[0] in LINKED:
+          top_level.append(f"{rel} imports {name} (installed, it is vtimellm_jax.{name})")
   assert not upward, "\n".join(upward)
   assert not cli_imports, "\n".join(cli_imports)
+  assert not top_level, "\n".join(top_level)
+
+
+def test_the_package_carries_the_top_level_directories():
+  for name in LINKED:
+    assert (ROOT / name).is_dir() and not (ROOT / name).is_symlink()
+    assert (PACKAGE / name).is_symlink() and (PACKAGE / name).resolve() == (ROOT / name)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
+from vtimellm_jax.configs import common
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import time_code

@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
-from data_pipelines.synthetic import vocabulary
 from vtimellm_jax.data import records, templates
+from vtimellm_jax.data_pipelines import synthetic
+from vtimellm_jax.data_pipelines.synthetic import vocabulary
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import annotations as eval_annotations
 

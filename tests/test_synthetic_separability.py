@@ -10,7 +10,7 @@ triangles and crosses, over each kind of motion at several moments of its progre
 import numpy as np
 import pytest
 
-from data_pipelines.synthetic import render, vocabulary
+from vtimellm_jax.data_pipelines.synthetic import render, vocabulary
 from vtimellm_jax.models import clip as clip_model, load
 from vtimellm_jax.video import preprocess
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import synthetic
+from vtimellm_jax.data_pipelines import synthetic
 
 FPS, SIZE = 8, 64
 HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}

@@ -147,7 +147,7 @@ def test_openai_torchscript_fp16_parity(tmp_path):
   torch.jit.script(_Holder(tensors)).save(str(tmp_path / "ViT-L-14.pt"))
   assert convert_clip.is_torchscript(tmp_path / "ViT-L-14.pt")
   cfg, params, kind = convert_clip.convert(tmp_path / "ViT-L-14.pt", heads=HEADS)
-  assert kind == "openai_torchscript" and params["visual_projection.kernel"].dtype == np.float32
+  assert kind == "openai_torchscript" and params["visual_projection/kernel"].dtype == np.float32
   pixels = _pixels(seed=3)
   np.testing.assert_allclose(_ours(cfg, params, pixels), _hf_embeds(model, pixels), atol=1e-4, rtol=0)
 

@@ -97,12 +97,6 @@ def parse_stage_steps(text: str) -> dict[str, int]:
   return steps
 
 
-def _configs_dir() -> pathlib.Path:
-  import configs
-
-  return pathlib.Path(configs.__file__).parent
-
-
 def stage0_records(corpus: dict[str, pathlib.Path]) -> list[dict]:
   """Returns plain-template records over the corpus text: every caption, and every stage-2/3 conversation
   written in the v1 chat frame, so the pretrained LLM knows both formats the later stages use."""
@@ -156,11 +150,12 @@ def _metrics(log: pathlib.Path, data: pathlib.Path, task: str, plot: pathlib.Pat
 
 
 def run(args: argparse.Namespace) -> int:
-  from data_pipelines.synthetic import corpus as synthetic
   from vtimellm_jax.data import tokenizer as tokenizer_lib
+  from vtimellm_jax.data_pipelines.synthetic import corpus as synthetic
   from vtimellm_jax.evaluation import coco_java
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.models import time_code
+  from vtimellm_jax.training import config_files
   from vtimellm_jax.video import standardize
   from vtimellm_jax.video.clip_source import TINY_RANDOM_SIZES
 
@@ -214,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
   # Later flags win: the stage's own schedule, then --steps, the user's --config overrides, --stage-steps.
   user = [f"--config.max_steps={args.steps}"] if args.steps else []
   user += list(getattr(args, "config_overrides", []) or [])
-  configs = _configs_dir()
+  configs = config_files.CONFIGS_DIR
   runs, models = wd / "runs", wd / "models"
 
   def train(stage: str, data: pathlib.Path, feats: pathlib.Path, *extra: str) -> None:

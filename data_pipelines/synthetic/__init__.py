@@ -1,5 +1,5 @@
 """Synthetic multi-event video corpus for the quickstart: real mp4 files and the release's annotation formats."""
 
-from data_pipelines.synthetic.corpus import generate_corpus, main
+from .corpus import generate_corpus, main
 
 __all__ = ["generate_corpus", "main"]

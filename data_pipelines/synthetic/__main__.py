@@ -1,7 +1,7 @@
-"""`python -m data_pipelines.synthetic --out DIR`: writes the synthetic corpus (see `corpus.py`)."""
+"""`python -m vtimellm_jax.data_pipelines.synthetic --out DIR`: writes the synthetic corpus (see `corpus.py`)."""
 
 import sys
 
-from data_pipelines.synthetic.corpus import main
+from .corpus import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.synthetic import vocabulary
+from . import vocabulary
 from vtimellm_jax.data import templates
 
 DENSE_FRACTION = 0.2  # stage 2: share of single-turn dense-captioning records, as the release

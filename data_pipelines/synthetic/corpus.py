@@ -1,6 +1,6 @@
 """`generate_corpus`: a seeded corpus of real mp4 videos, stills and all annotation files.
 
-  python -m data_pipelines.synthetic --out /tmp/syn --train 120 --eval 30 --seed 0
+  python -m vtimellm_jax.data_pipelines.synthetic --out /tmp/syn --train 120 --eval 30 --seed 0
 
 Layout of `out_dir` (the dict returned has these keys):
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.synthetic import annotations, render, vocabulary
+from . import annotations, render, vocabulary
 from vtimellm_jax.data import templates
 from vtimellm_jax.errors import UserError
 
@@ -134,8 +134,8 @@ def generate_corpus(out_dir: str | pathlib.Path, *, num_train_videos: int = 120,
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Returns the exit status of `python -m data_pipelines.synthetic`."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.synthetic",
+  """Returns the exit status of `python -m vtimellm_jax.data_pipelines.synthetic`."""
+  parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.data_pipelines.synthetic",
                                    description="Write a seeded synthetic multi-event video corpus with "
                                                "VTimeLLM stage-1/2/3 and evaluation annotations.")
   parser.add_argument("--out", required=True, help="output folder")

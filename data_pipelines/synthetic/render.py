@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from data_pipelines.synthetic import vocabulary
+from . import vocabulary
 
 HALF_SIZE = 0.26  # a shape's half-size at scale 1, as a fraction of the frame side: large on purpose
 TRAVEL = 0.18  # how far slides and moves go from the centre, as a fraction of the frame side

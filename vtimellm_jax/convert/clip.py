@@ -63,55 +63,55 @@ def _fused_part(part: int, weight: bool) -> Transform:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  target: str  # regex over our dotted names; `(?P<i>\d+)` captures the layer
+  target: str  # regex over our '/'-joined names; `(?P<i>\d+)` captures the layer
   source: str  # source key, formatted with the regex's groups
   transform: Transform
 
 
 def _ln(ours: str, theirs: str) -> list[Rule]:
-  return [Rule(rf"{ours}\.scale", f"{theirs}.weight", _same), Rule(rf"{ours}\.bias", f"{theirs}.bias", _same)]
+  return [Rule(rf"{ours}/scale", f"{theirs}.weight", _same), Rule(rf"{ours}/bias", f"{theirs}.bias", _same)]
 
 
 def _dense(ours: str, theirs: str) -> list[Rule]:
-  return [Rule(rf"{ours}\.kernel", f"{theirs}.weight", _linear), Rule(rf"{ours}\.bias", f"{theirs}.bias", _same)]
+  return [Rule(rf"{ours}/kernel", f"{theirs}.weight", _linear), Rule(rf"{ours}/bias", f"{theirs}.bias", _same)]
 
 
-_L = r"encoder\.layers\.(?P<i>\d+)"
+_L = r"encoder/layers/(?P<i>\d+)"
 
 HF_RULES: list[Rule] = [
-    Rule(r"embeddings\.class_embedding", "vision_model.embeddings.class_embedding", _same),
-    Rule(r"embeddings\.patch_embedding\.kernel", "vision_model.embeddings.patch_embedding.weight", _conv),
-    Rule(r"embeddings\.position_embedding\.embedding", "vision_model.embeddings.position_embedding.weight", _same),
+    Rule(r"embeddings/class_embedding", "vision_model.embeddings.class_embedding", _same),
+    Rule(r"embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight", _conv),
+    Rule(r"embeddings/position_embedding/embedding", "vision_model.embeddings.position_embedding.weight", _same),
     *_ln(r"pre_layrnorm", "vision_model.pre_layrnorm"),
     *[rule for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
-      for rule in _dense(rf"{_L}\.self_attn\.{proj}", f"vision_model.encoder.layers.{{i}}.self_attn.{proj}")],
-    *_ln(rf"{_L}\.layer_norm1", "vision_model.encoder.layers.{i}.layer_norm1"),
-    *_ln(rf"{_L}\.layer_norm2", "vision_model.encoder.layers.{i}.layer_norm2"),
-    *_dense(rf"{_L}\.mlp\.fc1", "vision_model.encoder.layers.{i}.mlp.fc1"),
-    *_dense(rf"{_L}\.mlp\.fc2", "vision_model.encoder.layers.{i}.mlp.fc2"),
+      for rule in _dense(rf"{_L}/self_attn/{proj}", f"vision_model.encoder.layers.{{i}}.self_attn.{proj}")],
+    *_ln(rf"{_L}/layer_norm1", "vision_model.encoder.layers.{i}.layer_norm1"),
+    *_ln(rf"{_L}/layer_norm2", "vision_model.encoder.layers.{i}.layer_norm2"),
+    *_dense(rf"{_L}/mlp/fc1", "vision_model.encoder.layers.{i}.mlp.fc1"),
+    *_dense(rf"{_L}/mlp/fc2", "vision_model.encoder.layers.{i}.mlp.fc2"),
     *_ln(r"post_layernorm", "vision_model.post_layernorm"),
-    Rule(r"visual_projection\.kernel", "visual_projection.weight", _linear),
+    Rule(r"visual_projection/kernel", "visual_projection.weight", _linear),
 ]
 # A CLIPModel directory also holds the text tower; the position ids are a buffer, not a weight.
 HF_IGNORED = re.compile(r"text_model\..*|text_projection\..*|logit_scale|logit_bias|vision_model\.embeddings\.position_ids")
 
 _R = "visual.transformer.resblocks.{i}"
 OPENAI_RULES: list[Rule] = [
-    Rule(r"embeddings\.class_embedding", "visual.class_embedding", _same),
-    Rule(r"embeddings\.patch_embedding\.kernel", "visual.conv1.weight", _conv),
-    Rule(r"embeddings\.position_embedding\.embedding", "visual.positional_embedding", _same),
+    Rule(r"embeddings/class_embedding", "visual.class_embedding", _same),
+    Rule(r"embeddings/patch_embedding/kernel", "visual.conv1.weight", _conv),
+    Rule(r"embeddings/position_embedding/embedding", "visual.positional_embedding", _same),
     *_ln(r"pre_layrnorm", "visual.ln_pre"),
-    *[Rule(rf"{_L}\.self_attn\.{p}_proj\.kernel", f"{_R}.attn.in_proj_weight", _fused_part(n, True))
+    *[Rule(rf"{_L}/self_attn/{p}_proj/kernel", f"{_R}.attn.in_proj_weight", _fused_part(n, True))
       for n, p in enumerate("qkv")],
-    *[Rule(rf"{_L}\.self_attn\.{p}_proj\.bias", f"{_R}.attn.in_proj_bias", _fused_part(n, False))
+    *[Rule(rf"{_L}/self_attn/{p}_proj/bias", f"{_R}.attn.in_proj_bias", _fused_part(n, False))
       for n, p in enumerate("qkv")],
-    *_dense(rf"{_L}\.self_attn\.out_proj", f"{_R}.attn.out_proj"),
-    *_ln(rf"{_L}\.layer_norm1", f"{_R}.ln_1"),
-    *_ln(rf"{_L}\.layer_norm2", f"{_R}.ln_2"),
-    *_dense(rf"{_L}\.mlp\.fc1", f"{_R}.mlp.c_fc"),
-    *_dense(rf"{_L}\.mlp\.fc2", f"{_R}.mlp.c_proj"),
+    *_dense(rf"{_L}/self_attn/out_proj", f"{_R}.attn.out_proj"),
+    *_ln(rf"{_L}/layer_norm1", f"{_R}.ln_1"),
+    *_ln(rf"{_L}/layer_norm2", f"{_R}.ln_2"),
+    *_dense(rf"{_L}/mlp/fc1", f"{_R}.mlp.c_fc"),
+    *_dense(rf"{_L}/mlp/fc2", f"{_R}.mlp.c_proj"),
     *_ln(r"post_layernorm", "visual.ln_post"),
-    Rule(r"visual_projection\.kernel", "visual.proj", _same),
+    Rule(r"visual_projection/kernel", "visual.proj", _same),
 ]
 # Everything outside `visual.` is the text tower or bookkeeping (logit_scale, input_resolution, ...).
 OPENAI_IGNORED = re.compile(r"(?!visual\.).*")

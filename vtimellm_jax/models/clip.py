@@ -4,7 +4,7 @@ The frozen visual encoder of VTimeLLM: pre-LN ViT with a class token, QuickGELU 
 output `ln_post(CLS) @ proj` (what OpenAI's `encode_image` returns, 768-d for ViT-L/14).
 
 Parameter paths mirror Hugging Face's `CLIPVisionModelWithProjection` without the `vision_model.`
-prefix (`encoder.layers.3.self_attn.q_proj.kernel`, `pre_layrnorm.scale` -- HF's spelling), so
+prefix (`encoder/layers/3/self_attn/q_proj/kernel`, `pre_layrnorm/scale` -- HF's spelling), so
 that converting a checkpoint is a table (`vtimellm_jax.convert.clip`), not a puzzle.
 Images are channels-last: `float[B, H, W, 3]`, already normalised with CLIP's mean and std.
 """
@@ -229,32 +229,32 @@ class ClipVision(nnx.Module):
     return self(pixels_bhwc).image_embeds
 
 
-# --- parameters as flat {dotted name: array} dicts (the converters' and model_io's currency) ---
+# --- parameters as flat {'/'-joined name: array} dicts (the converters' and model_io's currency) ---
 
 
-def _dotted(path: tuple) -> str:
-  return ".".join(str(k) for k in path)
+def _name(path: tuple) -> str:
+  return "/".join(str(k) for k in path)
 
 
 def abstract_params(cfg: ClipVisionConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """Returns {dotted name: ShapeDtypeStruct(float32)} of every parameter, without allocating any."""
+  """Returns {name: ShapeDtypeStruct(float32)} of every parameter, without allocating any."""
   model = nnx.eval_shape(lambda: ClipVision(cfg, rngs=nnx.Rngs(0)))
-  return {_dotted(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def flat_params(model: ClipVision) -> dict[str, jax.Array]:
-  """Returns {dotted name: array} of the model's parameters."""
-  return {_dotted(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  """Returns {name: array} of the model's parameters."""
+  return {_name(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-  """Returns the nested dict (string keys) of dotted names, as `model_io.save_model_dir` stores it."""
-  return model_io.nest(flat, sep=".")
+  """Returns the nested dict (string keys) of '/'-joined names, as `model_io.save_model_dir` stores it."""
+  return model_io.nest(flat)
 
 
 def flatten(nested: dict[str, Any]) -> dict[str, Any]:
-  """Returns {dotted name: leaf} of a nested dict (the inverse of `nest`)."""
-  return model_io.flatten(nested, sep=".")
+  """Returns {'/'-joined name: leaf} of a nested dict (the inverse of `nest`)."""
+  return model_io.flatten(nested)
 
 
 def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -267,11 +267,11 @@ def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]
   out = {}
   for name, spec in abstract_params(cfg).items():
     shape = tuple(spec.shape)
-    if name.endswith(".scale"):
+    if name.endswith("/scale"):
       out[name] = np.ones(shape, np.float32)
-    elif name.endswith(".bias"):
+    elif name.endswith("/bias"):
       out[name] = np.zeros(shape, np.float32)
-    elif name.endswith(".kernel"):
+    elif name.endswith("/kernel"):
       out[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
     else:
       out[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)

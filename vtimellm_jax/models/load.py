@@ -269,13 +269,13 @@ def params_tree(module: nnx.Module) -> dict:
 
 def clip_from_params(cfg: clip.ClipVisionConfig, params: dict, *, mesh=None, source: str = "params",
                      **options) -> clip.ClipVision:
-  """Returns a ClipVision holding `params` (flat dotted names or nested), every name and shape checked.
+  """Returns a ClipVision holding `params` (flat '/'-joined names or nested), every name and shape checked.
 
   `options`: dtype (compute; default float32), param_dtype (storage; default dtype), attention_impl.
   """
   build = model_builder({"kind": "clip", "config": dataclasses.asdict(cfg)}, **options)
   flat = clip.flatten(params) if any(isinstance(v, dict) for v in params.values()) else dict(params)
-  arrays = ArraySource({tuple(name.split(".")): value for name, value in flat.items()}, name=source)
+  arrays = ArraySource({tuple(name.split("/")): value for name, value in flat.items()}, name=source)
   return sharded_model(build, mesh, [arrays], may_initialise=lambda path: False, what=f"CLIP {cfg}")
 
 

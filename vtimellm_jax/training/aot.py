@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import topologies
 from vtimellm_jax import sharding
 from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import llama
-from vtimellm_jax.training import gpu_targets, trainer
+from vtimellm_jax.training import config_files, gpu_targets, trainer
+
+topologies = config_files.bundled("topologies")
 
 
 @dataclasses.dataclass(frozen=True)

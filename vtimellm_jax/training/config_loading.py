@@ -7,10 +7,7 @@ between fields, all problems in one `UserError`, before any data is read or a de
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
-import pathlib
-import sys
 
 import ml_collections
 
@@ -18,22 +15,18 @@ from vtimellm_jax.data.templates import TEMPLATES
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.llama import ATTENTION_IMPLS, REMAT_MODES
 from vtimellm_jax.models.lora import ALL_TARGETS as LORA_TARGETS
+from vtimellm_jax.training import config_files
 from vtimellm_jax.training.model_setup import TRAINABLE
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Returns the ConfigDict of `path/to/config.py[:arg]` with `--config.key=value` overrides applied."""
+  """Returns the ConfigDict of `path/to/config.py[:arg]` with `--config.key=value` overrides applied.
+
+  The path is resolved and the file loaded by `config_files` (a bare `stage2.py` names the bundled one).
+  """
   path_text, _, arg = spec.partition(":")
-  path = pathlib.Path(path_text)
-  if not path.is_file():
-    raise UserError(f"config file {path} not found")
-  # Config files import their siblings (`from configs import common`): make that resolvable.
-  root = str(path.absolute().parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location(f"_vtimellm_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  path = config_files.resolve(path_text)
+  module = config_files.load_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"{path}: has no get_config(arg) function")
   try:

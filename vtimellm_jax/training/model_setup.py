@@ -22,7 +22,7 @@ from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import load, lora, time_code
 from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.vtimellm import VTimeLLM
-from vtimellm_jax.training import checkpointing
+from vtimellm_jax.training import checkpointing, config_files
 from vtimellm_jax.training.run_record import RUN_JSON  # the config of a training run, in its workdir
 
 TRAINABLE = {
@@ -168,8 +168,7 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """Returns the config a run was trained with, fields added since then taking today's defaults."""
-  from configs import common
-
+  common = config_files.bundled("common")
   path = checkpointing.workdir_path(workdir) / RUN_JSON
   if not path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")

@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from configs import topologies
-  from vtimellm_jax.training import config_loading, trainer
+  from vtimellm_jax.training import config_files, config_loading, trainer
+
+  topologies = config_files.bundled("topologies")
 
   config = config_loading.load_config(args.config, args.config_overrides)
   # A preset sets the micro-batch, but one given on the command line wins (e.g. to find what fits).
