@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+import numpy_preprocess
 from vtimellm_jax import cli
 from vtimellm_jax.models import clip as clip_model, load
 from vtimellm_jax.video import preprocess
@@ -39,7 +40,7 @@ def _reference_features(path, split=None):
   start, end = 0, len(frames) - 1
   if split is not None:
     start, end = max(int(fps * split[0]), 0), min(int(fps * split[1]), len(frames) - 1)
-  pixels = preprocess.preprocess_frames(frames[np.linspace(start, end, 100, dtype=np.int32)])
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(start, end, 100, dtype=np.int32)])
   return _tiny_random_encode(pixels)
 
 
@@ -178,7 +179,7 @@ def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
   assert code == 0
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
-  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
   expected = np.asarray(_encode(load.random_clip(cfg, seed=3), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)
 
@@ -190,6 +191,6 @@ def test_tiny_random_64_is_the_tiny_clip_at_64_px(video_dir, tmp_path):
                    "--seed", "2", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
-  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
   expected = np.asarray(_encode(load.random_clip(clip_model.tiny(64, 8), seed=2), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)

@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     splits = sampling.load_splits(args.splits)
   model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
-  batch_size = max(1, args.batch_size // per_item) * per_item
-  encoder = extract.BatchEncoder(model, batch_size)
+  encoder = extract.BatchEncoder(model, args.batch_size, frames_per_item=per_item)
   out_dir = pathlib.Path(args.out)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
                             workers=args.workers, progress=not args.no_progress)
