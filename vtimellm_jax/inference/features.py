@@ -42,11 +42,13 @@ class ClipFeaturizer:
     self._encode = None
 
   def _load(self):
+    import jax  # pylint: disable=g-import-not-at-top
     from vtimellm_jax.video import clip_source, extract, sampling  # pylint: disable=g-import-not-at-top
 
     model = clip_source.load_clip(self.clip_spec, clip_source.compute_dtype(self.dtype))
-    # extract-features' encoder, one video a call: the same device preprocessing and program.
-    self._encode = extract.BatchEncoder(model, sampling.NUM_FRAMES, frames_per_item=sampling.NUM_FRAMES)
+    # extract-features' encoder, one video a call on one device: the same device preprocessing.
+    self._encode = extract.BatchEncoder(model, sampling.NUM_FRAMES, frames_per_item=sampling.NUM_FRAMES,
+                                        devices=jax.devices()[:1])
 
   def __call__(self, video_path: str | os.PathLike) -> np.ndarray:
     """Returns float32[100, 768] features of a video file (values rounded through float16)."""

@@ -99,16 +99,16 @@ class BatchEncoder:
   """Preprocesses and encodes whole inputs (`preprocess.Window`s) in fixed-size, data-parallel jitted batches.
 
   A batch is `items_per_batch` inputs of `frames_per_item` frames each (videos, or images with 1),
-  rounded up to the device count and split over the local devices. The jitted program depends on
+  rounded up to the device count and split over `devices` (default: the local ones). The jitted program depends on
   the bucket of the batch's windows only; `programs` counts the ones traced so far.
   """
 
-  def __init__(self, model, batch_size: int, frames_per_item: int = 1):
+  def __init__(self, model, batch_size: int, frames_per_item: int = 1, devices=None):
     import jax
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     self.frames_per_item = frames_per_item
     items = max(1, batch_size // frames_per_item)
     self.items_per_batch = -(-items // len(devices)) * len(devices)
