@@ -87,6 +87,23 @@ def list_inputs(spec: str | pathlib.Path, images: bool) -> tuple[list[Item], lis
   return items, failures
 
 
+def shard(items: list[Item], failures: list[Failure], index: int, count: int) -> tuple[list[Item], list[Failure]]:
+  """Returns shard `index` (from 0) of `count`: the inputs at positions index, index + count, ... of all inputs sorted by (id, path).
+
+  Failures found while listing (duplicate ids, missing files) are inputs too, so each is reported
+  by exactly one shard. The split depends only on the inputs, so every machine computes the same one.
+  """
+  entries = sorted([(item.id, str(item.path), item) for item in items] +
+                   [(failure.id, failure.path, failure) for failure in failures], key=lambda e: e[:2])
+  mine = [entry for k, (_, _, entry) in enumerate(entries) if k % count == index]
+  return [e for e in mine if isinstance(e, Item)], [e for e in mine if isinstance(e, Failure)]
+
+
+def failures_file_name(shard_spec: tuple[int, int] | None = None) -> str:
+  """Returns the failures file of a run: `failures.jsonl`, or `failures.{i}-of-{n}.jsonl` for shard i of n."""
+  return FAILURES if shard_spec is None else f"failures.{shard_spec[0]}-of-{shard_spec[1]}.jsonl"
+
+
 def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
   """Writes `array` to `path` through a temp file and a rename, so `path` is never half-written."""
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -204,8 +221,10 @@ def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], worker
 
 def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
-            num_frames: int = sampling.NUM_FRAMES, progress: bool = True) -> Summary:
+            num_frames: int = sampling.NUM_FRAMES, progress: bool = True, failures_name: str = FAILURES) -> Summary:
   """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input.
+
+  This run's failures go to `out_dir / failures_name`, one JSON object a line.
 
   Frames are preprocessed to the encoder's image size (224 for the release's CLIP), on the device.
   """
@@ -231,7 +250,7 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   videos_per_batch = encoder.items_per_batch
 
   # The failures file describes the latest run: ids that failed before are retried.
-  with open(out_dir / FAILURES, "w") as failures_file, \
+  with open(out_dir / failures_name, "w") as failures_file, \
        tqdm(total=len(todo), unit="video" if not images else "image", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
 
