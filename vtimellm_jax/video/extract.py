@@ -88,7 +88,7 @@ def list_inputs(spec: str | pathlib.Path, images: bool) -> tuple[list[Item], lis
 
 
 def shard(items: list[Item], failures: list[Failure], index: int, count: int) -> tuple[list[Item], list[Failure]]:
-  """Returns shard `index` (from 0) of `count`: the inputs at positions index, index + count, ... of all inputs sorted by (id, path).
+  """Returns shard `index` (from 0) of `count`: positions index, index + count, ... of the inputs sorted by (id, path).
 
   Failures found while listing (duplicate ids, missing files) are inputs too, so each is reported
   by exactly one shard. The split depends only on the inputs, so every machine computes the same one.
@@ -116,8 +116,8 @@ class BatchEncoder:
   """Preprocesses and encodes whole inputs (`preprocess.Window`s) in fixed-size, data-parallel jitted batches.
 
   A batch is `items_per_batch` inputs of `frames_per_item` frames each (videos, or images with 1),
-  rounded up to the device count and split over `devices` (default: the local ones). The jitted program depends on
-  the bucket of the batch's windows only; `programs` counts the ones traced so far.
+  rounded up to the device count and split over `devices` (default: the local ones). The jitted
+  program depends on the bucket of the batch's windows only; `programs` counts the ones traced so far.
   """
 
   def __init__(self, model, batch_size: int, frames_per_item: int = 1, devices=None):
