@@ -40,7 +40,7 @@ def test_random_tiny_clip_separates_colours_across_shapes(seed):
   model = load.random_clip(clip_model.tiny(), seed)
 
   def embed(frames):
-    return np.concatenate([np.asarray(model.encode_image(preprocess.preprocess_frames(frames[i:i + 128])), np.float64)
+    return np.concatenate([np.asarray(model.encode_image(preprocess.to_pixels(frames[i:i + 128])), np.float64)
                            for i in range(0, len(frames), 128)])
 
   fit_frames, fit_labels = _frames(("square", "circle"), (0.0, 1.0))

@@ -13,7 +13,7 @@ def test_bench_smoke(capsys):
 
 
 def test_bench_preprocess_smoke(capsys):
-  # One size per path of preprocess_frames: dense matmuls (small inputs) and 4-tap gathers.
+  # An upscaled and a downscaled size: host window and packing, then the jitted device resize.
   assert bench_clip.main(["--config", "tiny", "--batch-sizes", "", "--preprocess", "48x64,300x400", "--iters", "1"]) == 0
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [(r["mode"], r["height"], r["width"]) for r in records] == [("preprocess", 48, 64), ("preprocess", 300, 400)]

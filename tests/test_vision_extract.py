@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+import numpy_preprocess
 from vtimellm_jax import cli
 from vtimellm_jax.models import clip as clip_model, load
 from vtimellm_jax.video import preprocess
@@ -39,7 +40,7 @@ def _reference_features(path, split=None):
   start, end = 0, len(frames) - 1
   if split is not None:
     start, end = max(int(fps * split[0]), 0), min(int(fps * split[1]), len(frames) - 1)
-  pixels = preprocess.preprocess_frames(frames[np.linspace(start, end, 100, dtype=np.int32)])
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(start, end, 100, dtype=np.int32)])
   return _tiny_random_encode(pixels)
 
 
@@ -178,7 +179,7 @@ def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
   assert code == 0
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
-  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 32)
   expected = np.asarray(_encode(load.random_clip(cfg, seed=3), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)
 
@@ -190,6 +191,26 @@ def test_tiny_random_64_is_the_tiny_clip_at_64_px(video_dir, tmp_path):
                    "--seed", "2", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
   with av.open(str(video_dir / "alpha.mp4")) as container:
     frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
-  pixels = preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
+  pixels = numpy_preprocess.preprocess_frames(frames[np.linspace(0, len(frames) - 1, 100, dtype=np.int32)], 64)
   expected = np.asarray(_encode(load.random_clip(clip_model.tiny(64, 8), seed=2), jnp.asarray(pixels)))
   np.testing.assert_allclose(np.load(out / "alpha.npy").astype(np.float32), expected, atol=5e-3, rtol=5e-3)
+
+
+def test_shards_split_the_sorted_inputs(video_dir, tmp_path, capsys):
+  # All inputs sorted by id: alpha beta gamma garbage truncated; shard i of 2 takes positions i, i + 2, ...
+  out = tmp_path / "feat"
+  assert _extract(video_dir, out, "--shard", "0/2") == 1
+  assert "of 3 input(s) of shard 0/2" in capsys.readouterr().err
+  assert sorted(p.name for p in out.glob("*.npy")) == ["alpha.npy", "gamma.npy"]
+  assert _extract(video_dir, out, "--shard", "1/2") == 1
+  assert f"reasons in {out / 'failures.1-of-2.jsonl'}" in capsys.readouterr().err
+  assert sorted(p.name for p in out.glob("*.npy")) == ["alpha.npy", "beta.npy", "gamma.npy"]
+  ids = lambda name: [json.loads(line)["id"] for line in (out / name).read_text().splitlines()]  # noqa: E731
+  assert ids("failures.0-of-2.jsonl") == ["truncated"] and ids("failures.1-of-2.jsonl") == ["garbage"]
+  assert not (out / "failures.jsonl").exists()
+  np.testing.assert_allclose(np.load(out / "beta.npy").astype(np.float32),
+                             _reference_features(video_dir / "beta.mp4"), atol=5e-3, rtol=5e-3)
+  for bad in ("2/2", "1", "a/b", "0/0"):
+    with pytest.raises(SystemExit) as exit_info:
+      _extract(video_dir, out, "--shard", bad)
+    assert exit_info.value.code == 2 and "argument --shard: expected i/n" in capsys.readouterr().err

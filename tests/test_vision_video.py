@@ -92,7 +92,7 @@ def test_demo_matches_decord_when_available(demo):
 def test_demo_pixels_match_torchvision_resize(demo):
   path, _, _ = demo
   frames, _ = decode.read_frames(path)
-  ours = preprocess.preprocess_frames(frames)
+  ours = preprocess.to_pixels(frames)
   reference = torch_reference(frames)
   assert ours.shape == (100, 224, 224, 3) and ours.dtype == np.float32
   # Within 1/255 in [0, 1] pixel units (the bar); in practice float rounding only.
@@ -105,7 +105,7 @@ def test_overshoot_is_not_clamped():
   # release's float pipeline keeps those values.
   frames = np.zeros((1, 40, 60, 3), np.uint8)
   frames[:, :, 30:] = 255
-  pixels = preprocess.preprocess_frames(frames) * np.float32(STD) + np.float32(MEAN)
+  pixels = preprocess.to_pixels(frames) * np.float32(STD) + np.float32(MEAN)
   assert pixels.max() > 1.01 and pixels.min() < -0.01
 
 
@@ -114,7 +114,7 @@ def test_preprocess_matches_torch_on_shapes(shape):
   frames = np.random.default_rng(sum(shape)).integers(0, 256, (2, *shape, 3), dtype=np.uint8)
   # Random noise is the worst case (steep gradients everywhere): PyTorch's float32 source
   # coordinates round differently (e.g. fused multiply-add) by ~1 ulp, ~3e-5 of a grey level here.
-  np.testing.assert_allclose(preprocess.preprocess_frames(frames), torch_reference(frames), atol=5e-4, rtol=0)
+  np.testing.assert_allclose(preprocess.to_pixels(frames), torch_reference(frames), atol=5e-4, rtol=0)
 
 
 def test_sampling_rule_matches_numpy_linspace():

@@ -38,3 +38,15 @@ def number_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open
       raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
     return value
   return parse
+
+
+def shard(text: str) -> tuple[int, int]:
+  """argparse type for `i/n`: shard i (from 0) of n; returns (i, n)."""
+  index, sep, count = text.partition("/")
+  try:
+    index, count = int(index), int(count)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected i/n (shard i of n, i from 0), got {text!r}") from None
+  if not sep or count < 1 or not 0 <= index < count:
+    raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+  return index, count

@@ -43,13 +43,12 @@ class ClipFeaturizer:
 
   def _load(self):
     import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from vtimellm_jax.video import clip_source  # pylint: disable=g-import-not-at-top
+    from vtimellm_jax.video import clip_source, extract, sampling  # pylint: disable=g-import-not-at-top
 
     model = clip_source.load_clip(self.clip_spec, clip_source.compute_dtype(self.dtype))
-    graphdef, state = nnx.split(model)
-    encode = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels))
-    self._encode = lambda pixels: encode(state, pixels)
+    # extract-features' encoder, one video a call on one device: the same device preprocessing.
+    self._encode = extract.BatchEncoder(model, sampling.NUM_FRAMES, frames_per_item=sampling.NUM_FRAMES,
+                                        devices=jax.devices()[:1])
 
   def __call__(self, video_path: str | os.PathLike) -> np.ndarray:
     """Returns float32[100, 768] features of a video file (values rounded through float16)."""
@@ -61,10 +60,10 @@ class ClipFeaturizer:
     if self._encode is None:
       self._load()
     try:
-      pixels = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES)
+      window = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES, self._encode.image_size)
     except (OSError, decode.DecodeError) as e:
       raise UserError(f"{path}: cannot decode the video ({e})") from None
-    return np.asarray(self._encode(pixels)).astype(np.float16).astype(np.float32)
+    return self._encode([window])()[0].astype(np.float16).astype(np.float32)
 
 
 class FeatureSource:

@@ -1,10 +1,16 @@
-"""The feature-extraction pipeline: list inputs, decode in CPU threads, encode in jitted batches, save.
+"""The feature-extraction pipeline: list inputs, decode in CPU threads, preprocess and encode in jitted batches, save.
 
-Decoding and preprocessing run in a thread pool (FFmpeg and numpy release the GIL), a bounded
-window of videos ahead of the encoder, while the main thread packs whole videos into fixed-size
-batches for the jitted CLIP encoder (one compilation) and writes each `{id}.npy` atomically
-(temp file + rename), so an interrupted run resumes by skipping the ids already written.
-Unreadable inputs are recorded in `failures.jsonl` with the reason and the run goes on.
+Decoding runs in a thread pool (FFmpeg releases the GIL), a bounded window of videos ahead of the
+encoder. The host only decodes the sampled frames to uint8 and slices the window the crop reads
+(`preprocess.source_window`); resize, crop and normalisation run on the device, inside the encoder's
+jit (`preprocess.device_pixels`). The main thread packs whole videos into batches of a fixed
+number of videos, padded to a size bucket, so a corpus of mixed resolutions compiles one program
+per bucket, and writes each `{id}.npy` atomically (temp file + rename), so an interrupted run
+resumes by skipping the ids already written. Unreadable inputs are recorded in `failures.jsonl`
+with the reason and the run goes on.
+
+Every caller encodes through `BatchEncoder` (`extract-features`, `chat --video` / `eval --videos`
+through `inference/features.py`, `bench clip`), so there is one preprocessing path.
 """
 
 from __future__ import annotations
@@ -81,6 +87,23 @@ def list_inputs(spec: str | pathlib.Path, images: bool) -> tuple[list[Item], lis
   return items, failures
 
 
+def shard(items: list[Item], failures: list[Failure], index: int, count: int) -> tuple[list[Item], list[Failure]]:
+  """Returns shard `index` (from 0) of `count`: positions index, index + count, ... of the inputs sorted by (id, path).
+
+  Failures found while listing (duplicate ids, missing files) are inputs too, so each is reported
+  by exactly one shard. The split depends only on the inputs, so every machine computes the same one.
+  """
+  entries = sorted([(item.id, str(item.path), item) for item in items] +
+                   [(failure.id, failure.path, failure) for failure in failures], key=lambda e: e[:2])
+  mine = [entry for k, (_, _, entry) in enumerate(entries) if k % count == index]
+  return [e for e in mine if isinstance(e, Item)], [e for e in mine if isinstance(e, Failure)]
+
+
+def failures_file_name(shard_spec: tuple[int, int] | None = None) -> str:
+  """Returns the failures file of a run: `failures.jsonl`, or `failures.{i}-of-{n}.jsonl` for shard i of n."""
+  return FAILURES if shard_spec is None else f"failures.{shard_spec[0]}-of-{shard_spec[1]}.jsonl"
+
+
 def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
   """Writes `array` to `path` through a temp file and a rename, so `path` is never half-written."""
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -90,48 +113,63 @@ def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 class BatchEncoder:
-  """Encodes normalised float[N, S, S, 3] pixels (S: the CLIP's image size) in fixed-size, data-parallel jitted batches."""
+  """Preprocesses and encodes whole inputs (`preprocess.Window`s) in fixed-size, data-parallel jitted batches.
 
-  def __init__(self, model, batch_size: int):
+  A batch is `items_per_batch` inputs of `frames_per_item` frames each (videos, or images with 1),
+  rounded up to the device count and split over `devices` (default: the local ones). The jitted
+  program depends on the bucket of the batch's windows only; `programs` counts the ones traced so far.
+  """
+
+  def __init__(self, model, batch_size: int, frames_per_item: int = 1, devices=None):
     import jax
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
-    # Every batch has one shape (one compilation), split evenly over the local devices.
-    self.batch_size = -(-max(batch_size, 1) // len(devices)) * len(devices)
+    devices = jax.devices() if devices is None else list(devices)
+    self.frames_per_item = frames_per_item
+    items = max(1, batch_size // frames_per_item)
+    self.items_per_batch = -(-items // len(devices)) * len(devices)
+    self.batch_size = self.items_per_batch * frames_per_item  # frames per call
     mesh = Mesh(np.asarray(devices), ("data",))
     self.in_sharding = NamedSharding(mesh, PartitionSpec("data"))
     graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     self.output_dim = model.cfg.output_dim
-    self.image_size = model.cfg.image_size  # what the loaders resize and crop frames to
+    self.image_size = model.cfg.image_size  # what frames are resized and cropped to
+    self.programs = 0
 
     @jax.jit
-    def encode(state, pixels):
-      return nnx.merge(graphdef, state).encode_image(pixels)
+    def encode(state, frames, rows, cols):
+      self.programs += 1  # runs while tracing: once per bucket
+      pixels = preprocess.device_pixels(frames, rows, cols)  # [V, N, S, S, 3]
+      v, n = pixels.shape[:2]
+      features = nnx.merge(graphdef, state).encode_image(pixels.reshape((v * n,) + pixels.shape[2:]))
+      return features.reshape(v, n, -1)
 
     self._encode = encode
     self._jax = jax
 
-  def __call__(self, pixels: np.ndarray):
-    """Starts encoding up to batch_size images; returns a function giving float32[N, D] when called."""
-    n = pixels.shape[0]
-    if n < self.batch_size:
-      pixels = np.concatenate([pixels, np.zeros((self.batch_size - n,) + pixels.shape[1:], pixels.dtype)])
-    out = self._encode(self.state, self._jax.device_put(pixels, self.in_sharding))
+  def __call__(self, windows: list[preprocess.Window]):
+    """Starts encoding up to items_per_batch windows; returns a function giving float32[len(windows), N, D]."""
+    for win in windows:
+      if win.frames.shape[0] != self.frames_per_item or win.rows.shape[0] != self.image_size:
+        raise ValueError(f"expected windows of {self.frames_per_item} frame(s) preprocessed to {self.image_size} px, "
+                         f"got {win.frames.shape[0]} frame(s) to {win.rows.shape[0]} px")
+    arrays = preprocess.pack(windows, self.items_per_batch)
+    out = self._encode(self.state, *(self._jax.device_put(a, self.in_sharding) for a in arrays))
+    n = len(windows)
     return lambda: np.asarray(out)[:n]
 
 
-def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE) -> np.ndarray:
-  """Returns float32[num_frames, size, size, 3]: the release's sampled, preprocessed frames of a video."""
+def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE) -> preprocess.Window:
+  """Returns the uint8 window of a video's sampled frames that the release's resize and crop read."""
   frames, _ = decode.read_frames(item.path, split, num_frames)
-  return preprocess.preprocess_frames(frames, size)
+  return preprocess.source_window(frames, size)
 
 
-def load_image(item: Item, size: int = preprocess.SIZE) -> np.ndarray:
-  """Returns float32[1, size, size, 3]: one preprocessed image."""
-  return preprocess.read_image(item.path, size)[None]
+def load_image(item: Item, size: int = preprocess.SIZE) -> preprocess.Window:
+  """Returns one image, resized and cropped on the host (PIL) as uint8[1, size, size, 3]."""
+  return preprocess.source_window(preprocess.read_image(item.path, size)[None], size)
 
 
 @dataclasses.dataclass
@@ -157,9 +195,9 @@ def complete_output(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
           and path.stat().st_size == data_start + nbytes)
 
 
-def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
-            ) -> Iterator[tuple[Item, np.ndarray | None, str | None]]:
-  """Yields (item, pixels or None, failure reason or None) in input order, decoding `workers` at a time."""
+def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], workers: int
+            ) -> Iterator[tuple[Item, preprocess.Window | None, str | None]]:
+  """Yields (item, window or None, failure reason or None) in input order, decoding `workers` at a time."""
   with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
     window: collections.deque = collections.deque()
     pending = iter(items)
@@ -183,10 +221,12 @@ def _loaded(items: list[Item], load: Callable[[Item], np.ndarray], workers: int
 
 def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
-            num_frames: int = sampling.NUM_FRAMES, progress: bool = True) -> Summary:
+            num_frames: int = sampling.NUM_FRAMES, progress: bool = True, failures_name: str = FAILURES) -> Summary:
   """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input.
 
-  Frames are preprocessed to the encoder's image size (224 for the release's CLIP).
+  This run's failures go to `out_dir / failures_name`, one JSON object a line.
+
+  Frames are preprocessed to the encoder's image size (224 for the release's CLIP), on the device.
   """
   from tqdm import tqdm
 
@@ -205,10 +245,12 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   else:
     load = lambda item: load_video(item, splits.get(item.id), num_frames, size)
   per_item = 1 if images else num_frames
-  videos_per_batch = max(1, encoder.batch_size // per_item)
+  if encoder.frames_per_item != per_item:
+    raise ValueError(f"the encoder takes {encoder.frames_per_item} frame(s) an input, not {per_item}")
+  videos_per_batch = encoder.items_per_batch
 
   # The failures file describes the latest run: ids that failed before are retried.
-  with open(out_dir / FAILURES, "w") as failures_file, \
+  with open(out_dir / failures_name, "w") as failures_file, \
        tqdm(total=len(todo), unit="video" if not images else "image", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
 
@@ -219,32 +261,31 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
       bar.set_postfix(failed=summary.failed)
 
     def finish(batch_items: list[Item], result) -> None:
-      features = result().astype(np.float16)
-      for n, item in enumerate(batch_items):
-        chunk = features[n * per_item:(n + 1) * per_item]
-        save_npy_atomic(out_dir / f"{item.id}.npy", chunk[0] if images else chunk)
+      features = result().astype(np.float16)  # [items, frames, D]
+      for item, item_features in zip(batch_items, features):
+        save_npy_atomic(out_dir / f"{item.id}.npy", item_features[0] if images else item_features)
       summary.done += len(batch_items)
       bar.update(len(batch_items))
 
     for failure in prior_failures:
       fail(failure)
     batch_items: list[Item] = []
-    batch_pixels: list[np.ndarray] = []
+    batch_windows: list[preprocess.Window] = []
     in_flight = None  # (items, result): encoding on the device while the next batch is packed
-    for item, pixels, reason in _loaded(todo, load, workers):
+    for item, window, reason in _loaded(todo, load, workers):
       if reason is not None:
         fail(Failure(item.id, str(item.path), reason))
         bar.update(1)
         continue
       batch_items.append(item)
-      batch_pixels.append(pixels)
+      batch_windows.append(window)
       if len(batch_items) == videos_per_batch:
-        started = (batch_items, encoder(np.concatenate(batch_pixels)))
+        started = (batch_items, encoder(batch_windows))
         if in_flight is not None:
           finish(*in_flight)
-        in_flight, batch_items, batch_pixels = started, [], []
+        in_flight, batch_items, batch_windows = started, [], []
     if batch_items:
-      started = (batch_items, encoder(np.concatenate(batch_pixels)))
+      started = (batch_items, encoder(batch_windows))
       if in_flight is not None:
         finish(*in_flight)
       in_flight = started

@@ -9,6 +9,8 @@ Each video gives `{out}/{id}.npy`, float16 [100, 768] (images: [768]); the id is
 without extension. Finished ids (a whole float16 file of the expected shape) are skipped, so a
 stopped run is resumed by running it again; an unreadable or wrong-shaped file is extracted again.
 Inputs that cannot be read are listed in `{out}/failures.jsonl`; the exit status is then 1.
+`--shard i/n` extracts every n-th input (sorted by id) from the i-th, so n processes or machines
+can share one output folder; shard i lists its failures in `{out}/failures.i-of-n.jsonl`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default="auto", choices=DTYPES,
                       help="compute dtype; auto: float16 on GPU (as the release), bfloat16 on TPU, float32 on CPU")
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="seed of a random --clip")
+  parser.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",
+                      help="extract only shard I (from 0) of N: every N-th input of the list sorted by id, from "
+                           "the I-th; failures go to failures.I-of-N.jsonl (for several machines or processes)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
   if args.batch_size < 1 or args.workers < 1:
     raise UserError("--batch-size and --workers must be at least 1")
   items, failures = extract.list_inputs(args.videos, args.images)
+  if args.shard is not None:
+    items, failures = extract.shard(items, failures, *args.shard)
   splits = None
   if args.splits is not None:
     if args.images:
@@ -58,16 +65,17 @@ def run(args: argparse.Namespace) -> int:
     splits = sampling.load_splits(args.splits)
   model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
-  batch_size = max(1, args.batch_size // per_item) * per_item
-  encoder = extract.BatchEncoder(model, batch_size)
+  encoder = extract.BatchEncoder(model, args.batch_size, frames_per_item=per_item)
   out_dir = pathlib.Path(args.out)
+  failures_name = extract.failures_file_name(args.shard)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
-                            workers=args.workers, progress=not args.no_progress)
+                            workers=args.workers, progress=not args.no_progress, failures_name=failures_name)
   total = len(items) + len(failures)
+  of_shard = "" if args.shard is None else f" of shard {args.shard[0]}/{args.shard[1]}"
   replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
   print(f"{summary.done} extracted{replaced}, {summary.skipped} already done, {summary.failed} failed, of {total} "
-        f"input(s) -> {out_dir}", file=sys.stderr)
+        f"input(s){of_shard} -> {out_dir}", file=sys.stderr)
   if summary.failed:
-    print(f"{summary.failed} input(s) failed: reasons in {out_dir / extract.FAILURES}", file=sys.stderr)
+    print(f"{summary.failed} input(s) failed: reasons in {out_dir / failures_name}", file=sys.stderr)
     return 1
   return 0

@@ -1,16 +1,33 @@
-"""CLIP pixel preprocessing as the release did it, in numpy: resize, center crop, normalise.
+"""CLIP pixel preprocessing as the release did it: resize, center crop, normalise, on the accelerator.
 
 Video frames (the release's path): uint8 RGB / 255 as float, torchvision's tensor `Resize(224,
 BICUBIC)` of late 2023 -- not antialiased, bicubic with a = -0.75 and half-pixel centres, values
-left unclamped -- then `CenterCrop(224)` and CLIP's mean/std. Only the cropped window is
-interpolated, so a 4-tap gather per axis is all the work.
+left unclamped (no rounding to uint8) -- then `CenterCrop(224)` and CLIP's mean/std.
+
+The work is split so that the host only decodes and slices:
+
+- host (`source_window`): the resize restricted to the crop is two small matrices, float32
+  [224, h] for the rows and [224, w] for the columns (`bicubic_taps` -> `resize_matrix`, computed in
+  float32 as PyTorch does). Only the source rows and columns they touch are kept (the crop window
+  plus the kernel's reach), so a 16:9 frame ships about a square of uint8 pixels.
+- host (`pack`): a batch of windows is zero-padded to one bucket (each side rounded up to a multiple
+  of `BUCKET`, the batch taking the largest), and each matrix gets zero columns for the padded pixels,
+  so the padding never reaches the output. The program depends only on the bucket: a corpus of mixed
+  resolutions compiles one program per bucket, not one per video.
+- device (`device_pixels`, inside the encoder's jit): two float32 matmuls at HIGHEST precision per
+  frame and channel, / 255, then (x - mean) / std.
 
 Still images (`extract-features --images`): OpenAI CLIP's own preprocess, a PIL bicubic resize
-(PIL antialiases), center crop, then the same normalisation.
+(PIL antialiases, and rounds to uint8) and center crop on the host; the device path then only
+normalises (its matrices select the pixels as they are).
+
+Nothing in the library resizes in numpy; `tests/numpy_preprocess.py` keeps the former numpy
+implementation as the tests' reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -21,10 +38,9 @@ SIZE = 224
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic coefficient
-# Up to this input side a dense resize matrix (BLAS) beats 4-tap gathers on a CPU, measured:
-# 100 frames of 64x64 take 0.14-0.19 s dense vs 0.46 s gathered; of 360x640 1.44 s vs 0.63-0.84 s
-# (docs/vision.md has the benchmark command).
-DENSE_MAX_SIDE = 256
+# Bucket granularity of the uint8 windows sent to the device, per side: 1080p pads 1080 rows to
+# 1088; the padding costs transfer and matmul work only, a small part of the encoder's.
+BUCKET = 64
 
 
 def resized_size(height: int, width: int, size: int = SIZE) -> tuple[int, int]:
@@ -69,16 +85,6 @@ def bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[n
   return np.clip(taps, 0, in_size - 1), weights
 
 
-def _resize_axis(x: np.ndarray, axis: int, taps: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  shape = [1] * x.ndim
-  shape[axis] = taps.shape[0]
-  out = None
-  for k in range(4):
-    term = np.take(x, taps[:, k], axis=axis) * weights[:, k].reshape(shape)
-    out = term if out is None else out + term
-  return out
-
-
 def resize_matrix(taps: np.ndarray, weights: np.ndarray, in_size: int) -> np.ndarray:
   """Returns float32[count, in_size]: the bicubic taps as a dense matrix (clamped taps add up)."""
   matrix = np.zeros((taps.shape[0], in_size), np.float32)
@@ -86,63 +92,126 @@ def resize_matrix(taps: np.ndarray, weights: np.ndarray, in_size: int) -> np.nda
   return matrix
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-  """Returns (x - CLIP mean) / CLIP std over the last (RGB) axis."""
-  return (x - MEAN) / STD
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """The uint8 source pixels a crop reads, with the resize of that crop as two matrices.
 
-
-def preprocess_frames(frames: np.ndarray, size: int = SIZE, chunk: int = 16) -> np.ndarray:
-  """Returns float32[N, size, size, 3]: the release's Resize/CenterCrop/Normalize of uint8[N, H, W, 3].
-
-  Values may overshoot the normalised [0, 1] range, as the non-antialiased bicubic does.
+  frames: uint8[N, h, w, 3]; rows: float32[S, h]; cols: float32[S, w] (S: the output size).
+  Output pixel (i, j) of frame n, before / 255 and normalisation, is rows[i] @ frames[n, :, :, c] @ cols[j].
   """
-  if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"expected uint8[N, H, W, 3] frames, got {frames.shape}")
-  n, h, w, _ = frames.shape
+  frames: np.ndarray
+  rows: np.ndarray
+  cols: np.ndarray
+
+
+def _axis_matrix(in_size: int, resized: int, size: int) -> np.ndarray:
+  """Returns float32[size, in_size]: torchvision's resize of one axis to `resized`, cropped to `size`."""
+  start = crop_offset(resized, size)
+  if resized == in_size:  # no resize on this axis: the crop selects pixels as they are
+    matrix = np.zeros((size, in_size), np.float32)
+    matrix[np.arange(size), start + np.arange(size)] = 1
+    return matrix
+  return resize_matrix(*bicubic_taps(in_size, resized, start, size), in_size)
+
+
+def _span(matrix: np.ndarray) -> slice:
+  """Returns the slice of source indices with a nonzero weight."""
+  used = np.flatnonzero(matrix.any(axis=0))
+  return slice(int(used[0]), int(used[-1]) + 1)
+
+
+def source_window(frames: np.ndarray, size: int = SIZE) -> Window:
+  """Returns the window of uint8[N, H, W, 3] frames that the release's Resize(size)/CenterCrop(size) reads.
+
+  torchvision returns an image untouched when the resize would not change its size; then the
+  matrices only select the crop (both sides keep their size or neither: only when the shorter side
+  is `size` already).
+  """
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"expected uint8[N, H, W, 3] frames, got {frames.dtype}{list(frames.shape)}")
+  _, h, w, _ = frames.shape
   new_h, new_w = resized_size(h, w, size)
-  taps_h, weights_h = bicubic_taps(h, new_h, crop_offset(new_h, size), size)
-  taps_w, weights_w = bicubic_taps(w, new_w, crop_offset(new_w, size), size)
-  out = np.empty((n, size, size, 3), dtype=np.float32)
-  if (new_h, new_w) == (h, w):  # torchvision returns the image untouched when no resize is needed
-    top, left = crop_offset(h, size), crop_offset(w, size)
-    for s in range(0, n, chunk):
-      out[s:s + chunk] = normalize(frames[s:s + chunk, top:top + size, left:left + size].astype(np.float32) / 255.0)
-    return out
-  if max(h, w) <= DENSE_MAX_SIDE:
-    return _resize_dense(frames, out, taps_h, weights_h, taps_w, weights_w, chunk)
-  # The 1/255 is folded into the first axis' weights: the gathers then read uint8 directly.
-  passes = [(1, taps_h, weights_h), (2, taps_w, weights_w)]
-  if w > h:  # interpolate the longer axis last, so the intermediate is the smaller one
-    passes.reverse()
-  (axis1, taps1, weights1), (axis2, taps2, weights2) = passes
-  weights1 = weights1 / np.float32(255.0)
-  # Chunks keep the float intermediates small.
-  for s in range(0, n, chunk):
-    x = _resize_axis(frames[s:s + chunk], axis1, taps1, weights1)
-    out[s:s + chunk] = normalize(_resize_axis(x, axis2, taps2, weights2))
-  return out
+  rows, cols = _axis_matrix(h, new_h, size), _axis_matrix(w, new_w, size)
+  r, c = _span(rows), _span(cols)
+  # A copy, so the decoded full frames can be freed while the window waits for its batch.
+  return Window(np.ascontiguousarray(frames[:, r, c]), np.ascontiguousarray(rows[:, r]),
+                np.ascontiguousarray(cols[:, c]))
 
 
-def _resize_dense(frames, out, taps_h, weights_h, taps_w, weights_w, chunk):
-  """Returns `out` filled with the resized, normalised frames, as two matmuls per frame and channel.
+def bucket_side(n: int) -> int:
+  """Returns `n` rounded up to a multiple of BUCKET: the padded side of a window in a batch."""
+  return -(-n // BUCKET) * BUCKET
 
-  BLAS at the same weights (only the float32 summation order differs, < 1e-6); the 1/255 and the
-  per-channel 1/std are folded into the row matrix, the mean into a bias.
+
+def bucket(windows: list[Window]) -> tuple[int, int]:
+  """Returns the (height, width) every window of one batch is padded to."""
+  return (bucket_side(max(win.frames.shape[1] for win in windows)),
+          bucket_side(max(win.frames.shape[2] for win in windows)))
+
+
+def pack(windows: list[Window], slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Returns (uint8[slots, N, Hb, Wb, 3], float32[slots, S, Hb], float32[slots, S, Wb]) for `device_pixels`.
+
+  Windows (all of N frames and output size S) are zero-padded to the batch's bucket, their matrices
+  with zero columns; slots past the windows are all zeros (their outputs are dropped).
   """
-  n, h, w, _ = frames.shape
-  rows = resize_matrix(taps_h, weights_h, h)[None] / (np.float32(255.0) * STD[:, None, None])  # [3, size, h]
-  cols = resize_matrix(taps_w, weights_w, w).T  # [w, size]
-  bias = (-MEAN / STD)[:, None, None]
-  for s in range(0, n, chunk):  # chunks keep the float intermediates small
-    x = frames[s:s + chunk].astype(np.float32).transpose(0, 3, 1, 2)  # [n, 3, h, w]
-    x = rows @ (x @ cols) if w >= h else (rows @ x) @ cols  # the smaller intermediate first
-    x += bias
-    out[s:s + chunk] = x.transpose(0, 2, 3, 1)
-  return out
+  if not 0 < len(windows) <= slots:
+    raise ValueError(f"cannot pack {len(windows)} window(s) into {slots} slot(s)")
+  n, size = windows[0].frames.shape[0], windows[0].rows.shape[0]
+  for win in windows:
+    if win.frames.shape[0] != n or win.rows.shape[0] != size or win.cols.shape[0] != size:
+      raise ValueError(f"windows of one batch must share frame count and size: {win.frames.shape[0]} frames, "
+                       f"size {win.rows.shape[0]} against {n} frames, size {size}")
+  hb, wb = bucket(windows)
+  frames = np.zeros((slots, n, hb, wb, 3), np.uint8)
+  rows = np.zeros((slots, size, hb), np.float32)
+  cols = np.zeros((slots, size, wb), np.float32)
+  for k, win in enumerate(windows):
+    _, h, w, _ = win.frames.shape
+    frames[k, :, :h, :w] = win.frames
+    rows[k, :, :h] = win.rows
+    cols[k, :, :w] = win.cols
+  return frames, rows, cols
+
+
+def device_pixels(frames, rows, cols):
+  """Returns float32[V, N, S, S, 3]: normalised pixels of `pack`'s uint8 windows, computed with JAX.
+
+  Meant to run inside a jit (the encoder's); HIGHEST precision keeps the matmuls in true float32
+  (no TF32 / bfloat16 passes on GPU / TPU), as the numpy reference computes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  highest = jax.lax.Precision.HIGHEST
+  x = frames.astype(jnp.float32)
+  if frames.shape[2] >= frames.shape[3]:  # reduce the longer side first: the smaller intermediate
+    x = jnp.einsum("vsh,vnhwc->vnswc", rows, x, precision=highest)
+    x = jnp.einsum("vtw,vnswc->vnstc", cols, x, precision=highest)
+  else:
+    x = jnp.einsum("vtw,vnhwc->vnhtc", cols, x, precision=highest)
+    x = jnp.einsum("vsh,vnhtc->vnstc", rows, x, precision=highest)
+  return (x / jnp.float32(255.0) - MEAN) / STD
+
+
+_jitted_device_pixels = None
+
+
+def to_pixels(frames: np.ndarray, size: int = SIZE) -> np.ndarray:
+  """Returns float32[N, size, size, 3]: the release's preprocessing of uint8[N, H, W, 3] frames, one call.
+
+  `source_window` + `pack` + `device_pixels` for one set of frames (tests, benchmarks, one-off
+  use); the extraction pipeline runs `device_pixels` inside its encoder instead.
+  """
+  global _jitted_device_pixels
+  if _jitted_device_pixels is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    _jitted_device_pixels = jax.jit(device_pixels)
+  return np.asarray(_jitted_device_pixels(*pack([source_window(frames, size)], 1)))[0]
 
 
 def read_image(path: str | pathlib.Path, size: int = SIZE) -> np.ndarray:
-  """Returns float32[size, size, 3]: OpenAI CLIP's preprocess (PIL bicubic resize, crop, normalise)."""
+  """Returns uint8[size, size, 3]: OpenAI CLIP's preprocess up to normalisation (PIL bicubic resize, crop)."""
   from PIL import Image, UnidentifiedImageError
 
   try:
@@ -155,5 +224,4 @@ def read_image(path: str | pathlib.Path, size: int = SIZE) -> np.ndarray:
   if (new_h, new_w) != (h, w):
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
   top, left = crop_offset(new_h, size), crop_offset(new_w, size)
-  pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] / 255.0
-  return normalize(pixels)
+  return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[top:top + size, left:left + size])
