@@ -12,6 +12,7 @@ from hf_reference import glm_arrays, hf_glm, jax_from_hf_glm, random_batch
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm, load, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
+from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import step as step_lib
 
 # The sizes of the brief: MQA with 2 kv groups, rope on half of each 16-dim head.
@@ -109,13 +110,14 @@ def _fused_peft_reference(hf):
   the release's targets, B factors random."""
   n, k = CONFIG.num_heads * CONFIG.head_size, CONFIG.num_kv_heads * CONFIG.head_size
   for layer in hf.model.layers:
-    attn = attn_ = layer.self_attn
+    attn = layer.self_attn
     fused = torch.nn.Linear(CONFIG.hidden_size, n + 2 * k, bias=True)
     with torch.no_grad():
       fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
       fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
     attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = _Slice(attn_, 0, n), _Slice(attn_, n, n + k), _Slice(attn_, n + k, n + 2 * k)
+    attn.q_proj, attn.k_proj, attn.v_proj = (_Slice(attn, 0, n), _Slice(attn, n, n + k),
+                                             _Slice(attn, n + k, n + 2 * k))
   # Ours -> the torch module names standing for the release's query_key_value, dense, dense_h_to_4h, ...
   names = {"qkv_proj": "query_key_value", "o_proj": "o_proj", "gate_up_proj": "gate_up_proj",
            "down_proj": "down_proj", "lm_head": "lm_head"}
@@ -186,18 +188,21 @@ def test_llama_targets_are_refused_on_a_chatglm_model():
     lora.attach_lora(model, lora.LoraConfig(rank=2, alpha=4.0, dropout=0.0), nnx.Rngs(1))
 
 
-def test_saved_chatglm_with_lora_loads_whole(tmp_path):
+def test_saved_chatglm_vtimellm_with_lora_loads_whole(tmp_path):
   config = chatglm.tiny(num_layers=1)
-  model = LlamaForCausalLM(config, nnx.Rngs(0))
+  model = VTimeLLM(config, nnx.Rngs(0))
   lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=chatglm.LORA_TARGETS), nnx.Rngs(1))
   for _, layer in lora.lora_layers(model):
-    if layer.has_lora:
-      layer.lora_b[...] = jnp.full_like(layer.lora_b[...], 0.01)
+    layer.lora_b[...] = jnp.full_like(layer.lora_b[...], 0.01)
   load.save_model(model, tmp_path / "m")
   loaded = load.load_model(tmp_path / "m")
-  assert loaded.config == config and loaded.lm_head.has_lora and loaded.model.layers.mlp.gate_up_proj.has_lora
-  ids = jnp.array([[5, 6, 7, 8]])
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  assert isinstance(loaded, VTimeLLM) and loaded.config == config
+  assert loaded.lm_head.has_lora and loaded.model.layers.mlp.gate_up_proj.has_lora
+  assert not loaded.mm_projector.has_lora  # the adapter is no LoRA target
+  ids = jnp.array([[1, -200, 5, 6]])
+  feats = jnp.ones((1, 2, 768))
+  np.testing.assert_array_equal(np.asarray(loaded(ids, jnp.ones_like(ids), feats)[0]),
+                                np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))
 
 
 def _hf_greedy(hf, prompt, max_new_tokens, eos_id=2):

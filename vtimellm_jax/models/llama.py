@@ -358,14 +358,13 @@ class LlamaAttention(nnx.Module):
     """Returns q [B, T, N, H], k and v [B, T, K, H], before rope."""
     cfg = self.config
     b, t, _ = x_btd.shape
-    n, k = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
     if cfg.fused_projections:
-      qkv = self.qkv_proj(x_btd)
-      q, kv_k, kv_v = qkv[..., :n], qkv[..., n:n + k], qkv[..., n + k:]
+      q_width, kv_width = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+      q, k, v = jnp.split(self.qkv_proj(x_btd), [q_width, q_width + kv_width], axis=-1)
     else:
-      q, kv_k, kv_v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
-    return (q.reshape(b, t, cfg.num_heads, cfg.head_size), kv_k.reshape(b, t, cfg.num_kv_heads, cfg.head_size),
-            kv_v.reshape(b, t, cfg.num_kv_heads, cfg.head_size))
+      q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+    return (q.reshape(b, t, cfg.num_heads, cfg.head_size), k.reshape(b, t, cfg.num_kv_heads, cfg.head_size),
+            v.reshape(b, t, cfg.num_kv_heads, cfg.head_size))
 
   def __call__(self, x_btd, cos, sin, lengths_b, cache: KVCache | None = None, layer=None, cache_index_b=None):
     """Returns (out float[B, T, D], updated cache or None).

@@ -175,10 +175,10 @@ def _merged_kernel(kernel, a, b, scaling: float):
   return jax.lax.with_sharding_constraint(merged, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else merged
 
 
-def lora_layers(model: nnx.Module, targets: Sequence[str] = KNOWN_TARGETS) -> Iterator[tuple[tuple, Linear]]:
-  """Yields (path, layer) for every `Linear` whose attribute name is one of `targets`."""
+def lora_layers(model: nnx.Module, targets: Sequence[str] | None = None) -> Iterator[tuple[tuple, Linear]]:
+  """Yields (path, layer) of every `Linear` named in `targets`; by default of every one holding LoRA."""
   for path, module in nnx.iter_modules(model):
-    if isinstance(module, Linear) and path and path[-1] in targets:
+    if isinstance(module, Linear) and path and (module.has_lora if targets is None else path[-1] in targets):
       yield path, module
 
 
@@ -201,8 +201,7 @@ def attach_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
 def merge_lora(model: nnx.Module) -> int:
   """Merges every LoRA into its base kernel; returns how many per-layer projections were merged."""
   merged = 0
-  for _, layer in lora_layers(model):
-    if layer.has_lora:
-      merged += math.prod(layer.stack_shape)
-      layer.merge_lora()
+  for _, layer in list(lora_layers(model)):
+    merged += math.prod(layer.stack_shape)
+    layer.merge_lora()
   return merged
