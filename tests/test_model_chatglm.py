@@ -79,8 +79,7 @@ def test_presets_and_release_targets():
   c = chatglm.chatglm3_6b()
   assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_size) == (4096, 28, 32, 2, 128)
   assert (c.intermediate_size, c.vocab_size, c.rotary_dim, c.rope_theta) == (13696, 65024, 64, 10000.0)
-  assert chatglm.is_chatglm(c) and chatglm.is_chatglm(chatglm.preset("tiny"))
-  assert not chatglm.is_chatglm(CONFIG.replace(fused_projections=False))
+  assert chatglm.preset("6b") == c and chatglm.preset("tiny").fused_projections
   assert set(chatglm.RELEASE_LORA_TARGETS) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                                                "output_layer"}
   with pytest.raises(ValueError, match="not a LLaMA"):

@@ -16,7 +16,8 @@ fused Linear: a LoRA on [D, q + k + v] is not three separate LoRAs (its A is sha
 
 HF transformers ships the same computation as `GlmForCausalLM` (GLM-4's model, which HF's conversion
 of ChatGLM checkpoints targets); it is the parity reference of tests/test_model_chatglm.py.
-Parameter names, per layer i (ours are stacked over layers, `model/layers/...`):
+Parameter names (ours hold every layer stacked in one array: `layers/` is `model/layers/`; HF's and
+ChatGLM3's are per layer i):
 
   ours                          HF GlmForCausalLM                  ChatGLM3 (release)           release LoRA target
   model/embed_tokens            model.embed_tokens                 transformer.embedding.word_embeddings
@@ -77,11 +78,6 @@ def preset(name: str, **overrides) -> LlamaConfig:
   if name not in presets:
     raise ValueError(f"unknown ChatGLM preset {name!r}; choose from {sorted(presets)}")
   return presets[name](**overrides)
-
-
-def is_chatglm(config: LlamaConfig) -> bool:
-  """Returns whether `config` has ChatGLM's architecture options (any sizes)."""
-  return all(getattr(config, k) == v for k, v in _FAMILY.items())
 
 
 def to_hf_glm_dict(config: LlamaConfig) -> dict[str, Any]:
