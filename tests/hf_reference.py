@@ -1,4 +1,4 @@
-"""Reference PyTorch models for parity tests: HF LLaMA built with random weights, in fp32."""
+"""Reference PyTorch models for parity tests: HF LLaMA and Glm (ChatGLM) built with random weights, in fp32."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from vtimellm_jax.convert import llama as llama_convert
-from vtimellm_jax.models import load
+from vtimellm_jax.models import chatglm, load
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -46,3 +46,58 @@ def random_batch(vocab: int, batch: int, length: int, lengths: list[int], seed: 
   mask = (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
   ids = np.where(mask == 1, ids, 0)
   return ids, mask
+
+
+def hf_glm(config: LlamaConfig, seed: int = 0) -> transformers.GlmForCausalLM:
+  """Returns an HF GlmForCausalLM (ChatGLM's architecture) of `config` with random weights, biases and norms."""
+  torch.manual_seed(seed)
+  hf_dict = {k: v for k, v in chatglm.to_hf_glm_dict(config).items() if k not in ("architectures", "model_type")}
+  model = transformers.GlmForCausalLM(transformers.GlmConfig(**hf_dict, attn_implementation="eager"))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.1 * torch.randn_like(p))  # HF initialises biases to 0
+  return model.eval()
+
+
+def glm_arrays(hf_model, config: LlamaConfig) -> dict[tuple[str, ...], np.ndarray]:
+  """Returns our {path: array} of an HF Glm model: kernels transposed, layers stacked, q/k/v fused if ours are."""
+  sd = state_dict_numpy(hf_model)
+  layer = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(config.num_layers)])  # noqa: E731
+  kernel = lambda name: layer(name + ".weight").transpose(0, 2, 1)  # noqa: E731
+  attn = ("model", "layers", "self_attn")
+  out = {
+      ("model", "embed_tokens"): sd["model.embed_tokens.weight"],
+      ("model", "norm", "weight"): sd["model.norm.weight"],
+      ("lm_head", "kernel"): sd["lm_head.weight"].T,
+      ("model", "layers", "input_layernorm", "weight"): layer("input_layernorm.weight"),
+      ("model", "layers", "post_attention_layernorm", "weight"): layer("post_attention_layernorm.weight"),
+      (*attn, "o_proj", "kernel"): kernel("self_attn.o_proj"),
+      ("model", "layers", "mlp", "down_proj", "kernel"): kernel("mlp.down_proj"),
+  }
+  qkv = ("q_proj", "k_proj", "v_proj")
+  if config.fused_projections:
+    out[(*attn, "qkv_proj", "kernel")] = np.concatenate([kernel(f"self_attn.{p}") for p in qkv], axis=-1)
+    if config.qkv_bias:
+      out[(*attn, "qkv_proj", "bias")] = np.concatenate([layer(f"self_attn.{p}.bias") for p in qkv], axis=-1)
+    out[("model", "layers", "mlp", "gate_up_proj", "kernel")] = kernel("mlp.gate_up_proj")
+  else:
+    for p in qkv:
+      out[(*attn, p, "kernel")] = kernel(f"self_attn.{p}")
+      if config.qkv_bias:
+        out[(*attn, p, "bias")] = layer(f"self_attn.{p}.bias")
+    gate, up = np.split(kernel("mlp.gate_up_proj"), 2, axis=-1)
+    out[("model", "layers", "mlp", "gate_proj", "kernel")] = gate
+    out[("model", "layers", "mlp", "up_proj", "kernel")] = up
+  return out
+
+
+def jax_from_hf_glm(hf_model, config: LlamaConfig, model_cls=LlamaForCausalLM, seed: int = 0):
+  """Returns our model (ChatGLM options) holding an HF Glm model's weights; every name and shape checked."""
+  from flax import nnx
+
+  arrays = load.ArraySource(glm_arrays(hf_model, config), name="hf glm")
+  return load.sharded_model(lambda: model_cls(config, nnx.Rngs(seed)), sources=[arrays],
+                            may_initialise=lambda path: model_cls is not LlamaForCausalLM)

@@ -4,6 +4,10 @@ Parameter names mirror HF (`input_layernorm`, `self_attn.q_proj`, `lm_head`) so 
 table (see `vtimellm_jax/convert/llama.py`). Kernels are stored [in, out]. RoPE uses HF's
 rotate-half layout, so HF q/k weights load without permutation.
 
+A few architecture options (bias on q/k/v, rope on part of each head in the interleaved layout,
+fused q/k/v and gate/up projections) make the same modules the ChatGLM3 family
+(`models/chatglm.py`); everything else (scan, cache, kernels, sharding, generation) is shared.
+
 The decoder layers are one module whose variables are stacked along a leading `layers` axis
 (`model/layers/self_attn/q_proj/kernel` is [L, D, N*H]), created by `nnx.vmap` over the layer
 constructor and run as one `lax.scan` in training, prefill and decode alike: XLA compiles one layer
@@ -65,6 +69,13 @@ class LlamaConfig:
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
+  # Options of other members of the family (models/chatglm.py); the defaults are LLaMA's.
+  qkv_bias: bool = False  # bias on the query/key/value projection (not on o_proj or the MLP)
+  partial_rotary_factor: float = 1.0  # rope rotates the first fraction of each head's dims, the rest pass
+  rope_interleaved: bool = False  # rotate pairs (2i, 2i+1) (GLM) instead of halves (i, i + H/2) (LLaMA)
+  # One `qkv_proj` [D, (N + 2K) * H] and one `gate_up_proj` [D, 2 * I] whose outputs are split, as
+  # ChatGLM's checkpoints (and the LoRA the release puts on each fused Linear) have them.
+  fused_projections: bool = False
 
   RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_impl", "remat")
 
@@ -80,10 +91,18 @@ class LlamaConfig:
       raise ValueError(f"remat must be none, full or save_dots, got {self.remat!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and rotate an even "
+                       f"number of the {self.head_size} head dims")
 
   @property
   def head_size(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """The leading dims of each head that rope rotates (HF: int(head_dim * partial_rotary_factor))."""
+    return int(self.head_size * self.partial_rotary_factor)
 
   @property
   def compute_dtype(self):
@@ -175,7 +194,9 @@ class LlamaConfig:
     return cls(**{k: v for k, v in stored.items() if k not in cls.RUN_SETTINGS}, **settings)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """Returns an HF LLaMA `config.json` dict describing this architecture."""
+    """Returns an HF LLaMA `config.json` dict describing this architecture (LLaMA options only)."""
+    if self.qkv_bias or self.partial_rotary_factor != 1 or self.rope_interleaved or self.fused_projections:
+      raise ValueError("not a LLaMA architecture (ChatGLM options set); see models/chatglm.py")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -202,20 +223,33 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(dtype) * h.astype(dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """Returns (cos, sin) float32[B, T, H] for integer positions[B, T], HF layout (halves repeated)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_tables(positions: jax.Array, rotary_dim: int, theta: float, interleaved: bool = False):
+  """Returns (cos, sin) float32[B, T, rotary_dim] for integer positions[B, T].
+
+  Frequency i of the rotary_dim / 2 serves dims (i, i + rotary_dim / 2) in HF LLaMA's layout (halves
+  repeated) and dims (2i, 2i + 1) in the interleaved one (HF Glm, ChatGLM: each repeated in place).
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  emb = jnp.repeat(freqs, 2, axis=-1) if interleaved else jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x[B, T, heads, H] by position (HF's rotate_half convention)."""
-  half = x_btnh.shape[-1] // 2
-  rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False) -> jax.Array:
+  """Rotates the first cos.shape[-1] dims of x[B, T, heads, H] by position; the other dims pass.
+
+  LLaMA's rotate_half pairs dim i with i + half; the interleaved layout pairs 2i with 2i + 1.
+  """
+  rot, rest = x_btnh[..., :cos.shape[-1]], x_btnh[..., cos.shape[-1]:]
+  if interleaved:
+    pairs = rot.reshape(*rot.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
+  else:
+    half = rot.shape[-1] // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
   cos, sin = cos[:, :, None, :].astype(x_btnh.dtype), sin[:, :, None, :].astype(x_btnh.dtype)
-  return x_btnh * cos + rotated * sin
+  out = rot * cos + rotated * sin
+  return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
 def target_platform() -> str:
@@ -311,10 +345,26 @@ class LlamaAttention(nnx.Module):
     self.config = config
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_size
     kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
-    self.q_proj = Linear(d, n * h, axes=("embed", "q_heads"), **kw)
-    self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **kw)
+    if config.fused_projections:
+      # Columns [q | k | v], as ChatGLM's query_key_value (split after the matmul).
+      self.qkv_proj = Linear(d, (n + 2 * k) * h, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **kw)
+    else:
+      self.q_proj = Linear(d, n * h, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **kw)
+      self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **kw)
+      self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **kw)
     self.o_proj = Linear(n * h, d, axes=("q_heads", "embed"), **kw)
+
+  def _qkv(self, x_btd):
+    """Returns q [B, T, N, H], k and v [B, T, K, H], before rope."""
+    cfg = self.config
+    b, t, _ = x_btd.shape
+    if cfg.fused_projections:
+      q_width, kv_width = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+      q, k, v = jnp.split(self.qkv_proj(x_btd), [q_width, q_width + kv_width], axis=-1)
+    else:
+      q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+    return (q.reshape(b, t, cfg.num_heads, cfg.head_size), k.reshape(b, t, cfg.num_kv_heads, cfg.head_size),
+            v.reshape(b, t, cfg.num_kv_heads, cfg.head_size))
 
   def __call__(self, x_btd, cos, sin, lengths_b, cache: KVCache | None = None, layer=None, cache_index_b=None):
     """Returns (out float[B, T, D], updated cache or None).
@@ -326,10 +376,8 @@ class LlamaAttention(nnx.Module):
     """
     cfg = self.config
     b, t, _ = x_btd.shape
-    q = self.q_proj(x_btd).reshape(b, t, cfg.num_heads, cfg.head_size)
-    k = self.k_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-    v = self.v_proj(x_btd).reshape(b, t, cfg.num_kv_heads, cfg.head_size)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = self._qkv(x_btd)
+    q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
     impl = attention_impl(cfg) if cache is None else "xla"
     if impl == "splash":
       out, new_cache = splash_attention(q, k, v, lengths_b), None
@@ -356,17 +404,25 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)); gate and up as one `gate_up_proj` [gate | up] when fused."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     d, m = config.hidden_size, config.intermediate_size
     kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
-    self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
-    self.up_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+    self.fused = config.fused_projections
+    if self.fused:
+      self.gate_up_proj = Linear(d, 2 * m, axes=("embed", "mlp"), **kw)
+    else:
+      self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+      self.up_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
     self.down_proj = Linear(m, d, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x_btd):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    if self.fused:
+      gate, up = jnp.split(self.gate_up_proj(x_btd), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x_btd), self.up_proj(x_btd)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -414,7 +470,7 @@ class LlamaModel(nnx.Module):
     it and each layer writes its own slot.
     """
     cfg = self.config
-    cos, sin = rope_tables(positions_bt, cfg.head_size, cfg.rope_theta)
+    cos, sin = rope_tables(positions_bt, cfg.rotary_dim, cfg.rope_theta, cfg.rope_interleaved)
     x = sharding.constrain(inputs_embeds_btd.astype(cfg.compute_dtype), ACTIVATION_AXES)
     graphdef, lora_state, state = nnx.split(self.layers, nnx.LoRAParam, ...)
     # LoRA factors are stored in fp32 and computed in the layer dtype: cast once, before the scan.

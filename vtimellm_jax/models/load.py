@@ -250,7 +250,7 @@ def stored_dtype(directory: str | pathlib.Path) -> str:
 def save_model(model: LlamaForCausalLM, directory: str | pathlib.Path, **extra) -> None:
   """Writes `model` (LoRA factors included, if attached) to a model directory."""
   kind = "vtimellm" if isinstance(model, VTimeLLM) else "llama"
-  attached = [(path, layer) for path, layer in lora.lora_layers(model) if layer.has_lora]
+  attached = list(lora.lora_layers(model))
   if attached:
     # The scaling is static module state, not a parameter: it travels in model.json.
     layer = attached[0][1]

@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# The projections of a LLaMA layer LoRA may target, named as in HF / peft.
+# The projections of a LLaMA layer LoRA may target, named as in HF / peft: the LLaMA recipe's targets.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every `Linear` name LoRA may target: LLaMA's projections, the fused projections of the ChatGLM
+# family, and the output layer, which the release's ChatGLM LoRA includes (models/chatglm.py).
+KNOWN_TARGETS = ALL_TARGETS + ("qkv_proj", "gate_up_proj", "lm_head")
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 # Attribute names of what attaching LoRA adds to a `Linear`.
@@ -39,7 +42,10 @@ def is_lora_path(path: Sequence[str]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA hyperparameters (the recipe: r 64, alpha 128, dropout 0.05 on every projection)."""
+  """LoRA hyperparameters (the recipe: r 64, alpha 128, dropout 0.05 on every projection).
+
+  The default targets are LLaMA's; the ChatGLM family's are `chatglm.LORA_TARGETS`.
+  """
 
   rank: int = 64
   alpha: float = 128.0
@@ -47,9 +53,9 @@ class LoraConfig:
   targets: tuple[str, ...] = ALL_TARGETS
 
   def __post_init__(self):
-    unknown = sorted(set(self.targets) - set(ALL_TARGETS))
+    unknown = sorted(set(self.targets) - set(KNOWN_TARGETS))
     if unknown:
-      raise ValueError(f"unknown LoRA targets {unknown}; choose from {ALL_TARGETS}")
+      raise ValueError(f"unknown LoRA targets {unknown}; choose from {KNOWN_TARGETS}")
     if self.rank <= 0:
       raise ValueError(f"LoRA rank must be positive, got {self.rank}")
 
@@ -169,17 +175,24 @@ def _merged_kernel(kernel, a, b, scaling: float):
   return jax.lax.with_sharding_constraint(merged, sharding) if isinstance(sharding, jax.sharding.NamedSharding) else merged
 
 
-def lora_layers(model: nnx.Module, targets: Sequence[str] = ALL_TARGETS) -> Iterator[tuple[tuple, Linear]]:
-  """Yields (path, layer) for every `Linear` whose attribute name is one of `targets`."""
+def lora_layers(model: nnx.Module, targets: Sequence[str] | None = None) -> Iterator[tuple[tuple, Linear]]:
+  """Yields (path, layer) of every `Linear` named in `targets`; by default of every one holding LoRA."""
   for path, module in nnx.iter_modules(model):
-    if isinstance(module, Linear) and path and path[-1] in targets:
+    if isinstance(module, Linear) and path and (module.has_lora if targets is None else path[-1] in targets):
       yield path, module
 
 
 def attach_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
-  """Attaches fresh LoRA factors to every targeted projection; returns how many per-layer projections got one."""
+  """Attaches fresh LoRA factors to every targeted projection; returns how many per-layer projections got one.
+
+  A target the model has no `Linear` of (a LLaMA's `qkv_proj`) is an error, not a silent no-op.
+  """
+  layers = list(lora_layers(model, config.targets))
+  missing = sorted(set(config.targets) - {str(path[-1]) for path, _ in layers})
+  if missing:
+    raise ValueError(f"LoRA targets {missing} name no projection of this model")
   count = 0
-  for _, layer in lora_layers(model, config.targets):
+  for _, layer in layers:
     layer.attach_lora(config, rngs)
     count += math.prod(layer.stack_shape)
   return count
@@ -188,8 +201,7 @@ def attach_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
 def merge_lora(model: nnx.Module) -> int:
   """Merges every LoRA into its base kernel; returns how many per-layer projections were merged."""
   merged = 0
-  for _, layer in lora_layers(model):
-    if layer.has_lora:
-      merged += math.prod(layer.stack_shape)
-      layer.merge_lora()
+  for _, layer in list(lora_layers(model)):
+    merged += math.prod(layer.stack_shape)
+    layer.merge_lora()
   return merged

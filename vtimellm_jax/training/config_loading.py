@@ -14,7 +14,7 @@ import ml_collections
 from vtimellm_jax.data.templates import TEMPLATES
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.llama import ATTENTION_IMPLS, REMAT_MODES
-from vtimellm_jax.models.lora import ALL_TARGETS as LORA_TARGETS
+from vtimellm_jax.models.lora import KNOWN_TARGETS as LORA_TARGETS
 from vtimellm_jax.training import config_files
 from vtimellm_jax.training.model_setup import TRAINABLE
 
