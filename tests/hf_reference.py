@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -101,3 +102,38 @@ def jax_from_hf_glm(hf_model, config: LlamaConfig, model_cls=LlamaForCausalLM, s
   arrays = load.ArraySource(glm_arrays(hf_model, config), name="hf glm")
   return load.sharded_model(lambda: model_cls(config, nnx.Rngs(seed)), sources=[arrays],
                             may_initialise=lambda path: model_cls is not LlamaForCausalLM)
+
+
+def rel_err(a, b, mask) -> float:
+  """Returns max |a - b| / max |b| over the positions `mask` selects."""
+  a, b = np.asarray(a)[mask], np.asarray(b)[mask]
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def hf_forward(hf, ids, mask, **kwargs):
+  """Runs an HF causal LM on numpy ids and attention mask without gradients."""
+  with torch.no_grad():
+    return hf(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs)
+
+
+def assert_forward_matches_hf(ours, hf, ids, mask, num_layers: int) -> None:
+  """Every hidden state and the logits of `ours` equal the HF model's (1e-4 relative, real positions),
+  and padding does not leak: row 2 alone (its first 5 tokens) equals the same row in the batch."""
+  ref = hf_forward(hf, ids, mask, output_hidden_states=True)
+  logits, states = ours(jnp.asarray(ids), jnp.asarray(mask), return_hidden_states=True)
+  valid = mask.astype(bool)
+  assert len(states) == len(ref.hidden_states) == num_layers + 1
+  for i, (a, b) in enumerate(zip(states, ref.hidden_states)):
+    assert rel_err(a, b.numpy(), valid) < 1e-4, f"hidden state {i}"
+  assert rel_err(logits, ref.logits.numpy(), valid) < 1e-4
+  alone = ours(jnp.asarray(ids[2:3, :5]), jnp.asarray(mask[2:3, :5]))
+  np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(logits)[2, :5], rtol=1e-5, atol=1e-5)
+
+
+def hf_greedy(hf, prompt, max_new_tokens: int, eos_id: int = 2) -> list[int]:
+  """Returns HF `generate`'s greedy continuation of one prompt, cut before `eos_id`."""
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
+  ids = out[0, len(prompt):].tolist()
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from hf_reference import hf_llama, jax_from_hf
+from hf_reference import hf_greedy, hf_llama, jax_from_hf
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models.llama import LlamaConfig
@@ -30,20 +30,12 @@ def _prompts(lengths, seed=0):
   return [rng.randint(3, CONFIG.vocab_size, n).tolist() for n in lengths]
 
 
-def _hf_greedy(hf, prompt, max_new_tokens, eos_id=2):
-  with torch.no_grad():
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
-  ids = out[0, len(prompt):].tolist()
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
-
-
 def test_greedy_batch_equals_hf_generate_per_row(models):
   hf, ours = models
   prompts = _prompts([9, 3, 6])
   rows = gen.generate_from_ids(ours, prompts, GREEDY).rows()
   for prompt, row in zip(prompts, rows):
-    assert row == _hf_greedy(hf, prompt, NEW)
+    assert row == hf_greedy(hf, prompt, NEW)
   assert all(len(r) == NEW for r in rows)
 
 
@@ -51,13 +43,13 @@ def test_stops_at_eos_per_row(models):
   hf, ours = models
   prompts = _prompts([5, 8, 4], seed=1)
   # Make row 0's fourth greedy token the stop token: row 0 must stop there, the others go on.
-  eos = _hf_greedy(hf, prompts[0], 6, eos_id=-1)[3]
+  eos = hf_greedy(hf, prompts[0], 6, eos_id=-1)[3]
   config = gen.GenerationConfig(max_new_tokens=NEW, temperature=0, eos_id=eos)
   out = gen.generate_from_ids(ours, prompts, config)
   rows = out.rows()
   assert len(rows[0]) == 3 and eos not in rows[0]
   for prompt, row in zip(prompts, rows):
-    assert row == _hf_greedy(hf, prompt, NEW, eos_id=eos)
+    assert row == hf_greedy(hf, prompt, NEW, eos_id=eos)
   # Tokens after a row's stop are eos filler, never new text.
   assert (out.tokens[0, 3:] == eos).all()
 
@@ -65,7 +57,7 @@ def test_stops_at_eos_per_row(models):
 def test_all_rows_stopped_ends_the_loop(models):
   hf, ours = models
   prompt = _prompts([4], seed=2)[0]
-  first = _hf_greedy(hf, prompt, 1, eos_id=-1)[0]
+  first = hf_greedy(hf, prompt, 1, eos_id=-1)[0]
   config = gen.GenerationConfig(max_new_tokens=NEW, temperature=0, eos_id=first)
   out = gen.generate_from_ids(ours, [prompt] * 3, config)
   assert out.rows() == [[], [], []]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import glm_arrays, hf_glm, jax_from_hf_glm, random_batch
+from hf_reference import (assert_forward_matches_hf, glm_arrays, hf_forward, hf_glm, hf_greedy, jax_from_hf_glm,
+                          random_batch, rel_err)
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm, load, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
@@ -20,32 +21,13 @@ CONFIG = chatglm.tiny(vocab_size=128, num_layers=3)
 RANK, ALPHA = 4, 8.0
 
 
-def _rel_err(a, b, mask):
-  a, b = np.asarray(a)[mask], np.asarray(b)[mask]
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-6)
-
-
-def _hf_forward(hf, ids, mask, **kwargs):
-  with torch.no_grad():
-    return hf(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs)
-
-
 @pytest.mark.parametrize("fused", [True, False])  # ChatGLM's storage, and the same options with separate q/k/v
 def test_hidden_states_and_logits_match_hf_glm(fused):
   config = CONFIG.replace(fused_projections=fused)
   hf = hf_glm(config)
   ours = jax_from_hf_glm(hf, config)
   ids, mask = random_batch(config.vocab_size, 3, 16, [16, 11, 5])
-  ref = _hf_forward(hf, ids, mask, output_hidden_states=True)
-  logits, states = ours(jnp.asarray(ids), jnp.asarray(mask), return_hidden_states=True)
-  valid = mask.astype(bool)
-  assert len(states) == len(ref.hidden_states) == config.num_layers + 1
-  for i, (a, b) in enumerate(zip(states, ref.hidden_states)):
-    assert _rel_err(a, b.numpy(), valid) < 1e-4, f"hidden state {i}"
-  assert _rel_err(logits, ref.logits.numpy(), valid) < 1e-4
-  # Padding does not leak into real positions: a row alone equals the same row in the batch.
-  alone = ours(jnp.asarray(ids[2:3, :5]), jnp.asarray(mask[2:3, :5]))
-  np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(logits)[2, :5], rtol=1e-5, atol=1e-5)
+  assert_forward_matches_hf(ours, hf, ids, mask, config.num_layers)
 
 
 @pytest.mark.parametrize("change", [dict(rope_interleaved=False), dict(partial_rotary_factor=1.0)])
@@ -55,7 +37,7 @@ def test_each_rope_option_is_what_makes_the_match(change):
   ours = load.sharded_model(lambda: LlamaForCausalLM(CONFIG.replace(**change), nnx.Rngs(0)),
                             sources=[load.ArraySource(glm_arrays(hf, CONFIG))], may_initialise=lambda path: False)
   ids, mask = random_batch(CONFIG.vocab_size, 1, 12, [12])
-  assert _rel_err(ours(jnp.asarray(ids)), _hf_forward(hf, ids, mask).logits.numpy(), mask.astype(bool)) > 1e-3
+  assert rel_err(ours(jnp.asarray(ids)), hf_forward(hf, ids, mask).logits.numpy(), mask.astype(bool)) > 1e-3
 
 
 def test_kv_cache_decode_matches_full_forward():
@@ -164,7 +146,7 @@ def test_fused_lora_on_the_release_targets_matches_peft():
     with peft_model.disable_adapter():
       without = base(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   valid = mask.astype(bool)
-  assert _rel_err(ref.logits.numpy(), without, valid) > 1e-2  # the LoRA changes the output noticeably
+  assert rel_err(ref.logits.numpy(), without, valid) > 1e-2  # the LoRA changes the output noticeably
   logits = ours(jnp.asarray(ids), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(logits)[valid], ref.logits.numpy()[valid], rtol=1e-4, atol=1e-4)
   total, count = step_lib.nll_sum(logits, jnp.asarray(labels))
@@ -204,14 +186,6 @@ def test_saved_chatglm_vtimellm_with_lora_loads_whole(tmp_path):
                                 np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))
 
 
-def _hf_greedy(hf, prompt, max_new_tokens, eos_id=2):
-  with torch.no_grad():
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
-  ids = out[0, len(prompt):].tolist()
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
-
-
 def test_greedy_generation_equals_hf_generate():
   hf = hf_glm(CONFIG, seed=3)
   ours = jax_from_hf_glm(hf, CONFIG)
@@ -220,6 +194,6 @@ def test_greedy_generation_equals_hf_generate():
   greedy = gen.GenerationConfig(max_new_tokens=8, temperature=0, eos_id=-1)
   rows = gen.generate_from_ids(ours, prompts, greedy).rows()
   for prompt, row in zip(prompts, rows):
-    assert row == _hf_greedy(hf, prompt, 8, eos_id=-1)
+    assert row == hf_greedy(hf, prompt, 8, eos_id=-1)
   # The right-padded batch equals each prompt alone.
   assert [gen.generate_from_ids(ours, [p], greedy).rows()[0] for p in prompts] == rows
