@@ -71,6 +71,8 @@ def test_every_problem_of_a_config_is_listed_at_once():
 @pytest.mark.parametrize("overrides,message", [
     (["--config.global_batch=10", "--config.micro_batch=4"], "global_batch = 10 is not a multiple of micro_batch = 4"),
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may be -1"),
+    (["--config.lora.targets=q_proj, lm_head", "--config.lora.dropout=0.05", "--config.model.loss_chunk=8"],
+     "LoRA dropout on lm_head needs model.loss_chunk = 0"),
 ])
 def test_rules_between_fields(overrides, message):
   with pytest.raises(UserError, match=message):

@@ -121,6 +121,12 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1:
       problems.append(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}: at most one axis may be -1")
+  if (not bad & {"lora.targets", "lora.dropout", "model.loss_chunk"} and "lora" in config
+      and "lm_head" in config.lora.targets and config.lora.dropout > 0 and config.model.get("loss_chunk", 0) > 0):
+    # The chunked loss recomputes lm_head per chunk under one dropout state: every chunk would
+    # draw the same mask.
+    problems.append(f"lora.targets includes lm_head with lora.dropout = {config.lora.dropout}: LoRA dropout on "
+                    f"lm_head needs model.loss_chunk = 0 (it is {config.model.loss_chunk})")
   return problems
 
 
