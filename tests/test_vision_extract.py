@@ -130,6 +130,21 @@ def test_list_file_and_splits(video_dir, tmp_path):
                              _reference_features(video_dir / "nested" / "gamma.mkv"), atol=5e-3, rtol=5e-3)
 
 
+def test_data_file_selects_its_ids_and_splits(video_dir, tmp_path, capsys):
+  records = [{"id": "beta", "meta": {"split": [1.0, 3.5]}}, {"id": "gamma"}, {"id": "delta"}, {"id": "beta"}]
+  (tmp_path / "stage2.json").write_text(json.dumps(records))
+  out = tmp_path / "feat"
+  assert _extract(video_dir, out, "--data", str(tmp_path / "stage2.json")) == 1  # delta has no video
+  assert sorted(p.name for p in out.glob("*.npy")) == ["beta.npy", "gamma.npy"]  # not alpha, nor the broken ones
+  failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+  assert [(f["id"], "no input has this id" in f["reason"]) for f in failures] == [("delta", True)]
+  np.testing.assert_allclose(np.load(out / "beta.npy").astype(np.float32),
+                             _reference_features(video_dir / "beta.mp4", [1.0, 3.5]), atol=5e-3, rtol=5e-3)
+  capsys.readouterr()
+  assert _extract(video_dir, out, "--data", str(tmp_path / "stage2.json"), "--splits", str(tmp_path / "stage2.json")) == 2
+  assert "not with --splits" in capsys.readouterr().err
+
+
 def test_images_mode(tmp_path):
   images = tmp_path / "images"
   images.mkdir()

@@ -99,6 +99,18 @@ def shard(items: list[Item], failures: list[Failure], index: int, count: int) ->
   return [e for e in mine if isinstance(e, Item)], [e for e in mine if isinstance(e, Failure)]
 
 
+def select(items: list[Item], failures: list[Failure], ids: list[str], source: str) -> tuple[list[Item], list[Failure]]:
+  """Returns the inputs whose id is in `ids` (a data file's), and a failure for each id no input has.
+
+  Listing failures of other ids are dropped: the data file does not use them.
+  """
+  wanted = set(ids)
+  found = {item.id for item in items} | {failure.id for failure in failures}
+  missing = [Failure(vid, "", f"used by {source}, but no input has this id") for vid in ids if vid not in found]
+  return ([item for item in items if item.id in wanted],
+          [failure for failure in failures if failure.id in wanted] + missing)
+
+
 def failures_file_name(shard_spec: tuple[int, int] | None = None) -> str:
   """Returns the failures file of a run: `failures.jsonl`, or `failures.{i}-of-{n}.jsonl` for shard i of n."""
   return FAILURES if shard_spec is None else f"failures.{shard_spec[0]}-of-{shard_spec[1]}.jsonl"

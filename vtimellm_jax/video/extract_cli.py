@@ -2,13 +2,15 @@
 
   vtimellm-jax extract-features --videos videos/ --clip ckpt/clip-vit-l14 --out feat/
   vtimellm-jax extract-features --videos stage2_videos.txt --splits stage2.json --clip ckpt/clip --out feat/
+  vtimellm-jax extract-features --videos videos/ --data stage2.json --clip ckpt/clip --out feat/stage2
   vtimellm-jax extract-features --videos images/ --images --clip ckpt/clip --out feat_stage1/
   vtimellm-jax extract-features --videos videos/ --clip tiny-random --out /tmp/feat   # no weights needed
 
 Each video gives `{out}/{id}.npy`, float16 [100, 768] (images: [768]); the id is the file name
 without extension. Finished ids (a whole float16 file of the expected shape) are skipped, so a
 stopped run is resumed by running it again; an unreadable or wrong-shaped file is extracted again.
-Inputs that cannot be read are listed in `{out}/failures.jsonl`; the exit status is then 1.
+`--data` extracts exactly the ids a stage-2/3 data file uses, each with its `meta.split`; an id
+with no video is a failure. Inputs that cannot be read are listed in `{out}/failures.jsonl`; the exit status is then 1.
 `--shard i/n` extracts every n-th input (sorted by id) from the i-th, so n processes or machines
 can share one output folder; shard i lists its failures in `{out}/failures.i-of-n.jsonl`.
 """
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="output folder for {id}.npy and failures.jsonl")
   parser.add_argument("--splits", default=None,
                       help="JSON: {id: [start_s, end_s]} or a stage-2/3 data file (records' meta.split)")
+  parser.add_argument("--data", default=None,
+                      help="a stage-2/3 data file: extract only the ids it uses, with their meta.split "
+                           "(then `data check` finds every feature; not with --splits)")
   parser.add_argument("--images", action="store_true", help="inputs are images: write [768] per image (stage 1)")
   parser.add_argument("--batch-size", type=cli_types.int_at_least(1), default=800,
                       help="frames per encoder call (rounded to whole videos and to the device count)")
@@ -55,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
   if args.batch_size < 1 or args.workers < 1:
     raise UserError("--batch-size and --workers must be at least 1")
+  if args.data is not None and (args.splits is not None or args.images):
+    raise UserError("--data takes the splits from the data file: not with --splits or --images")
   items, failures = extract.list_inputs(args.videos, args.images)
+  if args.data is not None:
+    items, failures = extract.select(items, failures, sampling.data_file_ids(args.data), args.data)
+    args.splits = args.data
   if args.shard is not None:
     items, failures = extract.shard(items, failures, *args.shard)
   splits = None

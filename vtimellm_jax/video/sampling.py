@@ -60,6 +60,29 @@ def _check_split(value, where: str) -> tuple[float, float]:
   return s, e
 
 
+def data_file_ids(path: str | pathlib.Path) -> list[str]:
+  """Returns the video ids a stage-2/3 data file uses (each once, in the file's order)."""
+  data = _read_json(path)
+  if not isinstance(data, list):
+    raise UserError(f"{path}: expected a stage-2/3 data file (a list of records), got {type(data).__name__}")
+  ids = {}
+  for n, record in enumerate(data):
+    if not isinstance(record, dict) or "id" not in record:
+      raise UserError(f"{path}, record {n}: expected an object with an 'id'")
+    ids.setdefault(str(record["id"]), None)
+  return list(ids)
+
+
+def _read_json(path: str | pathlib.Path):
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise UserError(f"{path}: file not found") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
 def load_splits(path: str | pathlib.Path) -> dict[str, tuple[float, float]]:
   """Returns {video id: (start s, end s)} from a splits JSON file.
 
@@ -67,12 +90,7 @@ def load_splits(path: str | pathlib.Path) -> dict[str, tuple[float, float]]:
   and an optional "meta": {"split": [s, e]}); records without a split are left out (whole video).
   """
   path = pathlib.Path(path)
-  try:
-    data = json.loads(path.read_text())
-  except FileNotFoundError as e:
-    raise UserError(f"{path}: splits file not found") from e
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from e
+  data = _read_json(path)
   splits: dict[str, tuple[float, float]] = {}
   if isinstance(data, dict):
     for vid, value in data.items():
