@@ -18,3 +18,17 @@ def test_bench_preprocess_smoke(capsys):
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [(r["mode"], r["height"], r["width"]) for r in records] == [("preprocess", 48, 64), ("preprocess", 300, 400)]
   assert all(r["s_per_video"] > 0 for r in records)
+
+
+def test_bench_extract_reports_host_cpu_per_video(official_fixtures, capsys):
+  # The real demo video: ours measured; the release's path measured where decord and torchvision are.
+  from vtimellm_jax import cli
+
+  assert cli.main(["bench", "extract", "--videos", str(official_fixtures / "demo.mp4"), "--iters", "1"]) == 0
+  records = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+  assert set(records) == {"ours", "release"}
+  assert records["ours"]["videos"] == 1 and records["ours"]["host_cpu_s_per_video"] > 0
+  assert records["ours"]["videos_per_s"] > 0
+  release = records["release"]
+  assert release.get("host_cpu_s_per_video", 0) > 0 or "torchvision" in release.get("skipped", "") \
+      or "decord" in release.get("skipped", "")

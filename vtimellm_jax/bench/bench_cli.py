@@ -1,8 +1,9 @@
-"""`vtimellm-jax bench {train,decode,eval,clip,load} [options]`: benchmarks, one JSON line per result.
+"""`vtimellm-jax bench {train,decode,eval,clip,load,extract} [options]`: benchmarks, one JSON line per result.
 
 Each benchmark is also a module (`python -m vtimellm_jax.bench.train --help`). train, decode, eval
 (grounding questions answered one at a time against in batches) and clip use random weights and
-need no files; load measures loading a model directory (or converting an HF LLaMA). Recorded
+need no files; load measures loading a model directory (or converting an HF LLaMA); extract the
+host CPU per video of feature extraction, ours beside the release's. Recorded
 results and their commands: docs/performance.md.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("train", "decode", "eval", "clip", "load")
+BENCHMARKS = ("train", "decode", "eval", "clip", "load", "extract")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

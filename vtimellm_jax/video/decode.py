@@ -97,11 +97,13 @@ def probe(path: str | pathlib.Path) -> VideoIndex:
     container.close()
 
 
-def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int]) -> dict[int, np.ndarray]:
+def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads: int = 0) -> dict[int, np.ndarray]:
   """Returns {frame index: uint8[H, W, 3] RGB} for the (sorted, unique) wanted frame indices."""
   import av
 
   stream = container.streams.video[0]
+  if threads:
+    stream.codec_context.thread_count = threads
   stream.thread_type = "AUTO"
   targets = [int(index.pts[i]) for i in wanted]
   slot = {t: i for t, i in zip(targets, wanted)}
@@ -144,8 +146,11 @@ def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int]) -> dict[
 
 
 def read_frames(path: str | pathlib.Path, split: Sequence[float] | None = None,
-                num_frames: int = sampling.NUM_FRAMES) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (uint8[num_frames, H, W, 3] RGB frames, int32[num_frames] their indices) of a video."""
+                num_frames: int = sampling.NUM_FRAMES, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (uint8[num_frames, H, W, 3] RGB frames, int32[num_frames] their indices) of a video.
+
+  `threads`: FFmpeg's decoding threads for this video (0: its own choice).
+  """
   container = _open(pathlib.Path(path))
   try:
     index = build_index(container)
@@ -154,7 +159,7 @@ def read_frames(path: str | pathlib.Path, split: Sequence[float] | None = None,
     except sampling.SamplingError as e:
       raise DecodeError(str(e)) from e
     wanted = sorted(set(indices.tolist()))
-    found = _decode_wanted(container, index, wanted)
+    found = _decode_wanted(container, index, wanted, threads)
   finally:
     container.close()
   missing = [i for i in wanted if i not in found]
