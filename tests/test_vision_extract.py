@@ -145,6 +145,17 @@ def test_data_file_selects_its_ids_and_splits(video_dir, tmp_path, capsys):
   assert "not with --splits" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("limit,reason", [(("--max-video-gb", "0.0002"), "above the limit of"),
+                                          (("--time-limit", "1e-9"), "past the time limit")])
+def test_videos_over_the_memory_or_time_limit_are_failures(video_dir, tmp_path, limit, reason):
+  # alpha: 100 frames of 32x32 take 0.29 MiB decoded, above 0.0002 GiB (0.2 MiB); beta and gamma too.
+  out = tmp_path / "feat"
+  assert _extract(video_dir / "alpha.mp4", out, *limit) == 1
+  [failure] = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+  assert failure["id"] == "alpha" and reason in failure["reason"] and not (out / "alpha.npy").exists()
+  assert _extract(video_dir / "alpha.mp4", out, "--max-video-gb", "0.001") == 0  # 1 MiB is enough
+
+
 def test_images_mode(tmp_path):
   images = tmp_path / "images"
   images.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import pathlib
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,8 +98,12 @@ def probe(path: str | pathlib.Path) -> VideoIndex:
     container.close()
 
 
-def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads: int = 0) -> dict[int, np.ndarray]:
-  """Returns {frame index: uint8[H, W, 3] RGB} for the (sorted, unique) wanted frame indices."""
+def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads: int = 0,
+                   deadline: float | None = None) -> dict[int, np.ndarray]:
+  """Returns {frame index: uint8[H, W, 3] RGB} for the (sorted, unique) wanted frame indices.
+
+  Raises DecodeError once `time.monotonic()` passes `deadline`.
+  """
   import av
 
   stream = container.streams.video[0]
@@ -127,6 +132,9 @@ def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads:
           raise DecodeError("decoded frames carry no timestamps")
         position = frame.pts
         progressed = True
+        if deadline is not None and time.monotonic() > deadline:
+          raise DecodeError(f"decoding went past the time limit at frame {len(found)} of the {len(targets)} "
+                            "sampled (--time-limit)")
         # Frames that never appear (pts below the current one) are reported as missing below.
         while n < len(targets) and targets[n] < frame.pts:
           n += 1
@@ -146,20 +154,28 @@ def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads:
 
 
 def read_frames(path: str | pathlib.Path, split: Sequence[float] | None = None,
-                num_frames: int = sampling.NUM_FRAMES, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                num_frames: int = sampling.NUM_FRAMES, threads: int = 0, time_limit: float = 0.0,
+                max_bytes: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns (uint8[num_frames, H, W, 3] RGB frames, int32[num_frames] their indices) of a video.
 
-  `threads`: FFmpeg's decoding threads for this video (0: its own choice).
+  `threads`: FFmpeg's decoding threads for this video (0: its own choice). `time_limit` (seconds)
+  and `max_bytes` (of the decoded frames), when above 0, turn a video that would take longer or
+  more memory into a DecodeError before (memory) or while (time) it is decoded.
   """
+  deadline = time.monotonic() + time_limit if time_limit > 0 else None
   container = _open(pathlib.Path(path))
   try:
     index = build_index(container)
+    needed = num_frames * index.width * index.height * 3
+    if max_bytes and needed > max_bytes:
+      raise DecodeError(f"{num_frames} frames of {index.width}x{index.height} take {needed / 2**30:.2f} GiB decoded, "
+                        f"above the limit of {max_bytes / 2**30:.2f} GiB (--max-video-gb)")
     try:
       indices = sampling.frame_indices(index.total_frames, index.fps, split, num_frames)
     except sampling.SamplingError as e:
       raise DecodeError(str(e)) from e
     wanted = sorted(set(indices.tolist()))
-    found = _decode_wanted(container, index, wanted, threads)
+    found = _decode_wanted(container, index, wanted, threads, deadline)
   finally:
     container.close()
   missing = [i for i in wanted if i not in found]

@@ -173,9 +173,13 @@ class BatchEncoder:
     return lambda: np.asarray(out)[:n]
 
 
-def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE) -> preprocess.Window:
-  """Returns the uint8 window of a video's sampled frames that the release's resize and crop read."""
-  frames, _ = decode.read_frames(item.path, split, num_frames)
+def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE, limits: dict | None = None
+               ) -> preprocess.Window:
+  """Returns the uint8 window of a video's sampled frames that the release's resize and crop read.
+
+  `limits`: `decode.read_frames`'s time_limit and max_bytes.
+  """
+  frames, _ = decode.read_frames(item.path, split, num_frames, **(limits or {}))
   return preprocess.source_window(frames, size)
 
 
@@ -233,8 +237,12 @@ def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], worker
 
 def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
-            num_frames: int = sampling.NUM_FRAMES, progress: bool = True, failures_name: str = FAILURES) -> Summary:
+            num_frames: int = sampling.NUM_FRAMES, progress: bool = True, failures_name: str = FAILURES,
+            limits: dict | None = None) -> Summary:
   """Returns what happened; writes `{id}.npy` float16 ([num_frames, D], or [D] for images) per input.
+
+  `limits` (videos): a video that decodes past `time_limit` seconds or whose sampled frames take
+  more than `max_bytes` decoded is a failure (`decode.read_frames`).
 
   This run's failures go to `out_dir / failures_name`, one JSON object a line.
 
@@ -255,7 +263,7 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   if images:
     load = lambda item: load_image(item, size)
   else:
-    load = lambda item: load_video(item, splits.get(item.id), num_frames, size)
+    load = lambda item: load_video(item, splits.get(item.id), num_frames, size, limits)
   per_item = 1 if images else num_frames
   if encoder.frames_per_item != per_item:
     raise ValueError(f"the encoder takes {encoder.frames_per_item} frame(s) an input, not {per_item}")

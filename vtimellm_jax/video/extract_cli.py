@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",
                       help="extract only shard I (from 0) of N: every N-th input of the list sorted by id, from "
                            "the I-th; failures go to failures.I-of-N.jsonl (for several machines or processes)")
+  parser.add_argument("--time-limit", type=cli_types.number_in(0), default=600.0, metavar="SECONDS",
+                      help="a video still decoding after this long is a failure (0: no limit; default 600)")
+  parser.add_argument("--max-video-gb", type=cli_types.number_in(0), default=4.0, metavar="GB",
+                      help="a video whose 100 decoded frames would take more is a failure, before decoding "
+                           "(0: no limit; default 4, about 100 frames of 4K; two videos per worker are in flight)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
   out_dir = pathlib.Path(args.out)
   failures_name = extract.failures_file_name(args.shard)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
-                            workers=args.workers, progress=not args.no_progress, failures_name=failures_name)
+                            workers=args.workers, progress=not args.no_progress, failures_name=failures_name,
+                            limits=dict(time_limit=args.time_limit, max_bytes=int(args.max_video_gb * 2**30)))
   total = len(items) + len(failures)
   of_shard = "" if args.shard is None else f" of shard {args.shard[0]}/{args.shard[1]}"
   replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
