@@ -7,6 +7,8 @@ not divide is replicated rather than failing, so tiny test models run on any mes
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from flax import nnx
@@ -90,8 +92,23 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def single_device_mesh(device=None) -> Mesh:
-  """Returns a (1, 1, 1) mesh over one device (default: the first), where every array lives whole."""
-  return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1), MESH_AXES)
+  """Returns a (1, 1, 1) mesh over one device (default: this process's first), where every array lives whole."""
+  return Mesh(np.asarray([device or jax.local_devices()[0]]).reshape(1, 1, 1), MESH_AXES)
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process run when the environment describes one (launch scripts set these)."""
+  if jax.distributed.is_initialized():
+    return
+  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()  # jax reads the SLURM environment itself
+  elif os.environ.get("VTIMELLM_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()  # Cloud TPU slices: jax finds the workers itself (launch/tpu sets this)
 
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:

@@ -10,7 +10,6 @@ checkpoint on the exact next batch (an unreadable one is named and moved to
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -29,21 +28,6 @@ from vtimellm_jax.training import checkpointing, model_setup, preemption, run_re
 from vtimellm_jax.training.metrics_log import MetricsLog
 
 UNREADABLE_DIR = "unreadable_checkpoints"
-
-
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-process run when the environment describes one (launch scripts set these)."""
-  if jax.distributed.is_initialized():
-    return
-  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()  # jax reads the SLURM environment itself
-  elif os.environ.get("VTIMELLM_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()  # Cloud TPU slices: jax finds the workers itself (launch/tpu sets this)
 
 
 def _tokenizer(config):
@@ -241,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
   `stopped_by` is the name of the signal that stopped the run early (a checkpoint of its last step
   is saved), else None. `allow_config_change` resumes a checkpoint trained with other settings.
   """
-  maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed()
   workdir = checkpointing.workdir_path(workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                             sharding.first_devices(config.mesh.devices))

@@ -111,6 +111,37 @@ def select(items: list[Item], failures: list[Failure], ids: list[str], source: s
           [failure for failure in failures if failure.id in wanted] + missing)
 
 
+def process_shard(explicit: tuple[int, int] | None) -> tuple[int, int] | None:
+  """Returns the shard this process extracts: `explicit` (`--shard`), else (process index, process
+  count) in a multi-process run (`jax.distributed`), else None (everything)."""
+  import jax
+
+  if jax.process_count() > 1:
+    if explicit is not None:
+      raise UserError("--shard splits the inputs by hand; a multi-process run splits them by process already")
+    return jax.process_index(), jax.process_count()
+  return explicit
+
+
+def merge_failures(out_dir: pathlib.Path, count: int) -> pathlib.Path:
+  """Waits for every process of a multi-process run, then process 0 writes `failures.jsonl`: the
+  shards' failure files in shard order (each input belongs to one shard, so each is listed once)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices("extract-features: every shard written")
+  merged = out_dir / FAILURES
+  if jax.process_index() == 0:
+    lines = []
+    for index in range(count):
+      part = out_dir / failures_file_name((index, count))
+      lines += part.read_text().splitlines() if part.exists() else []
+    tmp = merged.with_name(f".{merged.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, merged)
+  return merged
+
+
 def failures_file_name(shard_spec: tuple[int, int] | None = None) -> str:
   """Returns the failures file of a run: `failures.jsonl`, or `failures.{i}-of-{n}.jsonl` for shard i of n."""
   return FAILURES if shard_spec is None else f"failures.{shard_spec[0]}-of-{shard_spec[1]}.jsonl"
@@ -137,7 +168,7 @@ class BatchEncoder:
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices() if devices is None else list(devices)
+    devices = jax.local_devices() if devices is None else list(devices)
     self.frames_per_item = frames_per_item
     items = max(1, batch_size // frames_per_item)
     self.items_per_batch = -(-items // len(devices)) * len(devices)

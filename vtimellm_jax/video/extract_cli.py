@@ -12,7 +12,9 @@ stopped run is resumed by running it again; an unreadable or wrong-shaped file i
 `--data` extracts exactly the ids a stage-2/3 data file uses, each with its `meta.split`; an id
 with no video is a failure. Inputs that cannot be read are listed in `{out}/failures.jsonl`; the exit status is then 1.
 `--shard i/n` extracts every n-th input (sorted by id) from the i-th, so n processes or machines
-can share one output folder; shard i lists its failures in `{out}/failures.i-of-n.jsonl`.
+can share one output folder; shard i lists its failures in `{out}/failures.i-of-n.jsonl`. Launched
+as one process per host (`launch/` scripts, SLURM: `jax.distributed`), process i of n takes shard
+i/n by itself and process 0 merges every shard's failures into `{out}/failures.jsonl`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from vtimellm_jax import sharding
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.video import clip_source, extract, sampling
 
@@ -71,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
   if args.data is not None:
     items, failures = extract.select(items, failures, sampling.data_file_ids(args.data), args.data)
     args.splits = args.data
+  sharding.maybe_initialize_distributed()  # one process per host under launch/ scripts or SLURM
+  by_process = args.shard is None
+  args.shard = extract.process_shard(args.shard)
   if args.shard is not None:
     items, failures = extract.shard(items, failures, *args.shard)
   splits = None
@@ -91,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
   replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
   print(f"{summary.done} extracted{replaced}, {summary.skipped} already done, {summary.failed} failed, of {total} "
         f"input(s){of_shard} -> {out_dir}", file=sys.stderr)
+  if by_process and args.shard is not None:
+    failures_name = extract.merge_failures(out_dir, args.shard[1]).name
   if summary.failed:
     print(f"{summary.failed} input(s) failed: reasons in {out_dir / failures_name}", file=sys.stderr)
     return 1
