@@ -73,32 +73,29 @@ def run(args: argparse.Namespace) -> int:
   items, failures = extract.list_inputs(args.videos, args.images)
   if args.data is not None:
     items, failures = extract.select(items, failures, sampling.data_file_ids(args.data), args.data)
-    args.splits = args.data
   sharding.maybe_initialize_distributed()  # one process per host under launch/ scripts or SLURM
-  by_process = args.shard is None
-  args.shard = extract.process_shard(args.shard)
-  if args.shard is not None:
-    items, failures = extract.shard(items, failures, *args.shard)
-  splits = None
-  if args.splits is not None:
-    if args.images:
-      raise UserError("--splits applies to videos, not --images")
-    splits = sampling.load_splits(args.splits)
+  shard = extract.process_shard(args.shard)
+  if shard is not None:
+    items, failures = extract.shard(items, failures, *shard)
+  splits_file = args.data or args.splits
+  if args.splits is not None and args.images:
+    raise UserError("--splits applies to videos, not --images")
+  splits = sampling.load_splits(splits_file) if splits_file is not None else None
   model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
   encoder = extract.BatchEncoder(model, args.batch_size, frames_per_item=per_item)
   out_dir = pathlib.Path(args.out)
-  failures_name = extract.failures_file_name(args.shard)
+  failures_name = extract.failures_file_name(shard)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
                             workers=args.workers, progress=not args.no_progress, failures_name=failures_name,
                             limits=dict(time_limit=args.time_limit, max_bytes=int(args.max_video_gb * 2**30)))
   total = len(items) + len(failures)
-  of_shard = "" if args.shard is None else f" of shard {args.shard[0]}/{args.shard[1]}"
+  of_shard = "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
   replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
   print(f"{summary.done} extracted{replaced}, {summary.skipped} already done, {summary.failed} failed, of {total} "
         f"input(s){of_shard} -> {out_dir}", file=sys.stderr)
-  if by_process and args.shard is not None:
-    failures_name = extract.merge_failures(out_dir, args.shard[1]).name
+  if args.shard is None and shard is not None:  # split by process: one merged report
+    failures_name = extract.merge_failures(out_dir, shard[1]).name
   if summary.failed:
     print(f"{summary.failed} input(s) failed: reasons in {out_dir / failures_name}", file=sys.stderr)
     return 1
