@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.data import tokenizer as tokenizer_lib
   from vtimellm_jax.data_pipelines.synthetic import corpus as synthetic
   from vtimellm_jax.evaluation import coco_java
+  from vtimellm_jax.inference import served
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.models import time_code
   from vtimellm_jax.training import config_files
@@ -243,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
                    f"--config.load.merge_lora={runs / 'stage2'}"]
   train("stage3", corpus["stage3"], features, *stage3_from)
   _cli(["export", "--workdir", str(runs / "stage3"), "--out", str(models / "vtimellm")])
+  # `demo`/`serve --model <workdir>` read the model, its CLIP and its feature statistics from here.
+  stats = f"features/{standardize.STATS_FILE}" if random_clip else None
+  clip = args.clip if random_clip else str(pathlib.Path(args.clip).resolve())
+  served.write_serving_json(wd, "models/vtimellm", clip, args.seed, stats)
 
   say("6/6 evaluation on held-out videos")
   eval_dir = wd / "eval"

@@ -36,23 +36,29 @@ def video_duration(path: str | os.PathLike) -> float:
 class ClipFeaturizer:
   """Computes a video's [100, 768] features with a CLIP model directory (loaded on first use)."""
 
-  def __init__(self, clip_spec: str, dtype: str = "auto"):
+  def __init__(self, clip_spec: str, dtype: str = "auto", seed: int = 0, stats: str | os.PathLike | None = None):
+    """`seed` is a random CLIP's (`tiny-random*`); `stats` a `standardize.npz` the features go through
+    (the quickstart's, whose training features were standardised the same way)."""
+    from vtimellm_jax.video import standardize  # pylint: disable=g-import-not-at-top
+
     self.clip_spec = clip_spec
     self.dtype = dtype
+    self.seed = seed
+    self.stats = None if stats is None else standardize.load_stats(stats)
     self._encode = None
 
   def _load(self):
     import jax  # pylint: disable=g-import-not-at-top
     from vtimellm_jax.video import clip_source, extract, sampling  # pylint: disable=g-import-not-at-top
 
-    model = clip_source.load_clip(self.clip_spec, clip_source.compute_dtype(self.dtype))
+    model = clip_source.load_clip(self.clip_spec, clip_source.compute_dtype(self.dtype), self.seed)
     # extract-features' encoder, one video a call on one device: the same device preprocessing.
     self._encode = extract.BatchEncoder(model, sampling.NUM_FRAMES, frames_per_item=sampling.NUM_FRAMES,
                                         devices=jax.devices()[:1])
 
   def __call__(self, video_path: str | os.PathLike) -> np.ndarray:
-    """Returns float32[100, 768] features of a video file (values rounded through float16)."""
-    from vtimellm_jax.video import decode, extract, sampling  # pylint: disable=g-import-not-at-top
+    """Returns float32[100, 768] features of a video file (values rounded through float16, as stored)."""
+    from vtimellm_jax.video import decode, extract, sampling, standardize  # pylint: disable=g-import-not-at-top
 
     path = pathlib.Path(video_path)
     if not path.is_file():
@@ -63,7 +69,10 @@ class ClipFeaturizer:
       window = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES, self._encode.image_size)
     except (OSError, decode.DecodeError) as e:
       raise UserError(f"{path}: cannot decode the video ({e})") from None
-    return self._encode([window])()[0].astype(np.float16).astype(np.float32)
+    features = self._encode([window])()[0].astype(np.float16)  # as extract-features stores them
+    if self.stats is not None:
+      features = standardize.apply(features, *self.stats).astype(np.float16)  # as standardize_dir stores them
+    return features.astype(np.float32)
 
 
 class FeatureSource:

@@ -56,7 +56,7 @@ def standardize_dir(src: str | pathlib.Path, dst: str | pathlib.Path, mean: np.n
   for path in files:
     frames = records.read_features(path, mean.shape[0])  # checked, float32 [frames, dim]
     stored = np.load(path, mmap_mode="r")  # the header only: the dtype and shape to write back
-    out = ((frames.astype(np.float64) - mean) / std).astype(stored.dtype).reshape(stored.shape)
+    out = apply(frames, mean, std).astype(stored.dtype).reshape(stored.shape)
     tmp = dst / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
       np.save(f, out)
@@ -64,5 +64,22 @@ def standardize_dir(src: str | pathlib.Path, dst: str | pathlib.Path, mean: np.n
   return len(files)
 
 
+def apply(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Returns float64 `(frames - mean) / std` (the caller rounds it to the dtype it stores)."""
+  return (frames.astype(np.float64) - mean) / std
+
+
 def save_stats(path: str | pathlib.Path, mean: np.ndarray, std: np.ndarray) -> None:
   np.savez(path, mean=mean, std=std)
+
+
+def load_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (mean, std) saved by `save_stats`; UserError naming the file if it is not such a file."""
+  try:
+    with np.load(path) as stats:
+      mean, std = stats["mean"].astype(np.float32), stats["std"].astype(np.float32)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{path}: not a standardisation statistics file (mean, std) ({e})") from None
+  if mean.shape != std.shape or mean.ndim != 1 or not (std > 0).all():
+    raise UserError(f"{path}: mean and std must be two equal-length vectors with std > 0")
+  return mean, std
