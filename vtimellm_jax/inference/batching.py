@@ -1,0 +1,267 @@
+"""Continuous batching: concurrent requests share one KV cache of fixed slots, one decode step for all.
+
+The cache holds `slots` rows of `context` positions. A request is prefilled alone into a free row
+(its prompt padded to a multiple of `answerer.PAD_MULTIPLE` tokens, the frame features spliced in at
+its placeholder) and yields its first token; after that every decode step advances all rows at
+once, each writing at its own position (as `generate` does for rows of different lengths). A row
+that reaches its eos or its token budget frees its slot, and the next waiting request is prefilled
+into it before the next step. Slots that are free still run through the step (the shapes stay
+fixed, one compiled decode program); what they write is never read, since a prefill rewrites the
+row and attention only sees positions at or before a row's own.
+
+A row's tokens depend on nothing but its own request: the prefill runs the request alone and the
+decode step's shape does not change with how many rows are busy, so an answer is the same whether
+its request came alone or among many. Sampling draws token i of a request with its key folded with
+i, as `generate` does, so a request with the key `chat` uses gets `chat`'s tokens.
+
+All device work runs on the engine's own thread; `submit` may be called from any thread and returns
+a `concurrent.futures.Future` of the generated token ids.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vtimellm_jax.errors import UserError
+from vtimellm_jax.inference import answerer as answerer_lib
+from vtimellm_jax.inference import generate as generate_lib
+from vtimellm_jax.models.llama import KVCache
+
+
+class QueueFull(Exception):
+  """Raised by `submit` when `max_waiting` requests already wait for a slot."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt to answer: token ids with one placeholder, its features, and its decoding settings."""
+
+  prompt_ids: tuple[int, ...]
+  features: np.ndarray  # float32[N, feature_dim]
+  max_new_tokens: int
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0
+  key: jax.Array | None = None  # a typed PRNG key (sampling); token i draws with fold_in(key, i)
+
+
+@dataclasses.dataclass
+class _Row:
+  """A busy slot: its request, its future, where its next token goes, and what it has generated."""
+
+  request: Request
+  future: concurrent.futures.Future
+  length: int  # prompt positions (features spliced in)
+  key_data: np.ndarray  # uint32 data of the request's key
+  tokens: list
+
+
+def _pick(logits_bv, key_data_b, steps_b, temperature_b, top_p_b, *, nucleus: bool):
+  """Returns int32[B]: per row, the argmax where its temperature is 0, else a draw as `generate` makes it."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data_b), steps_b)
+  scaled = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
+  if nucleus:  # rows with top_p 1 keep every token, as `generate` without nucleus filtering
+    scaled = jnp.where((top_p_b < 1)[:, None], generate_lib.top_p_filter(scaled, top_p_b[:, None]), scaled)
+  sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+  return jnp.where(temperature_b == 0, greedy, sampled)
+
+
+def _prefill(graphdef, state, cache, slot, ids_1t, mask_1t, features_1nf, key_data_1, temperature_1, top_p_1, *,
+             nucleus: bool):
+  """Returns (cache with row `slot` holding the prompt, int32 first token, int32 prompt length)."""
+  model = nnx.merge(graphdef, state)
+  embeds, mask, _ = model.embed_inputs(ids_1t, mask_1t, features_1nf)
+  lengths = mask.sum(-1).astype(jnp.int32)
+  t = embeds.shape[1]
+  row = KVCache(*(jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1) for c in cache))
+  hidden, row, _ = model.model(embeds, jnp.arange(t, dtype=jnp.int32)[None], lengths, cache=row,
+                               cache_index_b=jnp.zeros((1,), jnp.int32))
+  logits = model.lm_head(hidden[:, lengths[0] - 1])
+  token = _pick(logits, key_data_1, jnp.zeros((1,), jnp.int32), temperature_1, top_p_1, nucleus=nucleus)
+  cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1) for c, r in zip(cache, row)))
+  return cache, token[0], lengths[0]
+
+
+def _decode(graphdef, state, cache, tokens_s, positions_s, steps_s, key_data_s, temperature_s, top_p_s, *,
+            nucleus: bool):
+  """Returns (cache, int32[S] next tokens): every row's token fed at its own position."""
+  model = nnx.merge(graphdef, state)
+  h, cache, _ = model.model(model.model.embed(tokens_s[:, None]), positions_s[:, None], positions_s + 1,
+                            cache=cache, cache_index_b=positions_s)
+  return cache, _pick(model.lm_head(h[:, 0]), key_data_s, steps_s, temperature_s, top_p_s, nucleus=nucleus)
+
+
+# The cache is donated: each call updates it in place.
+_prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
+_decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
+
+
+@dataclasses.dataclass
+class Stats:
+  """Counters of an engine's work (read by /health and the benchmark)."""
+
+  completed: int = 0
+  decode_steps: int = 0
+  prefills: int = 0
+  busy_slot_steps: int = 0  # sum over decode steps of the rows that were busy
+
+
+class Engine:
+  """Answers `Request`s concurrently on `slots` rows of one KV cache (module docstring)."""
+
+  def __init__(self, bot: answerer_lib.Answerer, slots: int = 8, context: int | None = None,
+               max_waiting: int = 256):
+    if slots < 1:
+      raise UserError(f"--slots must be at least 1, got {slots}")
+    limit = bot.model.config.max_position_embeddings
+    context = context or limit
+    if not 1 < context <= limit:
+      raise UserError(f"--context must be in [2, {limit}] (the model's positions), got {context}")
+    self.bot = bot
+    self.slots = slots
+    self.context = context
+    self.max_waiting = max_waiting
+    self.eos_id = bot.encoder.eos_id
+    self.stats = Stats()
+    self._graphdef, self._state = nnx.split(bot.model)
+    self._cache = bot.model.init_cache(slots, context)
+    self._rows: list[_Row | None] = [None] * slots
+    self._waiting: collections.deque = collections.deque()
+    self._wake = threading.Condition()
+    self._stopping = False
+    self._thread = threading.Thread(target=self._loop, name="vtimellm-engine", daemon=True)
+    self._thread.start()
+
+  def prompt_positions(self, prompt_ids, num_frames: int) -> int:
+    """Returns the cache positions a prompt takes: its padded text with the placeholder replaced by frames."""
+    return -(-len(prompt_ids) // answerer_lib.PAD_MULTIPLE) * answerer_lib.PAD_MULTIPLE - 1 + num_frames
+
+  def submit(self, request: Request) -> concurrent.futures.Future:
+    """Queues a request; returns the Future of its generated ids (eos excluded).
+
+    Raises UserError if the prompt and its token budget do not fit the context, QueueFull if
+    `max_waiting` requests already wait.
+    """
+    positions = self.prompt_positions(request.prompt_ids, request.features.shape[0])
+    if positions + request.max_new_tokens > self.context:
+      raise UserError(f"the prompt takes {positions} positions and max_tokens is {request.max_new_tokens}: "
+                      f"more than the server's context of {self.context}")
+    future = concurrent.futures.Future()
+    with self._wake:
+      if self._stopping:
+        raise QueueFull("the server is shutting down")
+      if len(self._waiting) >= self.max_waiting:
+        raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+      self._waiting.append((request, future))
+      self._wake.notify()
+    return future
+
+  @property
+  def waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def busy(self) -> int:
+    return sum(row is not None for row in self._rows)
+
+  def close(self) -> None:
+    """Stops the engine thread; requests still waiting or running get an error."""
+    with self._wake:
+      self._stopping = True
+      self._wake.notify()
+    self._thread.join()
+
+  def _loop(self) -> None:
+    try:
+      while True:
+        with self._wake:
+          while not self._stopping and not self._waiting and not self.busy:
+            self._wake.wait()
+          if self._stopping:
+            break
+        self._admit()
+        if self.busy:
+          self._step()
+    except BaseException as e:  # pylint: disable=broad-except
+      # A failure on the device is the engine's end: every request learns it, none hangs.
+      self._fail_all(RuntimeError(f"the generation engine stopped: {e!r}"))
+      raise
+    self._fail_all(RuntimeError("the server is shutting down"))
+
+  def _fail_all(self, error: Exception) -> None:
+    with self._wake:
+      self._stopping = True
+      pending = [future for _, future in self._waiting] + [row.future for row in self._rows if row]
+      self._waiting.clear()
+      self._rows = [None] * self.slots
+    for future in pending:
+      if not future.done():
+        future.set_exception(error)
+
+  def _admit(self) -> None:
+    """Prefills waiting requests into free slots."""
+    for slot in range(self.slots):
+      if self._rows[slot] is not None:
+        continue
+      with self._wake:
+        if not self._waiting:
+          return
+        request, future = self._waiting.popleft()
+      if not future.set_running_or_notify_cancel():
+        continue
+      try:
+        self._prefill(slot, request, future)
+      except Exception as e:  # pylint: disable=broad-except
+        future.set_exception(e)  # this request fails; the others go on
+
+  def _prefill(self, slot: int, request: Request, future: concurrent.futures.Future) -> None:
+    ids, lengths = generate_lib.pad_right([request.prompt_ids], self.bot.encoder.pad_id, answerer_lib.PAD_MULTIPLE)
+    mask = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    key_data = np.asarray(jax.random.key_data(request.key if request.key is not None else jax.random.key(0)))
+    self._cache, token, length = _prefill_jit(
+        self._graphdef, self._state, self._cache, jnp.int32(slot), jnp.asarray(ids), jnp.asarray(mask),
+        jnp.asarray(request.features[None], jnp.float32), key_data[None],
+        jnp.asarray([request.temperature], jnp.float32), jnp.asarray([request.top_p], jnp.float32),
+        nucleus=request.top_p < 1)
+    self.stats.prefills += 1
+    row = _Row(request, future, int(length), key_data, [int(token)])
+    self._rows[slot] = row
+    self._finish_if_done(slot)
+
+  def _finish_if_done(self, slot: int) -> None:
+    row = self._rows[slot]
+    if row.tokens[-1] == self.eos_id or len(row.tokens) >= row.request.max_new_tokens:
+      tokens = row.tokens[:-1] if row.tokens[-1] == self.eos_id else row.tokens
+      self._rows[slot] = None
+      self.stats.completed += 1
+      row.future.set_result(tokens)
+
+  def _step(self) -> None:
+    """One decode step of every slot; busy rows take their new token."""
+    s = self.slots
+    tokens, positions, steps = np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, np.int32)
+    temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+    key_data = np.zeros((s, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
+    busy = [slot for slot, row in enumerate(self._rows) if row is not None]
+    for slot in busy:
+      row = self._rows[slot]
+      n = len(row.tokens)
+      tokens[slot], positions[slot], steps[slot] = row.tokens[-1], row.length + n - 1, n
+      temperature[slot], top_p[slot], key_data[slot] = row.request.temperature, row.request.top_p, row.key_data
+    self._cache, new = _decode_jit(self._graphdef, self._state, self._cache, tokens, positions, steps, key_data,
+                                   temperature, top_p, nucleus=bool((top_p < 1).any()))
+    new = np.asarray(new)
+    self.stats.decode_steps += 1
+    self.stats.busy_slot_steps += len(busy)
+    for slot in busy:
+      self._rows[slot].tokens.append(int(new[slot]))
+      self._finish_if_done(slot)
