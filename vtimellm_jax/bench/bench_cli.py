@@ -1,9 +1,10 @@
-"""`vtimellm-jax bench {train,decode,eval,clip,load,extract} [options]`: benchmarks, one JSON line per result.
+"""`vtimellm-jax bench {train,decode,eval,clip,load,extract,serve} [options]`: benchmarks, one JSON line per result.
 
 Each benchmark is also a module (`python -m vtimellm_jax.bench.train --help`). train, decode, eval
 (grounding questions answered one at a time against in batches) and clip use random weights and
 need no files; load measures loading a model directory (or converting an HF LLaMA); extract the
-host CPU per video of feature extraction, ours beside the release's. Recorded
+host CPU per video of feature extraction, ours beside the release's; serve the HTTP server's
+requests/s and latency with requests sent one at a time and all at once. Recorded
 results and their commands: docs/performance.md.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("train", "decode", "eval", "clip", "load", "extract")
+BENCHMARKS = ("train", "decode", "eval", "clip", "load", "extract", "serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ import os
 import sys
 
 from vtimellm_jax import cli_types
+from vtimellm_jax.errors import UserError
 
 API_KEY_ENV = "VTIMELLM_API_KEY"
 
@@ -63,8 +64,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-  import uvicorn  # pylint: disable=g-import-not-at-top
-
+  try:
+    import starlette  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import uvicorn  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"serve needs its extra: pip install 'vtimellm-jax[serve]' ({e})") from None
   from vtimellm_jax.inference import server  # pylint: disable=g-import-not-at-top
 
   api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

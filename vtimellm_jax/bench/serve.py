@@ -1,0 +1,138 @@
+"""Serving under load: requests answered one after another against all at once, over HTTP on localhost.
+
+  vtimellm-jax bench serve --size tiny                         # CPU: 64 requests on 16 slots
+  vtimellm-jax bench serve --size 7b --slots 32 --requests 256  # GPU
+  vtimellm-jax bench serve --model quickstart                   # the quickstart's trained model
+
+Starts `serve`'s app (server.create_app) on 127.0.0.1, sends `--requests` chat completions with
+grounding questions of mixed lengths (some with an earlier round) about random float16 [100, 768]
+feature files, each with its own max_tokens, greedily. First one at a time, then all at once from
+as many client threads; every program is compiled by a warm-up request per prompt shape before
+either. A random model hardly ever emits </s>, so its answers are max_tokens long. One JSON line per
+mode (total seconds, requests/s, p50 and p99 latency), then one with the speedup and whether every
+concurrent answer equals its one-at-a-time answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import pathlib
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+from vtimellm_jax import cli_types
+
+_WORDS = "the a man woman dog person walks runs jumps into pool kitchen cooking counting money red blue".split()
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="vtimellm-jax bench serve", description=__doc__.splitlines()[0])
+  parser.add_argument("--model", help="a model directory or quickstart workdir (default: random weights of --size)")
+  parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b"), help="random model's LLaMA preset")
+  parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="auto: a model directory's own dtype; a random model's bfloat16 on GPU/TPU, float32 on CPU")
+  parser.add_argument("--requests", type=cli_types.int_at_least(1), default=64, help="(default: %(default)s)")
+  parser.add_argument("--slots", type=cli_types.int_at_least(1), default=16, help="(default: %(default)s)")
+  parser.add_argument("--context", type=cli_types.int_at_least(2), default=1024, help="(default: %(default)s)")
+  parser.add_argument("--max-tokens", type=cli_types.int_at_least(4), default=32,
+                      help="largest max_tokens of a request; each draws one in [max/4, max] (default: %(default)s)")
+  parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0)
+  return parser.parse_args(argv)
+
+
+def _bodies(args, media: pathlib.Path) -> list[dict]:
+  from vtimellm_jax.data import templates  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.RandomState(args.seed)
+  # The release's grounding question without its "<video>\n": the server adds that to the first message.
+  question = lambda: templates.GROUNDING_QUERY.format(  # noqa: E731
+      templates.grounding_sentence(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 30)))))
+  bodies = []
+  for i in range(args.requests):
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"file://{media / f'v{i % 8}.npy'}"}},
+        {"type": "text", "text": question()}]}]
+    if i % 4 == 0:
+      messages += [{"role": "assistant", "content": f"From {rng.randint(0, 50):02d} to {rng.randint(50, 99):02d}."},
+                   {"role": "user", "content": question()}]
+    max_tokens = int(rng.randint(max(1, args.max_tokens // 4), args.max_tokens + 1))
+    bodies.append({"messages": messages, "temperature": 0, "max_tokens": max_tokens})
+  return bodies
+
+
+def _post(url: str, body: dict) -> tuple[float, str]:
+  """Returns (latency in seconds, answer text) of one request; raises on a non-200 answer."""
+  start = time.perf_counter()
+  request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(request, timeout=3600) as response:
+    reply = json.loads(response.read())
+  return time.perf_counter() - start, reply["choices"][0]["message"]["content"]
+
+
+def _summary(mode: str, latencies: list[float], total: float) -> dict:
+  return {"bench": "serve", "mode": mode, "requests": len(latencies), "total_s": round(total, 3),
+          "requests_per_s": round(len(latencies) / total, 3),
+          "p50_s": round(float(np.percentile(latencies, 50)), 4), "p99_s": round(float(np.percentile(latencies, 99)), 4)}
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from vtimellm_jax.bench import eval as eval_bench  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import answerer, batching, served, server  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    media = tmp / "media"
+    media.mkdir()
+    rng = np.random.RandomState(args.seed)
+    for i in range(8):
+      np.save(media / f"v{i}.npy", rng.normal(0, 0.2, (100, 768)).astype(np.float16))
+    if args.model:
+      spec = served.resolve(args.model)
+      bot = answerer.load_answerer(spec.model_dir, args.dtype)
+    else:
+      spec = served.ServedModel(tmp, None)
+      dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+      bot = eval_bench.random_answerer(args.size, dtype, str(tmp / "tokenizer"))
+    engine = batching.Engine(bot, slots=args.slots, context=args.context, max_waiting=args.requests)
+    service = server.ChatService(engine, served.VideoCache(spec), server.MediaRoots([media]), args.max_tokens,
+                                 args.model or f"random-{args.size}")
+    running = server.RunningServer(server.create_app(service))
+    try:
+      bodies = _bodies(args, media)
+      # One warm-up request per prompt shape compiles every prefill program, and the decode step.
+      shapes = {}
+      for body in bodies:
+        parsed = server.parse_chat_request(body)
+        ids = bot.prompt_ids(parsed.history, parsed.question)
+        shapes.setdefault(engine.prompt_positions(ids, 100), body)
+      for body in shapes.values():
+        _post(running.url, body | {"max_tokens": 2})
+      start = time.perf_counter()
+      alone = [_post(running.url, body) for body in bodies]
+      alone_total = time.perf_counter() - start
+      print(json.dumps(_summary("one_at_a_time", [t for t, _ in alone], alone_total)
+                       | {"slots": args.slots, "device": jax.devices()[0].device_kind}), flush=True)
+      start = time.perf_counter()
+      with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: _post(running.url, body), bodies))
+      total = time.perf_counter() - start
+      print(json.dumps(_summary("concurrent", [t for t, _ in together], total) | {"slots": args.slots}), flush=True)
+      print(json.dumps({"bench": "serve", "speedup": round(alone_total / total, 2),
+                        "identical": [a for _, a in alone] == [a for _, a in together],
+                        "decode_steps": engine.stats.decode_steps, "prompt_shapes": len(shapes)}), flush=True)
+    finally:
+      running.close()
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
