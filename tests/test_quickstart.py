@@ -11,6 +11,7 @@ from vtimellm_jax import cli, quickstart
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.evaluation import annotations as annotations_lib
+from vtimellm_jax.inference import served
 from vtimellm_jax.video import standardize
 
 
@@ -63,6 +64,22 @@ def test_short_quickstart_runs_every_step(tiny_run):
   # Stage 2 of the tiny run trains every parameter; stage 3 starts from its export.
   assert json.loads((workdir / "runs" / "stage3" / "run.json").read_text())["model"]["base"] == str(
       workdir / "models" / "stage2")
+
+
+def test_quickstart_workdir_serves_its_model_with_its_features(tiny_run):
+  """serving.json names the exported model, and a video asked about through the workdir is encoded
+  as the quickstart encoded its corpus (the same random CLIP, then the same standardisation)."""
+  workdir, _ = tiny_run
+  spec = served.resolve(workdir)
+  assert spec.model_dir == workdir / "models" / "vtimellm" and spec.clip == "tiny-random-64"
+  video = sorted((workdir / "corpus" / "videos" / "eval").glob("*.mp4"))[0]
+  feats, duration = served.VideoCache(spec)(video)
+  stored = np.load(workdir / "features" / "videos" / f"{video.stem}.npy").astype(np.float32)
+  # Unit-scale features; extract-features encoded the corpus in batches, the cache one video alone.
+  np.testing.assert_allclose(feats, stored, atol=0.02)
+  assert duration > 0
+  with pytest.raises(UserError, match="drop --clip"):
+    served.resolve(workdir, "some/other/clip")
 
 
 def test_stage_steps_are_parsed_and_checked():

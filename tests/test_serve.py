@@ -207,3 +207,25 @@ def test_serve_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
   parser, parsers = cli._build_parser(["serve"])  # pylint: disable=protected-access
   assert parsers[("serve",)].parse_args(["--model", "m"]).host == "127.0.0.1"
   del parser
+
+
+def test_served_model_resolution_names_what_is_wrong(tiny_vtimellm, tmp_path):  # noqa: F811
+  from vtimellm_jax.errors import UserError
+  from vtimellm_jax.inference import served
+
+  assert served.resolve(tiny_vtimellm.model_dir).model_dir == tiny_vtimellm.model_dir
+  (tmp_path / "serving.json").write_text("{not json")
+  with pytest.raises(UserError, match="serving.json: not a serving record"):
+    served.resolve(tmp_path)
+  served.write_serving_json(tmp_path, "models/vtimellm", "tiny-random-64", 0, "features/standardize.npz")
+  with pytest.raises(UserError, match="no model.json"):
+    served.resolve(tmp_path)
+  (tmp_path / "models").mkdir()
+  (tmp_path / "models" / "vtimellm").symlink_to(tiny_vtimellm.model_dir)
+  with pytest.raises(UserError, match="standardisation statistics not found"):
+    served.resolve(tmp_path)
+  served.write_serving_json(tmp_path, "models/vtimellm", "tiny-random-64", 3, None)
+  spec = served.resolve(tmp_path)
+  assert (spec.clip, spec.clip_seed, spec.stats) == ("tiny-random-64", 3, None)
+  with pytest.raises(UserError, match="without --clip"):
+    served.VideoCache(served.ServedModel(tiny_vtimellm.model_dir, None))(tmp_path / "x.mp4")
