@@ -28,6 +28,7 @@ _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("metrics",): ("vtimellm_jax.evaluation.metrics_cli", "grounding and dense-captioning metrics of an answer log"),
     ("chat",): ("vtimellm_jax.inference.chat_cli", "ask a model about a video (one question or a session)"),
     ("eval",): ("vtimellm_jax.inference.eval_cli", "answer the release's grounding/captioning queries into a log"),
+    ("demo",): ("vtimellm_jax.inference.demo_cli", "a web page to chat about a video, its moments clickable"),
 }
 
 
