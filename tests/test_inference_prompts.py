@@ -62,3 +62,11 @@ def test_moments_in_seconds():
   assert moments.annotate(answer, 80.0).startswith("A man walks from 10 to 25 (8.0s-20.0s), then From 50 to 99 "
                                                    "(40.0s-79.2s).")
   assert moments.annotate(answer, None) == answer
+
+
+def test_moments_without_from_as_the_grounding_metric_reads_them():
+  # The quickstart's model answers grounding queries "In <colour> SS to EE."; the release's metric
+  # reads "SS and EE" too.
+  answer = "In red 06 to 19. Also 20 and 45, not 7 to 9 nor 120 to 130."
+  assert [(m.start, m.end) for m in moments.find_moments(answer)] == [(6, 19), (20, 45)]
+  assert moments.annotate(answer, 50.0).startswith("In red 06 to 19 (3.0s-9.5s). Also 20 and 45 (10.0s-22.5s),")

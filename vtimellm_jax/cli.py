@@ -29,6 +29,7 @@ _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("chat",): ("vtimellm_jax.inference.chat_cli", "ask a model about a video (one question or a session)"),
     ("eval",): ("vtimellm_jax.inference.eval_cli", "answer the release's grounding/captioning queries into a log"),
     ("serve",): ("vtimellm_jax.inference.serve_cli", "HTTP chat completions about videos, concurrent requests batched"),
+    ("demo",): ("vtimellm_jax.inference.demo_cli", "a web page to chat about a video, its moments clickable"),
 }
 
 

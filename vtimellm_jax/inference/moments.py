@@ -3,6 +3,10 @@
 VTimeLLM writes a moment as two two-digit indices 00-99 of the 100 frames sampled evenly over the
 video; its training data map a time t to `round(t / duration * 100)`, so index i stands for
 `i / 100 * duration` seconds, the reading the release's grounding metric uses too.
+
+The release's answers say "from SS to EE"; its grounding metric reads any "SS to EE" or "SS and EE"
+(evaluation/grounding.py), and the quickstart's model answers grounding queries "In red SS to EE."
+(docs/synthetic.md says why), so a moment is any of those, "from" included in its span when there.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-# "from 12 to 34"; the digits must not be part of a longer number ("from 100 to 120" is no moment).
-_MOMENT_RE = re.compile(r"\bfrom (\d{2}) to (\d{2})(?!\d)", re.IGNORECASE)
+# "from 12 to 34", "12 to 34", "12 and 34"; the digits must not be part of a longer number ("from
+# 100 to 120" is no moment).
+_MOMENT_RE = re.compile(r"(?:\bfrom )?(?<!\d)(\d{2}) (?:to|and) (\d{2})(?!\d)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +25,7 @@ class Moment:
 
   start: int
   end: int
-  span: tuple[int, int]  # character offsets of "from SS to EE" in the answer
+  span: tuple[int, int]  # character offsets of "[from ]SS to EE" in the answer
 
   def seconds(self, duration: float) -> tuple[float, float]:
     """Returns (start, end) in seconds of a video `duration` seconds long."""
@@ -28,7 +33,7 @@ class Moment:
 
 
 def find_moments(answer: str) -> list[Moment]:
-  """Returns every "from SS to EE" of an answer, in order."""
+  """Returns every moment ("[from ]SS to|and EE") of an answer, in order."""
   return [Moment(int(m.group(1)), int(m.group(2)), m.span()) for m in _MOMENT_RE.finditer(answer)]
 
 

@@ -1,0 +1,39 @@
+"""`vtimellm-jax demo`: a web page to chat with a model about a video, its moments clickable.
+
+  vtimellm-jax quickstart --workdir quickstart
+  vtimellm-jax demo --model quickstart            # then open http://127.0.0.1:7860
+  vtimellm-jax demo --model ckpt/vtimellm-7b --clip ckpt/clip-vit-l14 --dtype bfloat16
+
+--model is a model directory (with --clip) or a quickstart workdir (its serving.json names the CLIP
+and the feature statistics the model was trained on). The page binds 127.0.0.1: --host 0.0.0.0
+shows it to the network, with no authentication. Needs gradio: pip install 'vtimellm-jax[demo]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vtimellm_jax import cli_types
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from vtimellm_jax.inference import answerer, demo, generate  # pylint: disable=g-import-not-at-top
+
+  parser.formatter_class = argparse.RawDescriptionHelpFormatter
+  parser.epilog = __doc__.split("\n\n", 1)[1]
+  parser.add_argument("--model", required=True, help="VTimeLLM model directory, or a quickstart workdir (serving.json)")
+  parser.add_argument("--clip", help="CLIP model directory (or a source `convert clip --src` accepts) that encodes "
+                                     "the videos; a quickstart workdir names its own")
+  parser.add_argument("--host", default=demo.DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
+  parser.add_argument("--port", type=cli_types.int_at_least(1), default=demo.DEFAULT_PORT, help="port (default: %(default)s)")
+  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+                      help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
+                      help="most tokens per answer (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+  from vtimellm_jax.inference import demo  # pylint: disable=g-import-not-at-top
+
+  demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens)
+  return 0
