@@ -171,6 +171,24 @@ def test_page_turns_user_errors_into_messages_and_escapes_its_chat():
   assert player.elem_id == demo.PLAYER_ID
 
 
+def test_examples_are_listed_under_the_player_and_a_missing_one_is_refused(monkeypatch, capsys, tmp_path):
+  gr = pytest.importorskip("gradio")
+  page, _ = _demo()
+  assert not [b for b in page_blocks(demo.build_app(page)) if isinstance(b, gr.Dataset)]
+  clip = tmp_path / "clip.mp4"
+  clip.write_bytes(b"")
+  [examples] = [b for b in page_blocks(demo.build_app(page, demo.check_examples([clip]))) if isinstance(b, gr.Dataset)]
+  assert examples.raw_samples == [[str(clip.resolve())]]
+  monkeypatch.setattr(demo, "launch", lambda *a, **k: pytest.fail("served a page with a missing example"))
+  assert cli.main(["demo", "--model", str(tmp_path), "--example", str(tmp_path / "gone.mp4")]) == 2
+  err = capsys.readouterr().err
+  assert "gone.mp4: no such video file" in err and "Traceback" not in err
+
+
+def page_blocks(app):
+  return list(app.blocks.values())
+
+
 def test_demo_without_gradio_names_the_extra(monkeypatch, capsys, tmp_path):
   monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
   assert cli.main(["demo", "--model", str(tmp_path)]) == 2

@@ -99,7 +99,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.learning
-def test_demo_moment_chip_seeks_the_player(quickstart_workdir, tmp_path):
+def test_demo_moment_chip_seeks_the_player(quickstart_workdir, official_fixtures, tmp_path):
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
 
@@ -111,14 +111,15 @@ def test_demo_moment_chip_seeks_the_player(quickstart_workdir, tmp_path):
   served_model = served.resolve(quickstart_workdir)
   page = demo.Demo(answerer.load_answerer(served_model.model_dir), served.VideoCache(served_model),
                    max_new_tokens=64)
-  app = demo.build_app(page)
-  url = demo.launch(app, "127.0.0.1", _free_port(), block=False)
+  video = official_fixtures / "demo.mp4"
+  app = demo.build_app(page, [video])
+  url = demo.launch(app, "127.0.0.1", _free_port(), block=False, examples=[video])
   video_js = f"return document.querySelector('#{demo.PLAYER_ID} video')"
   try:
     driver.get(url)
     wait = WebDriverWait(driver, 300)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]"))
-    driver.find_element(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]").send_keys(str(demo.DEMO_VIDEO))
+    driver.find_element(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]").send_keys(str(video))
     # The timeline names the video's length once the video is encoded and the conversation open.
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} [data-duration]"))
     for asked, question in enumerate(QUESTIONS, 1):  # two rounds of one conversation
@@ -131,7 +132,7 @@ def test_demo_moment_chip_seeks_the_player(quickstart_workdir, tmp_path):
     # The chip carries the seconds of the answer's first moment on this video.
     bubble = chip.find_element(By.XPATH, "./ancestor::*[contains(@class, 'vt-text')][1]")
     first = moments.find_moments(bubble.get_attribute("textContent"))[0]
-    index = decode.probe(demo.DEMO_VIDEO)
+    index = decode.probe(video)
     duration, frame = index.total_frames / index.fps, 1 / index.fps
     start = float(chip.get_attribute("data-start"))
     assert start == pytest.approx(first.seconds(duration)[0], abs=1e-3)

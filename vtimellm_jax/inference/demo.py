@@ -1,7 +1,7 @@
 """`vtimellm-jax demo`: a web page to chat with a model about a video, every moment clickable.
 
-The page (gradio, imported only here) has a video player with upload, the release's demo video as
-an example, a multi-turn chat about the current video, a temperature slider and a button that clears
+The page (gradio, imported only here) has a video player with upload, the videos given with
+`--example` as examples, a multi-turn chat about the current video, a temperature slider and a button that clears
 the conversation; another video starts a new conversation. Every moment of an answer (moments.py) is
 shown in seconds as a chip that seeks the player to its start, and a timeline under the player draws
 each moment of the conversation as a bar over the video's length.
@@ -32,7 +32,6 @@ CHAT_ID = "vtimellm-chat"
 TIMELINE_ID = "vtimellm-timeline"
 CHIP_CLASS = "moment-chip"
 BAR_CLASS = "moment-bar"
-DEMO_VIDEO = pathlib.Path(__file__).resolve().parent / "assets" / "demo.mp4"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 INSTALL_HINT = "pip install 'vtimellm-jax[demo]'"
@@ -111,7 +110,7 @@ def render_timeline(answers: Sequence[str], duration: float | None) -> str:
   and width in percent are the moment's indices.
   """
   if not duration:
-    return f'<div class="vt-timeline"><span class="vt-note">{html.escape("Upload a video or pick the example.")}</span></div>'
+    return f'<div class="vt-timeline"><span class="vt-note">{html.escape("Upload a video or pick an example.")}</span></div>'
   rows = []
   for number, answer in enumerate(answers, 1):
     bars = []
@@ -180,7 +179,7 @@ class Demo:
 
     question = question.strip()
     if conversation.video is None:
-      raise UserError("upload a video first (or pick the example)")
+      raise UserError("upload a video first (or pick an example)")
     if not question:
       raise UserError("type a question")
     features, _ = self.videos(conversation.video)
@@ -204,8 +203,19 @@ def import_gradio():
   return gradio
 
 
-def build_app(demo: Demo):
-  """Returns the page (a gradio Blocks) driving `demo`; launch it with `launch`."""
+def check_examples(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+  """Returns the example videos as absolute paths; UserError naming one that is not a file."""
+  out = []
+  for path in paths:
+    resolved = pathlib.Path(path).expanduser().resolve()
+    if not resolved.is_file():
+      raise UserError(f"--example {path}: no such video file")
+    out.append(resolved)
+  return out
+
+
+def build_app(demo: Demo, examples: Sequence[pathlib.Path] = ()):
+  """Returns the page (a gradio Blocks) driving `demo`, `examples` (video files) listed under the player."""
   from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
 
   gr = import_gradio()
@@ -243,7 +253,8 @@ def build_app(demo: Demo):
       with gr.Column(scale=1):
         video = gr.Video(label="Video", sources=["upload"], elem_id=PLAYER_ID, include_audio=True, height=360)
         timeline = gr.HTML(render_timeline([], None), elem_id=TIMELINE_ID, js_on_load=None)
-        gr.Examples([[str(DEMO_VIDEO)]], inputs=[video], label="Example video")
+        if examples:
+          gr.Examples([[str(path)] for path in examples], inputs=[video], label="Example videos")
       with gr.Column(scale=1):
         chat = gr.Chatbot(label="Conversation", elem_id=CHAT_ID, height=460, sanitize_html=False,
                           render_markdown=False, latex_delimiters=[], feedback_options=None, buttons=[])
@@ -265,14 +276,18 @@ def build_app(demo: Demo):
   return app
 
 
-def launch(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True) -> str:
-  """Serves the page on host:port; returns its URL (at once with block=False, else when stopped)."""
+def launch(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True,
+           examples: Sequence[pathlib.Path] = ()) -> str:
+  """Serves the page on host:port; returns its URL (at once with block=False, else when stopped).
+
+  Gradio serves files only from the folders it is told; those are the example videos' own.
+  """
   gr = import_gradio()
   theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                             font_mono=["ui-monospace", "monospace"])
   try:
     _, url, _ = app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                           head=SEEK_SCRIPT, css=CSS, theme=theme, allowed_paths=[str(DEMO_VIDEO.parent)],
+                           head=SEEK_SCRIPT, css=CSS, theme=theme, allowed_paths=sorted({str(path.parent) for path in examples}),
                            ssr_mode=False, enable_monitoring=False, mcp_server=False, pwa=False,
                            footer_links=[], quiet=not block)
   except OSError as e:
@@ -281,11 +296,13 @@ def launch(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool 
 
 
 def serve(model: str, clip: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          dtype: str = "auto", max_new_tokens: int | None = None) -> None:
+          dtype: str = "auto", max_new_tokens: int | None = None,
+          examples: Sequence[str | os.PathLike] = ()) -> None:
   """Loads `--model` (a model directory or a quickstart workdir) and serves the demo until stopped."""
   from vtimellm_jax.inference import answerer, generate, served  # pylint: disable=g-import-not-at-top
 
-  import_gradio()  # before minutes of loading, fail on a missing gradio
+  import_gradio()  # before minutes of loading, fail on a missing gradio or example
+  example_paths = check_examples(examples)
   served_model = served.resolve(model, clip)
   if served_model.clip is None:
     raise UserError("the demo encodes the videos it is given: pass --clip (a CLIP model directory) with a "
@@ -293,4 +310,4 @@ def serve(model: str, clip: str | None = None, host: str = DEFAULT_HOST, port: i
   videos = served.VideoCache(served_model, dtype)
   bot = answerer.load_answerer(served_model.model_dir, dtype)
   demo = Demo(bot, videos, max_new_tokens or generate.RELEASE_MAX_NEW_TOKENS)
-  launch(build_app(demo), host, port, block=True)
+  launch(build_app(demo, example_paths), host, port, block=True, examples=example_paths)

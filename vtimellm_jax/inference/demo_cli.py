@@ -2,6 +2,7 @@
 
   vtimellm-jax quickstart --workdir quickstart
   vtimellm-jax demo --model quickstart            # then open http://127.0.0.1:7860
+  vtimellm-jax demo --model quickstart --example tests/fixtures/vtimellm_official/demo.mp4
   vtimellm-jax demo --model ckpt/vtimellm-7b --clip ckpt/clip-vit-l14 --dtype bfloat16
 
 --model is a model directory (with --clip) or a quickstart workdir (its serving.json names the CLIP
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--port", type=cli_types.int_at_least(1), default=demo.DEFAULT_PORT, help="port (default: %(default)s)")
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  parser.add_argument("--example", action="append", default=[], metavar="VIDEO",
+                      help="a video listed under the player as an example (repeatable)")
   parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
                       help="most tokens per answer (default: %(default)s)")
 
@@ -35,5 +38,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.inference import demo  # pylint: disable=g-import-not-at-top
 
-  demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens)
+  demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens, args.example)
   return 0
