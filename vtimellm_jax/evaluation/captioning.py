@@ -5,7 +5,9 @@ parsed as JSON; each item's "timestamps" gives frame indices by position (charac
 last two, as in "from 05 to 42") and "event" the sentence; an unreadable item ends the reading,
 keeping the items before it; an answer with no readable list predicts nothing. Consecutive items
 with near-identical sentences (difflib ratio > 0.98) whose spans touch (gap within 1) are merged;
-indices become seconds as start * duration / 100 and (end + 1) * duration / 100. When a video has
+indices become seconds as start * duration / 100 and (end + 1) * duration / 100. Timestamps in
+Chinese ("从 05 到 42", the release's ChatGLM3 model; grounding.ZH_SPAN_RE) are read by that
+pattern instead of by position. When a video has
 several captioning answers the last one counts. All of this is applied to malformed answers too,
 which are also counted by kind.
 
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.evaluation import coco_java, densevid, soda
+from vtimellm_jax.evaluation import coco_java, densevid, grounding, soda
 from vtimellm_jax.evaluation.annotations import Annotations
 from vtimellm_jax.evaluation.answer_log import LogRecord
 from vtimellm_jax.evaluation.densevid import Event
@@ -39,7 +41,7 @@ _STANDARD_RE = re.compile(r"from \d{2} to \d{2}")
 NO_JSON = "no JSON list"
 NO_EVENTS = "empty event list"
 BAD_ITEM = "unreadable item (it and later items dropped)"
-NONSTANDARD = "timestamps not 'from xx to xx'"
+NONSTANDARD = "timestamps not 'from xx to xx' (or '从 xx 到 xx')"
 REVERSED = "reversed (start > end)"
 OVER_99 = "value > 99"
 
@@ -65,9 +67,10 @@ def parse_answer(answer: str) -> CaptionAnswer:
   for item in decoded:
     stamps = item.get("timestamps") if isinstance(item, dict) else None
     sentence = item.get("event") if isinstance(item, dict) else None
+    chinese = grounding.ZH_SPAN_RE.fullmatch(stamps.strip()) if isinstance(stamps, str) else None
     try:
       # Read by position, like the release: "from 100 to 120" reads as 10 and 20.
-      start, end = int(stamps[5:7]), int(stamps[-2:])
+      start, end = (int(chinese.group(1)), int(chinese.group(2))) if chinese else (int(stamps[5:7]), int(stamps[-2:]))
     except (TypeError, ValueError):
       start = end = None
     if not isinstance(stamps, str) or start is None or not isinstance(sentence, str):
@@ -75,7 +78,7 @@ def parse_answer(answer: str) -> CaptionAnswer:
       break
     if re.search(r"\d{3}", stamps):
       problems.append(OVER_99)
-    elif not _STANDARD_RE.fullmatch(stamps):
+    elif not (chinese or _STANDARD_RE.fullmatch(stamps)):
       problems.append(NONSTANDARD)
     if start > end:
       problems.append(REVERSED)

@@ -4,6 +4,11 @@ The release scores a grounding answer by the first match of `(\\d{2}) (to|and) (
 the text, read as frame indices / 100 (fractions of the video), against the annotated moment divided
 by the video duration; the IoU is rounded to 2 decimals before averaging and thresholding, and an
 answer with no match scores IoU 0. Malformed answers are scored exactly so, and counted.
+
+Answers in Chinese (the release's ChatGLM3 model, trained on its Chinese data, writes a moment as
+"从 SS 到 EE") are read when the release's pattern finds nothing: the first `ZH_SPAN_RE` match,
+"[从][第]SS[帧] 到|至|和 [第]EE[帧]" with or without spaces. English answers are read exactly as
+the release reads them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from vtimellm_jax.evaluation.answer_log import LogRecord
 
 THRESHOLDS = (0.3, 0.5, 0.7)
 _SPAN_RE = re.compile(r"(\d{2}) (to|and) (\d{2})")
+# The two indices are groups 1 and 2; "从" and the ordinal/frame words are part of the match.
+ZH_SPAN_RE = re.compile(r"(?:从\s*)?(?:第\s*)?(\d{2})\s*(?:帧\s*)?(?:到|至|和)\s*(?:第\s*)?(\d{2})(?:\s*帧)?")
 
 # Problem names, counted per answer.
 NO_TIMESTAMPS = "no timestamps"
@@ -38,14 +45,17 @@ class GroundingAnswer:
 def parse_answer(answer: str) -> GroundingAnswer:
   """Returns the span the release would read from `answer`, with the problems found."""
   match = _SPAN_RE.search(answer)
+  first, last = 1, 3
+  if match is None:
+    match, last = ZH_SPAN_RE.search(answer), 2
   if match is None:
     return GroundingAnswer(None, None, (NO_TIMESTAMPS,))
-  start, end = int(match.group(1)), int(match.group(3))
+  start, end = int(match.group(first)), int(match.group(last))
   problems = []
   # "from 100 to 120" matches as "00 to 12": the release reads those digits, and so do we, but the
   # answer really named frames outside 00-99.
-  before = answer[match.start() - 1] if match.start() > 0 else ""
-  after = answer[match.end()] if match.end() < len(answer) else ""
+  before = answer[match.start(first) - 1] if match.start(first) > 0 else ""
+  after = answer[match.end(last)] if match.end(last) < len(answer) else ""
   if before.isdigit() or after.isdigit():
     problems.append(OVER_99)
   if start > end:

@@ -7,12 +7,16 @@ video; its training data map a time t to `round(t / duration * 100)`, so index i
 The release's answers say "from SS to EE"; its grounding metric reads any "SS to EE" or "SS and EE"
 (evaluation/grounding.py), and the quickstart's model answers grounding queries "In red SS to EE."
 (docs/synthetic.md says why), so a moment is any of those, "from" included in its span when there.
+The release's ChatGLM3 model answers in Chinese, "从 SS 到 EE"; those are moments too, read with the
+grounding metric's pattern (evaluation/grounding.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+
+from vtimellm_jax.evaluation import grounding
 
 # "from 12 to 34", "12 to 34", "12 and 34"; the digits must not be part of a longer number ("from
 # 100 to 120" is no moment).
@@ -33,8 +37,18 @@ class Moment:
 
 
 def find_moments(answer: str) -> list[Moment]:
-  """Returns every moment ("[from ]SS to|and EE") of an answer, in order."""
-  return [Moment(int(m.group(1)), int(m.group(2)), m.span()) for m in _MOMENT_RE.finditer(answer)]
+  """Returns every moment ("[from ]SS to|and EE", "从SS到EE") of an answer, in order."""
+  found = [Moment(int(m.group(1)), int(m.group(2)), m.span()) for m in _MOMENT_RE.finditer(answer)]
+  for m in grounding.ZH_SPAN_RE.finditer(answer):
+    digit_before = m.start(1) > 0 and answer[m.start(1) - 1].isdigit()
+    digit_after = m.end(2) < len(answer) and answer[m.end(2)].isdigit()
+    if not (digit_before or digit_after or any(_overlap(m.span(), f.span) for f in found)):
+      found.append(Moment(int(m.group(1)), int(m.group(2)), m.span()))
+  return sorted(found, key=lambda moment: moment.span)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+  return a[0] < b[1] and b[0] < a[1]
 
 
 def moments_in_seconds(answer: str, duration: float | None) -> list[list[float]] | None:
