@@ -9,10 +9,10 @@ from . import common
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg)
-  c = common.recipe(args["size"])
+  c = common.recipe(args["size"], args["family"])
   c.stage = "stage1"
   c.trainable = "adapter"
-  c.data.template = "plain"
+  c.data.template = common.plain_template(c)
   c.epochs = 1
   c.optim.lr = 1e-3
   return c

@@ -10,7 +10,7 @@ from . import common
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg)
-  c = common.recipe(args["size"])
+  c = common.recipe(args["size"], args["family"])
   c.stage = "stage3"
   c.trainable = "lora"
   return c

@@ -41,6 +41,9 @@ def test_numbers_and_lists_keep_their_types():
     ("tiny,foo", "unknown size 'foo'"),
     ("size=13B", "unknown size '13B'"),
     ("tiny,runlocal=1", "unknown argument 'runlocal=1'"),
+    ("chatglm3,7b", "chatglm3 has no size '7b'; choose from 6b, tiny"),
+    ("6b", "vicuna has no size '6b'"),
+    ("family=glm", "unknown family 'glm'; choose from vicuna, chatglm3"),
 ])
 def test_a_size_that_is_not_known_is_refused_not_trained_as_tiny(arg, message):
   spec = STAGE2_TINY.rsplit(":", 1)[0] + ":" + arg
@@ -52,6 +55,25 @@ def test_known_sizes_load():
   base = STAGE2_TINY.rsplit(":", 1)[0]
   assert [config_loading.load_config(f"{base}:{arg}").size for arg in ("", "tiny", "7b", "size=13b")] == \
       ["tiny", "tiny", "7b", "13b"]
+
+
+@pytest.mark.parametrize("arg,size,preset", [("chatglm3", "6b", "chatglm3_6b"), ("chatglm3,tiny", "tiny", "chatglm3_tiny"),
+                                             ("size=tiny,family=chatglm3", "tiny", "chatglm3_tiny")])
+def test_chatglm3_configs_take_the_release_glm_recipe(arg, size, preset):
+  configs = pathlib.Path(STAGE2_TINY).parent
+  stages = {n: config_loading.load_config(f"{configs}/stage{n}.py:{arg}") for n in (1, 2, 3)}
+  vicuna = {n: config_loading.load_config(f"{configs}/stage{n}.py:{'7b' if size == '6b' else 'tiny'}") for n in (1, 2, 3)}
+  for n, c in stages.items():
+    assert (c.family, c.size, c.model.preset) == ("chatglm3", size, preset)
+    # preprocess_glm builds every stage's samples, stage 1's included.
+    assert c.data.template == "glm"
+    assert c.lora.targets == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+    assert c.model.loss_chunk == 0  # LoRA dropout on lm_head, as the release trains it
+    # The _glm.sh scripts' hyperparameters are the Vicuna scripts'.
+    for key in ("trainable", "epochs", "optim.lr", "global_batch", "lora.rank", "lora.alpha", "lora.dropout",
+                "optim.warmup_ratio", "data.max_length"):
+      get = lambda cfg, k=key: cfg[k.split(".")[0]][k.split(".")[1]] if "." in k else cfg[k]  # noqa: E731
+      assert get(c) == get(vicuna[n]), (n, key)
 
 
 def test_every_problem_of_a_config_is_listed_at_once():
@@ -82,7 +104,7 @@ def test_rules_between_fields(overrides, message):
 def test_every_shipped_config_passes_the_checks():
   configs = pathlib.Path(STAGE2_TINY).parent
   for stage in ("stage0", "stage1", "stage2", "stage3"):
-    for size in ("tiny", "7b", "13b"):
+    for size in ("tiny", "7b", "13b", "chatglm3", "chatglm3,tiny"):
       assert config_loading.config_problems(config_loading.load_config(f"{configs / stage}.py:{size}")) == []
 
 

@@ -130,6 +130,9 @@ class LlamaConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides) -> LlamaConfig:
+    if name.startswith("chatglm3_"):  # the ChatGLM3 family runs on these modules (models/chatglm.py)
+      from vtimellm_jax.models import chatglm  # pylint: disable=g-import-not-at-top
+      return chatglm.preset(name.removeprefix("chatglm3_"), **overrides)
     presets = {"vicuna_7b": cls.vicuna_7b, "7b": cls.vicuna_7b, "vicuna_13b": cls.vicuna_13b, "13b": cls.vicuna_13b, "tiny": cls.tiny}
     if name not in presets:
       raise ValueError(f"unknown LLaMA preset {name!r}; choose from {sorted(presets)}")

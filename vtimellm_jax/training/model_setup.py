@@ -62,8 +62,8 @@ def base_structure(config: ml_collections.ConfigDict, vocab_size: int | None = N
     return load.model_builder(meta, VTimeLLM, config.seed, **overrides)
   vocab = config.model.vocab_size or vocab_size
   sizes = {k: config.model[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads") if config.model[k]}
-  if "num_heads" in sizes:
-    sizes["num_kv_heads"] = sizes["num_heads"]
+  if "num_heads" in sizes and not config.model.preset.startswith("chatglm3_"):
+    sizes["num_kv_heads"] = sizes["num_heads"]  # LLaMA's heads each have their own key/value; ChatGLM3 keeps 2 groups
   extra = {"vocab_size": vocab} if vocab else {}
   for key in ("time_code", "rope_theta"):
     if config.model.get(key, 0.0):
