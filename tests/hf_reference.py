@@ -130,10 +130,11 @@ def assert_forward_matches_hf(ours, hf, ids, mask, num_layers: int) -> None:
   np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(logits)[2, :5], rtol=1e-5, atol=1e-5)
 
 
-def hf_greedy(hf, prompt, max_new_tokens: int, eos_id: int = 2) -> list[int]:
-  """Returns HF `generate`'s greedy continuation of one prompt, cut before `eos_id`."""
+def hf_greedy(hf, prompt, max_new_tokens: int, eos_id: int | list[int] = 2) -> list[int]:
+  """Returns HF `generate`'s greedy continuation of one prompt, cut before `eos_id` (or any of a list)."""
   with torch.no_grad():
     out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=0)
   ids = out[0, len(prompt):].tolist()
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+  stops = set(eos_id) if isinstance(eos_id, list) else {eos_id}
+  return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)

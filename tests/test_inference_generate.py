@@ -1,5 +1,7 @@
 """Generation equals HF `generate` on the same weights; batching, stopping and sampling behave."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,21 @@ def test_stops_at_eos_per_row(models):
     assert row == hf_greedy(hf, prompt, NEW, eos_id=eos)
   # Tokens after a row's stop are eos filler, never new text.
   assert (out.tokens[0, 3:] == eos).all()
+
+
+def test_stop_ids_end_a_row_as_eos_does(models):
+  hf, ours = models
+  prompts = _prompts([5, 8, 4], seed=1)
+  # Row 1's third greedy token is a stop id (as ChatGLM3's <|user|>), row 0's fourth the eos.
+  stop = hf_greedy(hf, prompts[1], 6, eos_id=-1)[2]
+  eos = hf_greedy(hf, prompts[0], 6, eos_id=-1)[3]
+  config = gen.GenerationConfig(max_new_tokens=NEW, temperature=0, eos_id=eos, stop_ids=(stop,))
+  out = gen.generate_from_ids(ours, prompts, config)
+  rows = out.rows()
+  assert len(rows[1]) <= 2 and stop not in rows[1] and eos not in rows[0]
+  for prompt, row in zip(prompts, rows):
+    assert row == hf_greedy(hf, prompt, NEW, eos_id=[eos, stop])
+  assert gen.generate_from_ids(ours, prompts, dataclasses.replace(config, stop_ids=())).rows()[1][2] == stop
 
 
 def test_all_rows_stopped_ends_the_loop(models):

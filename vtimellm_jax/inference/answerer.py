@@ -76,6 +76,11 @@ class Answerer:
   def feature_dim(self) -> int:
     return self.model.feature_dim
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end an answer: this tokenizer's </s>, whatever id it has, and its family's others."""
+    return tuple(getattr(self.encoder, "stop_ids", (self.encoder.eos_id,)))
+
   def prompt_ids(self, history: Sequence[tuple[str, str]], question: str) -> list[int]:
     """Returns the token ids (one placeholder) of a conversation's prompt."""
     return prompts.tokenize_prompt(self.encoder, prompts.conversation_prompt(history, question))
@@ -113,7 +118,6 @@ class Answerer:
     ids_bt, lengths = generate_lib.pad_right(ids, self.encoder.pad_id, PAD_MULTIPLE)
     mask_bt = (np.arange(ids_bt.shape[1])[None] < lengths[:, None]).astype(np.int32)
     embeds, embed_lengths = _embed(self.model, jnp.asarray(ids_bt), jnp.asarray(mask_bt), jnp.asarray(features))
-    # Generation stops at this tokenizer's </s>, whatever id it has.
-    config = dataclasses.replace(config, eos_id=self.encoder.eos_id)
+    config = dataclasses.replace(config, eos_id=self.encoder.eos_id, stop_ids=self.stop_ids)
     out = generate_lib.generate(self.model, embeds, embed_lengths, config, keys)
     return [Answer(prompts.decode_answer(self.encoder, row), tuple(row)) for row in out.rows()[:n]]

@@ -130,7 +130,7 @@ class Engine:
     self.slots = slots
     self.context = context
     self.max_waiting = max_waiting
-    self.eos_id = bot.encoder.eos_id
+    self.stop_ids = frozenset(bot.stop_ids)
     self.stats = Stats()
     self._graphdef, self._state = nnx.split(bot.model)
     self._cache = bot.model.init_cache(slots, context)
@@ -239,8 +239,9 @@ class Engine:
 
   def _finish_if_done(self, slot: int) -> None:
     row = self._rows[slot]
-    if row.tokens[-1] == self.eos_id or len(row.tokens) >= row.request.max_new_tokens:
-      tokens = row.tokens[:-1] if row.tokens[-1] == self.eos_id else row.tokens
+    stopped = row.tokens[-1] in self.stop_ids
+    if stopped or len(row.tokens) >= row.request.max_new_tokens:
+      tokens = row.tokens[:-1] if stopped else row.tokens
       self._rows[slot] = None
       self.stats.completed += 1
       row.future.set_result(tokens)

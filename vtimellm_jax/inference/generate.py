@@ -3,8 +3,8 @@
 The prompt arrives as embeddings (`float[B, T, D]`, right-padded, real lengths `int[B]`), so the
 same code serves plain LLaMA ids (`model.model.embed`) and VTimeLLM prompts with spliced frame
 features (`model.embed_inputs`). One compiled program per batch size, prompt length, number of new
-tokens and sampling kind (greedy, or sampled with or without top-p and with its top-k); the
-temperature, top-p and the eos id are traced values:
+tokens, stop ids and sampling kind (greedy, or sampled with or without top-p and with its top-k);
+the temperature, top-p and the eos and stop ids are traced values:
 
   prefill  all T prompt positions of every row are written to a cache of T + max_new_tokens slots;
            each row's first new token comes from the hidden state at its own last real position.
@@ -12,7 +12,8 @@ temperature, top-p and the eos id are traced values:
            prompt padding the prefill left there) and attends to the slots at or before it, so rows of different
            lengths decode together without left padding.
 
-A row stops at its first `eos_id`; the loop ends when every row has stopped or after
+A row stops at its first `eos_id` or `stop_ids` token (ChatGLM3 also stops at `<|user|>`, the turn
+that would follow), which is not part of the answer; the loop ends when every row has stopped or after
 `max_new_tokens`. Sampling follows HF's order (temperature, then top-k, then top-p); every row draws
 from its own key folded with the step number, so a row's tokens do not depend on what it is batched
 with.
@@ -44,6 +45,7 @@ class GenerationConfig:
   top_p: float = 1.0  # 1: no nucleus filtering
   top_k: int = 0  # 0: no top-k filtering (HF generate's default is 50; see docs/inference.md)
   eos_id: int = EOS_ID  # a negative id never matches: always max_new_tokens tokens
+  stop_ids: tuple[int, ...] = ()  # more ids that end a row as eos does
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -116,9 +118,10 @@ def next_token(logits_bv: jax.Array, keys_b: jax.Array, config: GenerationConfig
                      nucleus=config.top_p < 1, top_k=config.static_top_k)
 
 
-def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, *,
+def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, stop_ids_k, *,
               max_new_tokens: int, greedy: bool, nucleus: bool, top_k: int):
   """Returns (tokens int32[B, max_new_tokens] with eos_id after a row stops, steps run)."""
+  stops = lambda token_b: (token_b == eos_id) | jnp.any(token_b[:, None] == stop_ids_k[None], axis=-1)
   model = nnx.merge(graphdef, state)
   b, t, _ = embeds_btd.shape
   n = max_new_tokens
@@ -134,7 +137,7 @@ def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p
   # Only each row's last real position is projected to the vocabulary.
   first = choose(model.lm_head(hidden[rows, lengths_b - 1]), 0)
   tokens = jnp.full((b, n), eos_id, jnp.int32).at[:, 0].set(first)
-  done = first == eos_id
+  done = stops(first)
 
   def cond(carry):
     i, _, done, _ = carry
@@ -148,14 +151,14 @@ def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p
                               cache=cache, cache_index_b=index)
     token = jnp.where(done, eos_id, choose(model.lm_head(h[:, 0]), i))
     tokens = tokens.at[:, i].set(token)
-    return i + 1, tokens, done | (token == eos_id), cache
+    return i + 1, tokens, done | stops(token), cache
 
   steps, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, cache))
   return tokens, steps
 
 
-# One compilation per (model, batch, prompt length, max_new_tokens, greedy, nucleus, top_k); the
-# temperature, top-p and eos id are traced values.
+# One compilation per (model, batch, prompt length, max_new_tokens, number of stop ids, greedy,
+# nucleus, top_k); the temperature, top-p, eos and stop ids are traced values.
 _generate_jit = jax.jit(_generate, static_argnums=(0,),
                         static_argnames=("max_new_tokens", "greedy", "nucleus", "top_k"))
 
@@ -198,11 +201,12 @@ def generate(model, embeds_btd: jax.Array, lengths_b: jax.Array | Sequence[int],
   graphdef, state = nnx.split(model)
   tokens, steps = _generate_jit(graphdef, state, embeds_btd, jnp.asarray(lengths), keys_b,
                                 jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
-                                jnp.int32(config.eos_id), max_new_tokens=config.max_new_tokens,
+                                jnp.int32(config.eos_id), jnp.asarray(config.stop_ids, jnp.int32).reshape(-1),
+                                max_new_tokens=config.max_new_tokens,
                                 greedy=config.greedy, nucleus=config.top_p < 1,
                                 top_k=config.static_top_k)
   tokens = np.asarray(tokens)
-  stopped = tokens == config.eos_id
+  stopped = (tokens == config.eos_id) | np.isin(tokens, config.stop_ids)
   answer_lengths = np.where(stopped.any(-1), stopped.argmax(-1), tokens.shape[1]).astype(np.int32)
   return Generated(tokens, answer_lengths, int(steps))
 
