@@ -1,5 +1,6 @@
-"""`extract-features` end to end: good and broken videos, resume, splits, images mode."""
+"""`extract-features` end to end: good and broken videos, resume, splits, images mode, gs:// output."""
 
+import contextlib
 import functools
 import json
 
@@ -7,6 +8,8 @@ import av
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
 from flax import nnx
 from PIL import Image
 
@@ -116,6 +119,46 @@ def test_resume_replaces_unreadable_or_wrong_shaped_outputs(video_dir, tmp_path,
   np.testing.assert_array_equal(np.load(out / "alpha.npy"), whole)
   assert np.load(out / "beta.npy").shape == (100, 768)
   assert (out / "gamma.npy").stat().st_mtime_ns == kept
+
+
+@contextlib.contextmanager
+def _fake_bucket(root):
+  """Serves gs:// paths from `root` through etils.epath's backend, as gcsfs would, with no rename.
+
+  Only epath's own operations reach the fake bucket: a builtin open() or os.replace() of a gs://
+  path fails, as it would on a real one; and a bucket has no atomic rename, so none is offered.
+  """
+  local = lambda path: str(path).replace("gs://", f"{root}/", 1)  # noqa: E731
+  redirect = lambda fn, path, *args, **kwargs: fn(local(path), *args, **kwargs)  # noqa: E731
+
+  def no_rename(fn, path, dst, *args, **kwargs):
+    del fn, args, kwargs
+    raise AssertionError(f"renamed {path} to {dst} on a bucket")
+
+  with epath_testing.mock_epath(open=redirect, exists=redirect, isdir=redirect, listdir=redirect, glob=redirect,
+                                makedirs=redirect, mkdir=redirect, remove=redirect, rmtree=redirect, stat=redirect,
+                                walk=redirect, rename=no_rename, replace=no_rename):
+    yield
+
+
+def test_output_on_a_bucket_equals_local_output_and_resumes(video_dir, tmp_path, capsys):
+  local = tmp_path / "local"
+  assert _extract(video_dir, local) == 1
+  capsys.readouterr()
+  with _fake_bucket(tmp_path / "fake"):
+    assert _extract(video_dir, "gs://bucket/feat") == 1
+    bucket = tmp_path / "fake" / "bucket" / "feat"
+    assert sorted(p.name for p in bucket.iterdir()) == ["alpha.npy", "beta.npy", "failures.jsonl", "gamma.npy"]
+    for name in ("alpha", "beta", "gamma"):
+      np.testing.assert_array_equal(np.load(bucket / f"{name}.npy"), np.load(local / f"{name}.npy"))
+    assert (bucket / "failures.jsonl").read_text() == (local / "failures.jsonl").read_text()
+    assert "-> gs://bucket/feat" in capsys.readouterr().err
+    # Resuming reads each finished file's header and size from the bucket.
+    (bucket / "beta.npy").write_bytes((bucket / "beta.npy").read_bytes()[:500])
+    assert _extract(video_dir, "gs://bucket/feat") == 1
+    assert "1 extracted (1 replacing unreadable or wrong-shaped files), 2 already done" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(bucket / "beta.npy"), np.load(local / "beta.npy"))
+    assert epath.Path("gs://bucket/feat/alpha.npy").exists()
 
 
 def test_list_file_and_splits(video_dir, tmp_path):

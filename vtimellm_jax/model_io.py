@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -88,9 +90,37 @@ def _recreate_hint(meta: dict[str, Any]) -> str:
   return "convert the source checkpoint again (vtimellm-jax convert llama / release) or re-export the training run"
 
 
+def storage_path(spec: str | os.PathLike) -> epath.Path:
+  """Returns a path that may be local (made absolute) or on a bucket (gs://..., with gcsfs installed).
+
+  The one path layer of everything the project writes: workdirs, model directories, features.
+  """
+  return epath.Path(spec) if "://" in str(spec) else epath.Path(pathlib.Path(spec).absolute())
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return "://" in str(path)
+
+
+def write_atomic(path: epath.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+  """Writes `path` with `write(file)` so that it is never seen half-written.
+
+  Locally through a temp file beside it and a rename; on a bucket directly, as an object store
+  shows an object only once its upload is complete (and has no rename).
+  """
+  if is_remote(path):
+    with path.open(mode) as f:
+      write(f)
+    return
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(tmp, mode) as f:
+    write(f)
+  os.replace(tmp, path)
+
+
 def _params_path(directory: str | pathlib.Path) -> epath.Path:
   """Returns `directory/params`, local (made absolute) or on a bucket (gs://...)."""
-  root = epath.Path(directory) if "://" in str(directory) else epath.Path(pathlib.Path(directory).absolute())
+  root = storage_path(directory)
   path = root / PARAMS_DIR
   if not path.exists():
     raise UserError(f"{directory}: no parameters at {path}")

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, model_io
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -84,7 +84,7 @@ def bench_end_to_end(model, videos: str, workers: int, batch_size: int) -> dict:
     encoder([extract.load_video(items[0], None, sampling.NUM_FRAMES, model.cfg.image_size)])()
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
-    summary = extract.extract(items, failures, pathlib.Path(out), encoder, images=False, workers=workers,
+    summary = extract.extract(items, failures, model_io.storage_path(out), encoder, images=False, workers=workers,
                               progress=False)
     seconds = time.perf_counter() - start
   return dict(videos=summary.done, failed=summary.failed, workers=workers, s=round(seconds, 2),

@@ -5,8 +5,9 @@ encoder. The host only decodes the sampled frames to uint8 and slices the window
 (`preprocess.source_window`); resize, crop and normalisation run on the device, inside the encoder's
 jit (`preprocess.device_pixels`). The main thread packs whole videos into batches of a fixed
 number of videos, padded to a size bucket, so a corpus of mixed resolutions compiles one program
-per bucket, and writes each `{id}.npy` atomically (temp file + rename), so an interrupted run
-resumes by skipping the ids already written. Unreadable inputs are recorded in `failures.jsonl`
+per bucket, and writes each `{id}.npy` atomically (`model_io.write_atomic`: temp file + rename, or
+one whole object on a gs:// bucket), so an interrupted run resumes by skipping the ids already
+written. Unreadable inputs are recorded in `failures.jsonl`
 with the reason and the run goes on.
 
 Every caller encodes through `BatchEncoder` (`extract-features`, `chat --video` / `eval --videos`
@@ -18,14 +19,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import numpy as np
+from etils import epath
 
+from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.video import decode, preprocess, sampling
 
@@ -123,7 +125,7 @@ def process_shard(explicit: tuple[int, int] | None) -> tuple[int, int] | None:
   return explicit
 
 
-def merge_failures(out_dir: pathlib.Path, count: int) -> pathlib.Path:
+def merge_failures(out_dir: epath.Path, count: int) -> epath.Path:
   """Waits for every process of a multi-process run, then process 0 writes `failures.jsonl`: the
   shards' failure files in shard order (each input belongs to one shard, so each is listed once)."""
   import jax
@@ -136,9 +138,7 @@ def merge_failures(out_dir: pathlib.Path, count: int) -> pathlib.Path:
     for index in range(count):
       part = out_dir / failures_file_name((index, count))
       lines += part.read_text().splitlines() if part.exists() else []
-    tmp = merged.with_name(f".{merged.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, merged)
+    model_io.write_atomic(merged, lambda f: f.write("".join(line + "\n" for line in lines)), mode="w")
   return merged
 
 
@@ -147,12 +147,9 @@ def failures_file_name(shard_spec: tuple[int, int] | None = None) -> str:
   return FAILURES if shard_spec is None else f"failures.{shard_spec[0]}-of-{shard_spec[1]}.jsonl"
 
 
-def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes `array` to `path` through a temp file and a rename, so `path` is never half-written."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
+def save_npy_atomic(path: epath.Path, array: np.ndarray) -> None:
+  """Writes `array` to `path` so that `path` is never half-written (local or gs://)."""
+  model_io.write_atomic(path, lambda f: np.save(f, array))
 
 
 class BatchEncoder:
@@ -227,10 +224,14 @@ class Summary:
   replaced: int = 0  # of `done`: outputs that existed but were unreadable or of another shape
 
 
-def complete_output(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
-  """Returns whether `path` is a whole float16 `.npy` of `shape`: its header says so and the data is all there."""
+def complete_output(path: epath.Path, shape: tuple[int, ...]) -> bool:
+  """Returns whether `path` is a whole float16 `.npy` of `shape`: its header says so and the data is all there.
+
+  Only the header is read, and the size from the file system, so resuming a corpus on a bucket
+  does not download it.
+  """
   try:
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
       version = np.lib.format.read_magic(f)
       read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
       saved_shape, _, dtype = read_header(f)
@@ -239,7 +240,7 @@ def complete_output(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
     return False
   nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np.float16).itemsize
   return (tuple(saved_shape) == tuple(shape) and dtype == np.float16
-          and path.stat().st_size == data_start + nbytes)
+          and path.stat().length == data_start + nbytes)
 
 
 def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], workers: int
@@ -266,7 +267,7 @@ def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], worker
         yield item, None, f"unexpected {type(e).__name__}: {e}"
 
 
-def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.Path, encoder: BatchEncoder,
+def extract(items: list[Item], prior_failures: list[Failure], out_dir: epath.Path, encoder: BatchEncoder,
             *, images: bool, splits: dict | None = None, workers: int = 4,
             num_frames: int = sampling.NUM_FRAMES, progress: bool = True, failures_name: str = FAILURES,
             limits: dict | None = None) -> Summary:
@@ -275,7 +276,8 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   `limits` (videos): a video that decodes past `time_limit` seconds or whose sampled frames take
   more than `max_bytes` decoded is a failure (`decode.read_frames`).
 
-  This run's failures go to `out_dir / failures_name`, one JSON object a line.
+  This run's failures go to `out_dir / failures_name`, one JSON object a line. `out_dir` is local or
+  on a bucket (`model_io.storage_path`).
 
   Frames are preprocessed to the encoder's image size (224 for the release's CLIP), on the device.
   """
@@ -301,7 +303,7 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: pathlib.P
   videos_per_batch = encoder.items_per_batch
 
   # The failures file describes the latest run: ids that failed before are retried.
-  with open(out_dir / failures_name, "w") as failures_file, \
+  with (out_dir / failures_name).open("w") as failures_file, \
        tqdm(total=len(todo), unit="video" if not images else "image", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
 

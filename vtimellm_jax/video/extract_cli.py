@@ -14,14 +14,14 @@ with no video is a failure. Inputs that cannot be read are listed in `{out}/fail
 `--shard i/n` extracts every n-th input (sorted by id) from the i-th, so n processes or machines
 can share one output folder; shard i lists its failures in `{out}/failures.i-of-n.jsonl`. Launched
 as one process per host (`launch/` scripts, SLURM: `jax.distributed`), process i of n takes shard
-i/n by itself and process 0 merges every shard's failures into `{out}/failures.jsonl`.
+i/n by itself and process 0 merges every shard's failures into `{out}/failures.jsonl`. `--out` may
+be a bucket (gs://..., through etils.epath with gcsfs), as training workdirs may.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 
 from vtimellm_jax import cli_types
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"a CLIP model directory from `convert clip`, a source `convert clip --src` accepts "
                            f"(converted on the fly), or {' / '.join(TINY_RANDOM_SIZES)} for a random tiny CLIP "
                            "at 224 / 64 px (quickstart, tests)")
-  parser.add_argument("--out", required=True, help="output folder for {id}.npy and failures.jsonl")
+  parser.add_argument("--out", required=True, help="output folder for {id}.npy and failures.jsonl; local or "
+                                                   "gs://bucket/... (with gcsfs, as in the tpu extra)")
   parser.add_argument("--splits", default=None,
                       help="JSON: {id: [start_s, end_s]} or a stage-2/3 data file (records' meta.split)")
   parser.add_argument("--data", default=None,
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from vtimellm_jax import sharding
+  from vtimellm_jax import model_io, sharding
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.video import clip_source, extract, sampling
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
   model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
   encoder = extract.BatchEncoder(model, args.batch_size, frames_per_item=per_item)
-  out_dir = pathlib.Path(args.out)
+  out_dir = model_io.storage_path(args.out)
   failures_name = extract.failures_file_name(shard)
   summary = extract.extract(items, failures, out_dir, encoder, images=args.images, splits=splits,
                             workers=args.workers, progress=not args.no_progress, failures_name=failures_name,
