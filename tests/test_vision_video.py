@@ -1,5 +1,6 @@
 """Frame sampling, seeking decode and pixel preprocessing against the release's rules and torch."""
 
+import json
 import av
 import numpy as np
 import pytest
@@ -166,3 +167,19 @@ def test_load_splits_forms(tmp_path):
   (tmp_path / "c.json").write_text('{"v1": [3, 1]}')
   with pytest.raises(UserError, match="v1"):
     sampling.load_splits(tmp_path / "c.json")
+
+
+def test_load_data_file_parses_once_for_ids_and_splits(tmp_path, monkeypatch):
+  records = [{"id": "b", "meta": {"split": [1, 2]}}, {"id": "a"}, {"id": "b", "meta": {"split": [1, 2]}}, {"id": 7}]
+  (tmp_path / "d.json").write_text(json.dumps(records))
+  reads = []
+  read = sampling._read_json  # pylint: disable=protected-access
+  monkeypatch.setattr(sampling, "_read_json", lambda path: reads.append(path) or read(path))
+  assert sampling.load_data_file(tmp_path / "d.json") == (["b", "a", "7"], {"b": (1.0, 2.0)})
+  assert len(reads) == 1
+  (tmp_path / "e.json").write_text(json.dumps([{"id": "a"}, ["not", "a", "record"]]))
+  with pytest.raises(UserError, match="e.json, record 1: expected an object with an 'id'"):
+    sampling.load_data_file(tmp_path / "e.json")
+  with pytest.raises(UserError, match="expected a stage-2/3 data file"):
+    (tmp_path / "f.json").write_text('{"a": [1, 2]}')
+    sampling.load_data_file(tmp_path / "f.json")

@@ -71,17 +71,19 @@ def run(args: argparse.Namespace) -> int:
     raise UserError("--batch-size and --workers must be at least 1")
   if args.data is not None and (args.splits is not None or args.images):
     raise UserError("--data takes the splits from the data file: not with --splits or --images")
+  if args.splits is not None and args.images:
+    raise UserError("--splits applies to videos, not --images")
   items, failures = extract.list_inputs(args.videos, args.images)
+  splits = None
   if args.data is not None:
-    items, failures = extract.select(items, failures, sampling.data_file_ids(args.data), args.data)
+    data_ids, splits = sampling.load_data_file(args.data)
+    items, failures = extract.select(items, failures, data_ids, args.data)
+  elif args.splits is not None:
+    splits = sampling.load_splits(args.splits)
   sharding.maybe_initialize_distributed()  # one process per host under launch/ scripts or SLURM
   shard = extract.process_shard(args.shard)
   if shard is not None:
     items, failures = extract.shard(items, failures, *shard)
-  splits_file = args.data or args.splits
-  if args.splits is not None and args.images:
-    raise UserError("--splits applies to videos, not --images")
-  splits = sampling.load_splits(splits_file) if splits_file is not None else None
   model = clip_source.load_clip(args.clip, clip_source.compute_dtype(args.dtype), args.seed)
   per_item = 1 if args.images else sampling.NUM_FRAMES
   encoder = extract.BatchEncoder(model, args.batch_size, frames_per_item=per_item)

@@ -60,17 +60,22 @@ def _check_split(value, where: str) -> tuple[float, float]:
   return s, e
 
 
-def data_file_ids(path: str | pathlib.Path) -> list[str]:
-  """Returns the video ids a stage-2/3 data file uses (each once, in the file's order)."""
+def load_data_file(path: str | pathlib.Path) -> tuple[list[str], dict[str, tuple[float, float]]]:
+  """Returns (the video ids a stage-2/3 data file uses, each once in file order; their splits).
+
+  The file is read and parsed once (a release data file has ~100k records).
+  """
   data = _read_json(path)
   if not isinstance(data, list):
     raise UserError(f"{path}: expected a stage-2/3 data file (a list of records), got {type(data).__name__}")
-  ids = {}
+  return list(dict.fromkeys(str(record["id"]) for record in _records(data, path))), _record_splits(data, path)
+
+
+def _records(data: list, path) -> list[dict]:
   for n, record in enumerate(data):
     if not isinstance(record, dict) or "id" not in record:
       raise UserError(f"{path}, record {n}: expected an object with an 'id'")
-    ids.setdefault(str(record["id"]), None)
-  return list(ids)
+  return data
 
 
 def _read_json(path: str | pathlib.Path):
@@ -98,10 +103,14 @@ def load_splits(path: str | pathlib.Path) -> dict[str, tuple[float, float]]:
     return splits
   if not isinstance(data, list):
     raise UserError(f"{path}: expected an object {{id: [s, e]}} or a list of data records, got {type(data).__name__}")
+  return _record_splits(data, path)
+
+
+def _record_splits(data: list, path) -> dict[str, tuple[float, float]]:
+  """Returns {id: split} of data records' `meta.split`s; an id with several keeps its first (warned)."""
+  splits: dict[str, tuple[float, float]] = {}
   conflicts = []
-  for n, record in enumerate(data):
-    if not isinstance(record, dict) or "id" not in record:
-      raise UserError(f"{path}, record {n}: expected an object with an 'id'")
+  for n, record in enumerate(_records(data, path)):
     meta = record.get("meta") or {}
     if not isinstance(meta, dict) or meta.get("split") is None:
       continue
