@@ -1,4 +1,4 @@
-"""Prompt templates `plain` (stage 1), `v1` (stages 2, 3, inference) and `glm` with the release's labels.
+"""Prompt templates `plain` (stage 1), `v1` (stages 2, 3, inference), `glm` (ChatGLM3) and labels.
 
 Token level, before video expansion: `input_ids` hold the text tokens with exactly one placeholder
 `VIDEO_TOKEN_INDEX` (-200) where `<video>` stood; `labels` are the token ids where the loss is taken
@@ -287,4 +287,5 @@ def glm_prompt(turns: Sequence[tuple[str, str]]) -> str:
   """Returns a readable rendering of the glm sequence (special tokens spelt out, for display only:
   the ids come from `tokenize`, never from encoding this string)."""
   names = {"human": "<|user|>", "gpt": "<|assistant|>"}
-  return "[gMASK]sop" + "".join(names.get(role, "<|assistant|>") + text for role, text in turns) + "</s>"
+  body = "".join(names.get(role, "<|assistant|>") + text for role, text in turns)
+  return "[gMASK]sop" + body + "</s>"
