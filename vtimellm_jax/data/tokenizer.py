@@ -261,6 +261,10 @@ class ReleaseEncoder:
   def __getstate__(self):
     return self.__dict__ | {"_cache": {}, "_vocab": None, "_id_pieces": None}
 
+  def __len__(self) -> int:
+    """Returns the number of token ids (`len` of the wrapped tokenizer), as `ChatGLMEncoder` does."""
+    return len(self.tokenizer)
+
   def _backend(self, text: str) -> list[int]:
     # The Rust backend directly is about 3x faster than `tokenizer(...)` and gives the same ids.
     backend = getattr(self.tokenizer, "backend_tokenizer", None)
