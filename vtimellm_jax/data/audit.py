@@ -35,8 +35,9 @@ def audit_record(raw: Any, *, feature_faults: Callable[[records.Prepared], list[
   Args:
     raw: the record as read from JSON (or ArrayRecord).
     feature_faults: checks the record's feature file; None skips the check.
-    enc: a `ReleaseEncoder`; None skips tokenization (no length or release-drop findings).
-    template: 'plain' or 'v1'; None picks 'plain' for image records and 'v1' for videos.
+    enc: an encoder of `tokenizer.load_encoder`; None skips tokenization (no length or
+      release-drop findings).
+    template: 'plain', 'v1' or 'glm'; None picks the release's (`templates.default_template`).
     max_length: the model sequence limit.
   """
   prepared, faults = records.prepare(raw)
@@ -47,7 +48,7 @@ def audit_record(raw: Any, *, feature_faults: Callable[[records.Prepared], list[
   if feature_faults is not None:
     faults.extend(feature_faults(prepared))
   if enc is not None:
-    name = template or ("plain" if prepared.is_image else "v1")
+    name = template or templates.default_template(enc, prepared.is_image)
     try:
       tokenized = templates.tokenize(prepared.turns, name, enc, max_length=max_length,
                                      num_features=prepared.num_features)

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--features", required=True, help="folder of {id}.npy feature files")
   parser.add_argument("--tokenizer", help="tokenizer directory: also check lengths and the "
                       "release's label mismatch")
-  parser.add_argument("--template", choices=("plain", "v1"),
-                      help="prompt template (default: plain for image records, v1 for videos)")
+  parser.add_argument("--template", choices=("plain", "v1", "glm"),
+                      help="prompt template (default: glm with a ChatGLM3 tokenizer, else plain for "
+                      "image records and v1 for videos)")
   parser.add_argument("--max-length", type=cli_types.int_at_least(2), default=2048,
                       help="model sequence limit: text tokens - 1 + features (default 2048)")
   parser.add_argument("--strict", action="store_true", help="notes also make the exit status 1")
@@ -36,12 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.data import audit  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.data import records  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.data import templates  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   data = records.load_json_records(args.data)
   enc = None
   if args.tokenizer:
-    enc = tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(args.tokenizer))
+    enc = tokenizer_lib.load_encoder(args.tokenizer)
+    if args.template:
+      templates.check_encoder(args.template, enc)
 
   def feature_faults(prepared):
     return records.check_feature_file(records.feature_path(args.features, prepared.id),

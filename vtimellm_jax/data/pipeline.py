@@ -45,6 +45,7 @@ import numpy as np
 
 from vtimellm_jax import errors
 from vtimellm_jax.data import audit
+from vtimellm_jax.data import chatglm_tokenizer
 from vtimellm_jax.data import records as records_lib
 from vtimellm_jax.data import templates
 from vtimellm_jax.data import tokenizer as tokenizer_lib
@@ -144,8 +145,10 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
 
   Args:
     source: a `JsonSource` (or any `RecordSource`, e.g. the ArrayRecord one of data_pipelines/).
-    tokenizer: a transformers LLaMA tokenizer (or an already wrapped `ReleaseEncoder`).
-    template: 'plain' (stage 1) or 'v1' (stages 2, 3).
+    tokenizer: a tokenizer folder, an encoder of `tokenizer.load_encoder` (`ReleaseEncoder` or
+      `ChatGLMEncoder`), or a transformers LLaMA tokenizer.
+    template: 'plain' (stage 1) or 'v1' (stages 2, 3) with a LLaMA tokenizer; 'glm' (every
+      stage) with a ChatGLM3 tokenizer.
     batch_size: rows per host and step (the global batch is batch_size * shard_count).
     seed: shuffling seed; epoch e shuffles with (seed, e).
     bucket_boundaries: allowed T values; None picks `num_buckets` from the length quantiles.
@@ -159,8 +162,6 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
     validate_features: check every feature file (header and size, no data read) while planning.
     prefetch_batches: batches loaded ahead by threads, in this process or in each worker.
   """
-  if template not in templates.TEMPLATES:
-    raise errors.UserError(f"unknown template {template!r}; choose one of {templates.TEMPLATES}")
   if batch_size < 1 or num_epochs < 1:
     raise errors.UserError(f"batch_size ({batch_size}) and num_epochs ({num_epochs}) must be >= 1")
   if shard_count is None or shard_index is None:
@@ -168,8 +169,13 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
     shard_index, shard_count = jax.process_index(), jax.process_count()
   if not 0 <= shard_index < shard_count:
     raise errors.UserError(f"shard index {shard_index} is not in [0, {shard_count})")
-  enc = tokenizer if isinstance(tokenizer, tokenizer_lib.ReleaseEncoder) else (
-      tokenizer_lib.ReleaseEncoder(tokenizer))
+  if isinstance(tokenizer, (str, os.PathLike)):
+    enc = tokenizer_lib.load_encoder(tokenizer)
+  elif isinstance(tokenizer, (tokenizer_lib.ReleaseEncoder, chatglm_tokenizer.ChatGLMEncoder)):
+    enc = tokenizer
+  else:
+    enc = tokenizer_lib.ReleaseEncoder(tokenizer)
+  templates.check_encoder(template, enc)
 
   lengths, num_features, stats = _measure(source, enc, template, max_length, skip_bad_records,
                                           validate_features)

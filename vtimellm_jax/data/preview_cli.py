@@ -20,8 +20,9 @@ _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data", required=True, help="release data JSON (stage 1, 2 or 3)")
   parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-  parser.add_argument("--template", required=True, choices=("v1", "plain"),
-                      help="plain for stage 1, v1 for stages 2 and 3")
+  parser.add_argument("--template", required=True, choices=("v1", "plain", "glm"),
+                      help="plain for stage 1, v1 for stages 2 and 3 (LLaMA tokenizers); glm for "
+                      "every stage with a ChatGLM3 tokenizer")
   parser.add_argument("--index", type=cli_types.int_at_least(0), default=0, help="record index in the JSON list")
   parser.add_argument("--max-length", type=cli_types.int_at_least(2), default=2048, help="model sequence limit")
   parser.add_argument("--json", action="store_true",
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
   if prepared is None:
     raise errors.UserError(f"{args.data}: {name}: "
                            + "; ".join(f"{f.kind}: {f.message}" for f in faults))
-  enc = tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(args.tokenizer))
+  enc = tokenizer_lib.load_encoder(args.tokenizer)
+  templates.check_encoder(args.template, enc)
   try:
     tok = templates.tokenize(prepared.turns, args.template, enc, max_length=args.max_length,
                              num_features=prepared.num_features)
@@ -54,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"input_ids": ids, "labels": labels}))
     return 0
 
-  prompt = (templates.plain_prompt(prepared.turns) if args.template == "plain"
-            else templates.v1_prompt(prepared.turns))
+  render = {"plain": templates.plain_prompt, "v1": templates.v1_prompt, "glm": templates.glm_prompt}
+  prompt = render[args.template](prepared.turns)
   pieces = enc.pieces(ids)
   print(f"{name}: template {args.template}, {len(ids)} text tokens"
         f" (+{prepared.num_features} features), {sum(l != -100 for l in labels)} trained")
@@ -66,33 +68,41 @@ def run(args: argparse.Namespace) -> int:
   print("--- prompt ---")
   print(prompt)
   print("--- trained spans in [[ ]] ---")
-  print(_marked_text(pieces, [l != -100 for l in labels]))
+  print(_marked_text(pieces, [l != -100 for l in labels], glm=args.template == "glm"))
   print("--- tokens ---")
   for k, (i, p, l) in enumerate(zip(ids, pieces, labels)):
     print(f"{k:5d} {i:7d} {p!r:24} {'-' if l == -100 else l}")
   return 0
 
 
-def _piece_bytes(piece: str, pos: int) -> bytes:
+def _piece_bytes(piece: str, first: bool) -> bytes:
   match = _BYTE.fullmatch(piece)
   if match:
     return bytes([int(match.group(1), 16)])
   text = piece.replace("\u2581", " ")
-  # The first piece's `▁` is sentencepiece's dummy prefix, not a character of the prompt.
-  return text[1:].encode() if pos == 1 and text.startswith(" ") else text.encode()
+  # The `▁` of a text's first piece is sentencepiece's dummy prefix, not a character of the prompt.
+  return text[1:].encode() if first and text.startswith(" ") else text.encode()
 
 
-def _marked_text(pieces: list[str], trained: list[bool]) -> str:
-  """Returns the text of `pieces` with trained runs wrapped in [[ ]] (BOS left out)."""
+def _marked_text(pieces: list[str], trained: list[bool], glm: bool = False) -> str:
+  """Returns the text of `pieces` with trained runs wrapped in [[ ]] (a LLaMA BOS left out).
+
+  With `glm` every message and `<video>` chunk is encoded on its own, so the piece after a special
+  token or the placeholder starts a text; ChatGLM3's special tokens are shown by name.
+  """
+  from vtimellm_jax.data import chatglm_tokenizer  # pylint: disable=g-import-not-at-top
+
+  starts = set(chatglm_tokenizer.EXTRA_TOKENS) | {"<video>"}
   out, run, state = [], b"", False
   for k, (piece, on) in enumerate(zip(pieces, trained)):
-    if k == 0 and piece == "<s>":
+    if not glm and k == 0 and piece == "<s>":
       continue
     if on != state and run:
       out.append(("[[" if state else "") + run.decode(errors="replace") + ("]]" if state else ""))
       run = b""
     state = on
-    run += _piece_bytes(piece, k)
+    first = k > 0 and pieces[k - 1] in starts and piece not in starts if glm else k == 1
+    run += _piece_bytes(piece, first)
   if run:
     out.append(("[[" if state else "") + run.decode(errors="replace") + ("]]" if state else ""))
   return "".join(out)

@@ -1,4 +1,4 @@
-"""Prompt templates `plain` (stage 1) and `v1` (stages 2, 3, inference) with the release's labels.
+"""Prompt templates `plain` (stage 1), `v1` (stages 2, 3, inference), `glm` (ChatGLM3) and labels.
 
 Token level, before video expansion: `input_ids` hold the text tokens with exactly one placeholder
 `VIDEO_TOKEN_INDEX` (-200) where `<video>` stood; `labels` are the token ids where the loss is taken
@@ -10,6 +10,13 @@ tokenizes every round (`USER: q ASSISTANT: a`) on its own, masks `len(instructio
 advances by `len(round)`; when the sum does not reach the full length it ignores the whole sample.
 Running that same counting here gives the release's labels wherever it trains, and flags
 (`Tokenized.release_dropped`) the samples it would silently drop.
+
+`glm` is the release's ChatGLM3 rule (its `preprocess_glm`), used with a ChatGLM3 tokenizer for
+every stage: `[gMASK] sop`, then per turn its role token (`<|user|>`, `<|assistant|>`) and the ids
+of its whole text (`<video>` as the placeholder; each chunk around it encoded on its own), then
+`</s>`. A token is trained iff the token before it belongs to an assistant turn (role token
+included): the answer's tokens and the role token or `</s>` right after it. The release builds this
+as a per-token loss mask shifted right by one; no sample is ever dropped.
 
 Over-length: the release cuts the text at 2048 tokens, so its model sequence (text - 1 + 100
 features) can reach 2147. Here the text is cut at `max_length - num_features + 1` tokens so that the
@@ -25,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from vtimellm_jax import errors
+from vtimellm_jax.data import chatglm_tokenizer
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 
 VIDEO_TOKEN_INDEX = -200
@@ -35,7 +43,7 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 SEP, SEP2 = " ", "</s>"
 PLAIN_SEP = "\n"
-TEMPLATES = ("plain", "v1")
+TEMPLATES = ("plain", "v1", "glm")
 MAX_LENGTH = 2048
 
 # The release's evaluation queries (its eval.py), verbatim.
@@ -115,13 +123,37 @@ def tokenize_video_prompt(enc: tokenizer_lib.ReleaseEncoder, prompt: str) -> lis
   return ids
 
 
-def tokenize(turns: Sequence[tuple[str, str]], template: str, enc: tokenizer_lib.ReleaseEncoder, *,
+def check_encoder(template: str, enc) -> None:
+  """Raises UserError unless `template` exists and suits `enc`: 'glm' needs a ChatGLM3 tokenizer,
+  'plain' and 'v1' a LLaMA one."""
+  if template not in TEMPLATES:
+    raise errors.UserError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+  glm = isinstance(enc, chatglm_tokenizer.ChatGLMEncoder)
+  if template == "glm" and not glm:
+    raise errors.UserError("template 'glm' needs a ChatGLM3 tokenizer folder (tokenizer_config.json "
+                           "with tokenizer_class ChatGLMTokenizer); this tokenizer is a LLaMA one: "
+                           "use 'plain' or 'v1'")
+  if template != "glm" and glm:
+    raise errors.UserError(f"template {template!r} is for LLaMA tokenizers; {enc.path} is a "
+                           "ChatGLM3 tokenizer, which the release trains with template 'glm' at "
+                           "every stage")
+
+
+def default_template(enc, is_image: bool) -> str:
+  """Returns the release's template for a record: 'glm' for a ChatGLM3 tokenizer, else 'plain' for
+  stage-1 images and 'v1' for videos."""
+  if isinstance(enc, chatglm_tokenizer.ChatGLMEncoder):
+    return "glm"
+  return "plain" if is_image else "v1"
+
+
+def tokenize(turns: Sequence[tuple[str, str]], template: str, enc, *,
              max_length: int = MAX_LENGTH, num_features: int = 100) -> Tokenized:
   """Returns the release's input_ids and labels of a conversation, cut to fit `max_length`.
 
   Args:
     turns: (role, text) pairs after the record rewrites, roles 'human'/'gpt', one `<video>`.
-    template: 'plain' or 'v1'.
+    template: 'plain', 'v1' (a `tokenizer.ReleaseEncoder`) or 'glm' (a `ChatGLMEncoder`).
     enc: the release-compatible encoder of the tokenizer.
     max_length: model sequence limit (text - 1 + num_features), also the release's
       `model_max_length` for its length check.
@@ -129,14 +161,15 @@ def tokenize(turns: Sequence[tuple[str, str]], template: str, enc: tokenizer_lib
 
   Raises:
     OverLengthError: the text is so long that the cut would remove `<video>`.
-    UserError: unknown template or malformed turns.
+    UserError: unknown template, a template that does not suit the tokenizer, or malformed turns.
   """
-  if template == "plain":
+  check_encoder(template, enc)
+  if template == "glm":
+    ids, labels, dropped = _glm_labels(turns, enc)
+  elif template == "plain":
     ids, labels, dropped = _plain_labels(turns, enc)
   elif template == "v1":
     ids, labels, dropped = _v1_labels(turns, enc, max_length)
-  else:
-    raise errors.UserError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
   if ids.count(VIDEO_TOKEN_INDEX) != 1:
     raise errors.UserError(f"the prompt holds {ids.count(VIDEO_TOKEN_INDEX)} <video> tags; exactly "
                            "one is supported")
@@ -194,3 +227,65 @@ def _v1_labels(turns, enc, max_length: int) -> tuple[list[int], list[int], bool]
   if dropped:
     labels = [IGNORE_INDEX] * len(ids)
   return ids, labels, dropped
+
+
+def glm_turn_ids(enc: chatglm_tokenizer.ChatGLMEncoder, text: str) -> list[int]:
+  """Returns the release's ids of one message's text: its chunks around `<video>`, each encoded on
+  its own, joined by the placeholder (no prefix, no role token)."""
+  ids = []
+  for k, chunk in enumerate(text.split(VIDEO_TAG)):
+    if k:
+      ids.append(VIDEO_TOKEN_INDEX)
+    ids.extend(enc.encode(chunk))
+  return ids
+
+
+def _glm_sequence(turns, enc) -> tuple[list[int], list[bool]]:
+  """Returns the glm ids of `turns` ending in `</s>`, and which tokens belong to an assistant turn."""
+  for k, (role, text) in enumerate(turns):
+    if role != "human" and VIDEO_TAG in text:
+      raise errors.UserError(f"turn {k} ({role}) holds {VIDEO_TAG}; only a human turn may")
+  ids, answer = [enc.gmask_id, enc.sop_id], [False, False]
+  for role, text in turns:
+    turn = [enc.user_id if role == "human" else enc.assistant_id] + glm_turn_ids(enc, text)
+    ids.extend(turn)
+    answer.extend([role != "human"] * len(turn))
+  ids.append(enc.eos_id)
+  answer.append(False)
+  return ids, answer
+
+
+def _glm_labels(turns, enc) -> tuple[list[int], list[int], bool]:
+  ids, answer = _glm_sequence(turns, enc)
+  # Shifted right by one: a token is trained when the token before it is an assistant token.
+  trained = [False] + answer[:-1]
+  return ids, [i if t else IGNORE_INDEX for i, t in zip(ids, trained)], False
+
+
+def glm_generation_ids(turns: Sequence[tuple[str, str]],
+                       enc: chatglm_tokenizer.ChatGLMEncoder) -> list[int]:
+  """Returns the release's ChatGLM3 inference ids of a conversation that ends with a human turn.
+
+  The glm sequence of the conversation so far with its final `</s>` replaced by `<|assistant|>`;
+  the answer is generated until one of `enc.stop_ids`. Exactly one `<video>`, in a human turn.
+
+  Raises:
+    UserError: the last turn is not a human one, or `<video>` is missing, repeated or in an answer.
+  """
+  if not isinstance(enc, chatglm_tokenizer.ChatGLMEncoder):
+    raise errors.UserError("glm_generation_ids needs a ChatGLM3 tokenizer")
+  if not turns or turns[-1][0] != "human":
+    raise errors.UserError("a ChatGLM3 generation prompt must end with a human turn")
+  ids, _ = _glm_sequence(turns, enc)
+  if ids.count(VIDEO_TOKEN_INDEX) != 1:
+    raise errors.UserError(f"the prompt holds {ids.count(VIDEO_TOKEN_INDEX)} <video> tags; exactly "
+                           "one is supported")
+  return ids[:-1] + [enc.assistant_id]
+
+
+def glm_prompt(turns: Sequence[tuple[str, str]]) -> str:
+  """Returns a readable rendering of the glm sequence (special tokens spelt out, for display only:
+  the ids come from `tokenize`, never from encoding this string)."""
+  names = {"human": "<|user|>", "gpt": "<|assistant|>"}
+  body = "".join(names.get(role, "<|assistant|>") + text for role, text in turns)
+  return "[gMASK]sop" + body + "</s>"

@@ -29,6 +29,7 @@ import pathlib
 from typing import Iterable, Sequence
 
 from vtimellm_jax import errors
+from vtimellm_jax.data import chatglm_tokenizer
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -260,6 +261,10 @@ class ReleaseEncoder:
   def __getstate__(self):
     return self.__dict__ | {"_cache": {}, "_vocab": None, "_id_pieces": None}
 
+  def __len__(self) -> int:
+    """Returns the number of token ids (`len` of the wrapped tokenizer), as `ChatGLMEncoder` does."""
+    return len(self.tokenizer)
+
   def _backend(self, text: str) -> list[int]:
     # The Rust backend directly is about 3x faster than `tokenizer(...)` and gives the same ids.
     backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -375,3 +380,19 @@ def _required_id(tokenizer, name: str) -> int:
   if value is None:
     raise errors.UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no {name} token")
   return int(value)
+
+
+def load_encoder(path: str | os.PathLike, *, model_max_length: int = MODEL_MAX_LENGTH):
+  """Returns the release-compatible encoder of tokenizer folder `path`, for either model family.
+
+  A folder whose tokenizer_config.json names `ChatGLMTokenizer` gives a
+  `chatglm_tokenizer.ChatGLMEncoder`; any other gives `ReleaseEncoder(load_tokenizer(path))`.
+
+  Raises:
+    UserError: the folder is missing, not a tokenizer folder, or its files are unreadable.
+  """
+  if not pathlib.Path(path).is_dir():
+    raise errors.UserError(f"{path}: not a tokenizer folder")
+  if chatglm_tokenizer.is_chatglm_folder(path):
+    return chatglm_tokenizer.ChatGLMEncoder(path)
+  return ReleaseEncoder(load_tokenizer(path, model_max_length=model_max_length))
