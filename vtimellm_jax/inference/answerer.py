@@ -51,9 +51,9 @@ def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer
     raise UserError(f"--model {model_dir}: not a folder")
   overrides = {} if dtype == "auto" else {"dtype": dtype, "param_dtype": dtype}
   model = load.load_model(path, model_cls=VTimeLLM, **overrides)
-  encoder = tokenizer_lib.ReleaseEncoder(tokenizer_lib.load_tokenizer(path))
-  if model.config.vocab_size < len(encoder.tokenizer):
-    raise UserError(f"{path}: the tokenizer has {len(encoder.tokenizer)} tokens but the model only "
+  encoder = tokenizer_lib.load_encoder(path)
+  if model.config.vocab_size < len(encoder):
+    raise UserError(f"{path}: the tokenizer has {len(encoder)} tokens but the model only "
                     f"{model.config.vocab_size} embeddings")
   return Answerer(model, encoder)
 
@@ -83,7 +83,7 @@ class Answerer:
 
   def prompt_ids(self, history: Sequence[tuple[str, str]], question: str) -> list[int]:
     """Returns the token ids (one placeholder) of a conversation's prompt."""
-    return prompts.tokenize_prompt(self.encoder, prompts.conversation_prompt(history, question))
+    return prompts.prompt_ids(self.encoder, history, question)
 
   def answer(self, conversations: Sequence[tuple[Sequence[tuple[str, str]], str]],
              features: Sequence[np.ndarray], config: generate_lib.GenerationConfig,

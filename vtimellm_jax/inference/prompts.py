@@ -1,15 +1,18 @@
 """The release's inference prompts and queries, tokenized around `<video>`, and its answer clean-up.
 
-Every question goes into the Vicuna v1 conversation of SPEC section 2 ending in "ASSISTANT:" (no
-trailing space); the first user message of a conversation starts with `<video>`, which becomes the
-placeholder id that `VTimeLLM.embed_inputs` replaces with the projected frame features.
+With a Vicuna tokenizer every question goes into the Vicuna v1 conversation of SPEC section 2
+ending in "ASSISTANT:" (no trailing space); with a ChatGLM3 one into the release's ChatGLM
+sequence (`[gMASK] sop <|user|> question ... <|assistant|>`, `templates.glm_generation_ids`), as
+its ChatGLM inference builds it. The first user message of a conversation starts with `<video>`,
+which becomes the placeholder id that `VTimeLLM.embed_inputs` replaces with the projected frame
+features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vtimellm_jax.data import templates
+from vtimellm_jax.data import chatglm_tokenizer, templates
 from vtimellm_jax.errors import UserError
 
 VIDEO_TAG = templates.VIDEO_TAG
@@ -19,8 +22,8 @@ def chat_question(query: str) -> str:
   return VIDEO_TAG + "\n" + query
 
 
-def conversation_prompt(history: Sequence[tuple[str, str]], question: str) -> str:
-  """Returns the v1 prompt of earlier (question, answer) rounds plus `question`, ending 'ASSISTANT:'.
+def conversation_turns(history: Sequence[tuple[str, str]], question: str) -> list[tuple[str, str]]:
+  """Returns the (role, text) turns of earlier (question, answer) rounds plus `question`.
 
   Exactly one `<video>` must appear, in the first question (the release's single-video prompt).
   """
@@ -31,7 +34,23 @@ def conversation_prompt(history: Sequence[tuple[str, str]], question: str) -> st
   tags = sum(text.count(VIDEO_TAG) for _, text in turns)
   if tags != 1 or VIDEO_TAG not in turns[0][1]:
     raise UserError(f"a conversation needs exactly one {VIDEO_TAG}, in its first question; found {tags}")
-  return templates.v1_prompt(turns, generation_prompt=True)
+  return turns
+
+
+def conversation_prompt(history: Sequence[tuple[str, str]], question: str) -> str:
+  """Returns the v1 prompt of earlier (question, answer) rounds plus `question`, ending 'ASSISTANT:'."""
+  return templates.v1_prompt(conversation_turns(history, question), generation_prompt=True)
+
+
+def is_chatglm(encoder) -> bool:
+  return isinstance(encoder, chatglm_tokenizer.ChatGLMEncoder)
+
+
+def prompt_ids(encoder, history: Sequence[tuple[str, str]], question: str) -> list[int]:
+  """Returns the ids (one placeholder) of a conversation's generation prompt in the encoder's family."""
+  if is_chatglm(encoder):
+    return templates.glm_generation_ids(conversation_turns(history, question), encoder)
+  return tokenize_prompt(encoder, conversation_prompt(history, question))
 
 
 def tokenize_prompt(encoder, prompt: str) -> list[int]:
@@ -43,8 +62,10 @@ def decode_answer(encoder, token_ids: Sequence[int]) -> str:
   """Returns the answer text of generated ids the way the release cleans it up.
 
   Special tokens are dropped, whitespace stripped, and a trailing '</s>' removed (the release strips
-  its stop string again in case the tokenizer spelled it out).
+  its stop string again in case the tokenizer spelled it out; its ChatGLM inference only strips).
   """
+  if is_chatglm(encoder):
+    return encoder.decode(list(token_ids)).strip()
   text = encoder.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
   if text.endswith(templates.SEP2):
     text = text[:-len(templates.SEP2)]

@@ -36,4 +36,4 @@ def _vocab_size(config) -> int | None:
     return None
   from vtimellm_jax.data import tokenizer as tokenizer_lib
 
-  return len(tokenizer_lib.load_tokenizer(config.data.tokenizer))
+  return len(tokenizer_lib.load_encoder(config.data.tokenizer))

@@ -153,7 +153,7 @@ def _time_piece_ids(config: ml_collections.ConfigDict) -> list[int]:
 
   if not config.data.tokenizer:
     raise UserError("config.model.time_code > 0 on a random model needs config.data.tokenizer")
-  vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer).get_vocab()
+  vocab = tokenizer_lib.load_encoder(config.data.tokenizer).vocab
   bare = [p.lstrip(tokenizer_lib.SPACE_MARKER) for p in time_code.TIME_PIECES]
   spaced_ids, bare_ids = ([tokenizer_lib.piece_id(vocab, p) for p in pieces]
                           for pieces in (time_code.TIME_PIECES, bare))

@@ -36,7 +36,7 @@ def _tokenizer(config):
   path = config.data.tokenizer or config.model.base
   if not path:
     raise UserError("config.data.tokenizer is empty and there is no model.base to take the tokenizer from")
-  return tokenizer_lib.load_tokenizer(path)
+  return tokenizer_lib.load_encoder(path)
 
 
 def build_data(config, shard_index: int, shard_count: int):
