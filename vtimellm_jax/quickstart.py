@@ -11,7 +11,10 @@ Steps (each through the project's own commands, each resumable by rerunning):
   6. `eval` (grounding and dense captioning) on held-out videos and `metrics`, next to a
      constant-answer baseline; a timeline plot.
 With `--size 7b --base <vicuna model dir> --clip <clip dir>` the same steps run the real-size model
-on the synthetic corpus (a smoke test of a GPU/TPU machine).
+on the synthetic corpus (a smoke test of a GPU/TPU machine). `--family chatglm3` runs the release's
+ChatGLM3 variant instead: a ChatGLM3-style tokenizer, a tiny ChatGLM3-shaped model (or `--size 6b
+--base <converted ChatGLM3-6B>`), the `configs/stageN.py:chatglm3,...` recipe with its `glm`
+template, and the same evaluation.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ QUICKSTART_VOCAB = 1024
 # A dense-captioning answer in JSON is 36-79 pieces of that tokenizer on the held-out videos; the
 # budget leaves room for a model that lists an event twice before it closes the bracket.
 EVAL_MAX_NEW_TOKENS = 256
+# Sizes of each family's stage configs (configs/common.py).
+FAMILY_SIZES = {"vicuna": ("tiny", "7b", "13b"), "chatglm3": ("tiny", "6b")}
 QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
                      "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
 
@@ -68,8 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--steps", type=cli_types.int_at_least(0), default=0, help="steps of every stage (0: the quickstart's own per stage)")
   parser.add_argument("--stage-steps", default="", metavar="STAGE=N,...",
                       help="steps of single stages, e.g. stage0=100,stage2=300 (overrides --steps for those)")
-  parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b"))
-  parser.add_argument("--base", default="", help="with --size 7b/13b: a converted Vicuna model directory")
+  parser.add_argument("--family", default="vicuna", choices=tuple(FAMILY_SIZES),
+                      help="the LLM family: Vicuna (LLaMA) or ChatGLM3, as the release has (default: %(default)s)")
+  parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b", "6b"),
+                      help="tiny (trained here), or a real size with --base: 7b/13b (Vicuna), 6b (ChatGLM3)")
+  parser.add_argument("--base", default="", help="with a real --size: a converted Vicuna / ChatGLM3 model directory")
   parser.add_argument("--clip", default="tiny-random-64",
                       help="CLIP for extract-features (default: a random tiny CLIP at the videos' 64 px)")
 
@@ -150,7 +158,7 @@ def _metrics(log: pathlib.Path, data: pathlib.Path, task: str, plot: pathlib.Pat
 
 
 def run(args: argparse.Namespace) -> int:
-  from vtimellm_jax.data import tokenizer as tokenizer_lib
+  from vtimellm_jax.data import chatglm_tokenizer, tokenizer as tokenizer_lib
   from vtimellm_jax.data_pipelines.synthetic import corpus as synthetic
   from vtimellm_jax.evaluation import coco_java
   from vtimellm_jax.inference import served
@@ -160,8 +168,12 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.video import standardize
   from vtimellm_jax.video.clip_source import TINY_RANDOM_SIZES
 
+  family = getattr(args, "family", "vicuna")
+  if args.size not in FAMILY_SIZES[family]:
+    raise UserError(f"--family {family} has sizes {', '.join(FAMILY_SIZES[family])}, not {args.size}")
   if args.size != "tiny" and not args.base:
-    raise UserError("--size 7b/13b needs --base <converted Vicuna model directory> (and usually --clip)")
+    raise UserError(f"--size {args.size} needs --base <converted model directory> (and usually --clip)")
+  config_arg = args.size if family == "vicuna" else f"{family},{args.size}"
   stage_steps = parse_stage_steps(args.stage_steps)  # before minutes of work, not after
   wd = pathlib.Path(args.workdir)
   wd.mkdir(parents=True, exist_ok=True)
@@ -183,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
     lines += [record["conversations"][1]["value"] for record in stage0_data]
-    tokenizer_lib.train_tokenizer(lines, tokenizer_dir, vocab_size=QUICKSTART_VOCAB, pieces=time_code.TIME_PIECES)
+    train = tokenizer_lib.train_tokenizer if family == "vicuna" else chatglm_tokenizer.train_chatglm_tokenizer
+    train(lines, tokenizer_dir, vocab_size=QUICKSTART_VOCAB, pieces=time_code.TIME_PIECES)
 
   say("3/6 features (extract-features)")
   features, stills = wd / "features" / "videos", wd / "features" / "stills"
@@ -217,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"training {stage}")
     schedule = QUICKSTART_STAGES[stage] if args.size == "tiny" else []
     steps = [f"--config.max_steps={stage_steps[stage]}"] if stage in stage_steps else []
-    _cli(["train", "--config", f"{configs / stage}.py:{args.size}", "--workdir", str(runs / stage),
+    _cli(["train", "--config", f"{configs / stage}.py:{config_arg}", "--workdir", str(runs / stage),
           f"--config.data.json={data}", f"--config.data.features={feats}", *common, *schedule, *user, *steps, *extra])
 
   base = args.base
