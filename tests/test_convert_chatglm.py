@@ -293,10 +293,13 @@ def test_release_set_generates_as_the_torch_model(release, tmp_path, capsys, kee
   assert gen.generate_from_ids(model, prompts, GREEDY).rows() == [hf_greedy(reference, p, 6, eos_id=-1) for p in prompts]
 
 
-def test_release_from_an_hf_glm_base_equals_original_names(release, tmp_path):
+@pytest.mark.parametrize("base_kind", ["hf", "converted"])
+def test_release_on_an_hf_glm_or_converted_base(release, converted, tmp_path, base_kind):
   root, _, reference, _ = release
-  hf_glm(CONFIG, seed=2).save_pretrained(tmp_path / "glm-hf")
-  _convert_release(root, tmp_path / "glm-hf", tmp_path / "model")
+  if base_kind == "hf":
+    hf_glm(CONFIG, seed=2).save_pretrained(tmp_path / "glm-hf")
+  base = tmp_path / "glm-hf" if base_kind == "hf" else converted  # the same weights as the original-names base
+  _convert_release(root, base, tmp_path / "model")
   ids, mask = random_batch(CONFIG.vocab_size, 2, 9, [9, 5])
   with torch.no_grad():
     ref = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()

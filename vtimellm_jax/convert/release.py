@@ -94,10 +94,36 @@ def family_of(config: LlamaConfig) -> Family:
   return CHATGLM if config.fused_projections else VICUNA
 
 
+def _model_dir_tensors(base: pathlib.Path, family: Family) -> Iterator[tuple[str, str, np.ndarray]]:
+  """Yields (file, PyTorch name, array) of a model directory's arrays, one array restored at a time."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  for parts, struct in model_io.saved_arrays(base).items():
+    target = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)
+    (array,) = model_io.restore_arrays(base, {parts: target}).values()
+    array = np.asarray(array)
+    items = table.unstack("/".join(parts), array, family.rules)
+    yield from (((str(base), name, value) for name, value in items) if items is not None else
+                [(str(base), "/".join(parts), array)])  # a path without a name: reported as unexpected
+
+
 def read_base(base: str | pathlib.Path, dtype: str, problems: list[str]):
-  """Returns (config, family, tensors) of a base LLM directory: tensors yields (file, name, array) in the
-  family's names, appending problems found while renaming (an HF Glm base) to `problems`."""
+  """Returns (config, family, tensors) of a base LLM: tensors yields (file, name, array) in the family's names.
+
+  `base` is an HF Vicuna directory, a ChatGLM3 directory (original names or HF Glm, renamed on the
+  way, appending problems to `problems`) or one of our model directories (`convert llama` /
+  `convert chatglm` output) without unmerged LoRA.
+  """
   base = pathlib.Path(base)
+  if (base / model_io.MODEL_JSON).is_file():
+    meta = model_io.read_model_json(base)
+    if meta["kind"] not in ("llama", "vtimellm"):
+      raise UserError(f"--base {base}: holds a '{meta['kind']}' model, not an LLM")
+    if meta.get("lora"):
+      raise UserError(f"--base {base}: holds unmerged LoRA; merge it first (vtimellm-jax export --model {base} "
+                      "--out <dir>)")
+    config = LlamaConfig.from_architecture(meta["config"], param_dtype=dtype)
+    family = family_of(config)
+    return config, family, _model_dir_tensors(base, family)
   hf, _ = chatglm.load_config_json(base)
   if hf.get("model_type") in ("chatglm", "VTimeLLM_ChatGLM", "glm") or "padded_vocab_size" in hf:
     config, layout = chatglm.read_config(base, param_dtype=dtype)

@@ -121,7 +121,7 @@ def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: st
   base_dir = out / (export_formats.CHATGLM_BASE_DIR if family is release.CHATGLM else export_formats.BASE_DIR)
   if with_base:
     kind = write_llm(base_dir, "chatglm")
-    lines.append(f"{base_dir}: the base LLM as a {kind} directory ({dtype}), for --model_base")
+    lines.append(f"{base_dir}: the base LLM, {kind} directory ({dtype}), for --model_base")
   if not factors:
     return lines + ["the model holds no unmerged LoRA, so only the projector was written; its LLM weights "
                     "are exported with --format hf (or --with-base)"]
