@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from hf_reference import hf_glm, hf_greedy, random_batch, rel_err, state_dict_numpy
+from hf_reference import hf_glm, hf_greedy, random_batch, rel_err
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.convert import chatglm as chatglm_convert
 from vtimellm_jax.errors import UserError
@@ -38,7 +38,8 @@ RENAMES = (
     (r"model\.embed_tokens\.", "transformer.embedding.word_embeddings."),
     (r"model\.norm\.", "transformer.encoder.final_layernorm."),
     (r"lm_head\.", "transformer.output_layer."),
-    (r"model\.layers\.(\d+)\.self_attn\.query_key_value\.", r"transformer.encoder.layers.\1.self_attention.query_key_value."),
+    (r"model\.layers\.(\d+)\.self_attn\.query_key_value\.",
+     r"transformer.encoder.layers.\1.self_attention.query_key_value."),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.encoder.layers.\1.self_attention.dense."),
     (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.", r"transformer.encoder.layers.\1.mlp.dense_h_to_4h."),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.encoder.layers.\1.mlp.dense_4h_to_h."),
@@ -194,12 +195,13 @@ def fused_glm(seed: int = 2):
       fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
       fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
     attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = _Slice(attn, 0, Q), _Slice(attn, Q, Q + KV), _Slice(attn, Q + KV, Q + 2 * KV)
+    attn.q_proj, attn.k_proj, attn.v_proj = (_Slice(attn, 0, Q), _Slice(attn, Q, Q + KV),
+                                             _Slice(attn, Q + KV, Q + 2 * KV))
   return hf
 
 
 def _peft_stage(model, folder, rank: int, alpha: float, seed: int, fmt: str):
-  """Trains nothing: puts random LoRA on the release's targets, saves it in the release's names; returns the peft model."""
+  """Returns the peft model with random LoRA on the release's targets, saved to `folder` in the release's names."""
   model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                      target_modules=list(RELEASE_TARGETS)))
   gen_ = torch.Generator().manual_seed(seed)
@@ -290,7 +292,8 @@ def test_release_set_generates_as_the_torch_model(release, tmp_path, capsys, kee
   # Text only, right-padded batch of two lengths.
   rng = np.random.RandomState(4)
   prompts = [rng.randint(3, CONFIG.vocab_size, n).tolist() for n in (3, 8)]
-  assert gen.generate_from_ids(model, prompts, GREEDY).rows() == [hf_greedy(reference, p, 6, eos_id=-1) for p in prompts]
+  expected = [hf_greedy(reference, p, 6, eos_id=-1) for p in prompts]
+  assert gen.generate_from_ids(model, prompts, GREEDY).rows() == expected
 
 
 @pytest.mark.parametrize("base_kind", ["hf", "converted"])

@@ -53,7 +53,8 @@ HF_RENAMES: tuple[table.Rule, ...] = tuple((hf, original, table.identity) for hf
     ("model.layers.{layer}.mlp.down_proj.weight", f"{_LAYER}.mlp.dense_4h_to_h.weight"),
 ))
 _HF_QKV = re.compile(r"model\.layers\.(?P<layer>\d+)\.self_attn\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)")
-_QKV = re.compile(r"transformer\.encoder\.layers\.(?P<layer>\d+)\.self_attention\.query_key_value\.(?P<kind>weight|bias)")
+_QKV = re.compile(r"transformer\.encoder\.layers\.(?P<layer>\d+)\.self_attention\.query_key_value\."
+                  r"(?P<kind>weight|bias)")
 # Buffers the model recomputes (ChatGLM's rope table; older HF checkpoints' inv_freq).
 IGNORED = (r"transformer\.rotary_pos_emb\.inv_freq", r".*rotary_emb\.inv_freq")
 LAYOUTS = ("original", "hf")
@@ -228,7 +229,8 @@ def iter_original(src: str | pathlib.Path, config: LlamaConfig, layout: str,
   return tensors if layout == "original" else hf_to_original(tensors, config, problems)
 
 
-def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
+def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
+                    dtype: str = "bfloat16") -> tuple[LlamaConfig, str]:
   """Converts a ChatGLM3 directory (original or HF Glm layout) into a model directory; returns (config, layout)."""
   src = pathlib.Path(src)
   if dtype not in ("bfloat16", "float32"):

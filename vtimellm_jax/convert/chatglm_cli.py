@@ -7,10 +7,11 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--src", required=True,
-                      help="ChatGLM3 directory: config.json (model_type chatglm: original transformer.encoder... names; "
-                           "or glm: HF GlmForCausalLM), *.safetensors or pytorch_model-*.bin, tokenizer.model")
+                      help="ChatGLM3 directory: config.json (model_type chatglm: original transformer.encoder... "
+                           "names; or glm: HF GlmForCausalLM), *.safetensors or pytorch_model-*.bin, tokenizer.model")
   parser.add_argument("--out", required=True, help="output model directory")
-  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="storage dtype of the weights")
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                      help="storage dtype of the weights")
 
 
 def run(args: argparse.Namespace) -> int:

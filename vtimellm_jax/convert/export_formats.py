@@ -3,11 +3,12 @@
 Names are the model's family's (`release.Family`): Vicuna's HF LLaMA names, or ChatGLM3's original
 `transformer.encoder.layers.N...` names with the adapter at `transformer.mm_projector`.
   release  `mm_projector.bin` (torch state dict, keys `model.mm_projector.weight` [d, 768] and
-           `.bias` -- `transformer.mm_projector.*` for ChatGLM3 --, as the release's stage 1 saves it) and, when the model holds unmerged LoRA, a
-           peft folder `lora/` (adapter_config.json, adapter_model.bin or .safetensors, an empty
-           non_lora_trainables.bin) that `PeftModel.from_pretrained` and the release's `load_lora`
-           read unchanged. The LoRA applies on top of the model's own base weights; `with_base`
-           also writes those as an HF directory `base/`.
+           `.bias`, `transformer.mm_projector.*` for ChatGLM3, as the release's stage 1 saves it)
+           and, when the model holds unmerged LoRA, a peft folder `lora/` (adapter_config.json,
+           adapter_model.bin or .safetensors, an empty non_lora_trainables.bin) that
+           `PeftModel.from_pretrained` and the release's `load_lora` read unchanged. The LoRA
+           applies on top of the model's own base weights; `with_base` also writes those as an HF
+           directory `base/` (ChatGLM3: `chatglm3-base/` in its original names).
   hf       a merged HF LLaMA directory (config.json, safetensors shards, tokenizer files) that
            `transformers.LlamaForCausalLM.from_pretrained` loads (for ChatGLM3: an HF Glm directory
            for `GlmForCausalLM`), plus `mm_projector.bin`.
