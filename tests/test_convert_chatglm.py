@@ -378,3 +378,15 @@ def test_unknown_layout_and_unsupported_config_are_refused(hf, tmp_path):
   shutil.rmtree(src)
   with pytest.raises(UserError, match="config.json not found"):
     chatglm_convert.convert_chatglm(src, tmp_path / "out")
+
+
+def test_export_chatglm_format_refuses_a_llama_model(tmp_path, capsys):
+  from flax import nnx
+
+  from vtimellm_jax.models import load
+  from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+  load.save_model(LlamaForCausalLM(LlamaConfig.tiny(num_layers=1), nnx.Rngs(0)), tmp_path / "llama")
+  argv = ["export", "--model", str(tmp_path / "llama"), "--format", "chatglm", "--out", str(tmp_path / "o")]
+  assert cli.main(argv) == 2
+  assert "--format chatglm writes ChatGLM3's names; this is a LLaMA model" in capsys.readouterr().err

@@ -3,17 +3,18 @@
 The release has two families (`Family`): Vicuna (HF LLaMA names, the adapter `model.mm_projector`)
 and ChatGLM3-6B (ChatGLM's original names `transformer.encoder.layers.N...`, the adapter
 `transformer.mm_projector`; a base in HF Glm layout is renamed into them, convert/chatglm.py). The
-base's config.json says which. The release's loader builds its model in this order, and so does
+base's config.json (or model.json, for a base we converted) says which. The release's loader builds its model in this order, and so does
 `convert_release`:
   1. the LLM base;
   2. `mm_projector.bin`: every key containing `mm_projector.` gives the adapter's weight or bias;
   3. per LoRA stage (stage 2, then stage 3): `non_lora_trainables.bin` is loaded over the model
      (prefixes `base_model.` and a doubled `model.` stripped; keys the model lacks are ignored,
-     as the release loads it with strict=False), then the peft adapter is applied and merged:
+     as the release loads it with strict=False; ChatGLM's keys keep a `model.` prefix its model
+     lacks, so there they are all ignored), then the peft adapter is applied and merged:
      W += scaling * B @ A, scaling = lora_alpha / r (/ sqrt(r) with use_rslora), and peft's
      `modules_to_save` copies replace their modules.
-Everything happens in the family's PyTorch names while the base streams through one tensor at a time, in float32,
-so a 7B model never needs more than its converted copy in memory. Every problem found in any of
+Everything happens in the family's PyTorch names while the base streams through one tensor at a
+time, in float32, so a 7B model never needs more than its converted copy in memory. Every problem found in any of
 the files is reported together in one `ConversionError`.
 """
 
