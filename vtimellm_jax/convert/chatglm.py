@@ -73,6 +73,11 @@ def load_config_json(src: pathlib.Path) -> tuple[dict, pathlib.Path]:
     raise UserError(f"{path}: invalid JSON ({e})") from e
 
 
+def is_chatglm(hf: dict) -> bool:
+  """Returns whether a config.json dict describes a ChatGLM3 model, in either layout."""
+  return hf.get("model_type") in (*_ORIGINAL_TYPES, "glm") or "padded_vocab_size" in hf
+
+
 def layout_of(hf: dict, source: str = "config.json") -> str:
   """Returns 'original' (ChatGLM3's names) or 'hf' (GlmForCausalLM) of a config.json dict, or raises UserError."""
   model_type = hf.get("model_type")

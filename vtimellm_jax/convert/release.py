@@ -3,8 +3,8 @@
 The release has two families (`Family`): Vicuna (HF LLaMA names, the adapter `model.mm_projector`)
 and ChatGLM3-6B (ChatGLM's original names `transformer.encoder.layers.N...`, the adapter
 `transformer.mm_projector`; a base in HF Glm layout is renamed into them, convert/chatglm.py). The
-base's config.json (or model.json, for a base we converted) says which. The release's loader builds its model in this order, and so does
-`convert_release`:
+base's config.json (or model.json, for a base we converted) says which. The release's loader
+builds its model in this order, and so does `convert_release`:
   1. the LLM base;
   2. `mm_projector.bin`: every key containing `mm_projector.` gives the adapter's weight or bias;
   3. per LoRA stage (stage 2, then stage 3): `non_lora_trainables.bin` is loaded over the model
@@ -14,8 +14,8 @@ base's config.json (or model.json, for a base we converted) says which. The rele
      W += scaling * B @ A, scaling = lora_alpha / r (/ sqrt(r) with use_rslora), and peft's
      `modules_to_save` copies replace their modules.
 Everything happens in the family's PyTorch names while the base streams through one tensor at a
-time, in float32, so a 7B model never needs more than its converted copy in memory. Every problem found in any of
-the files is reported together in one `ConversionError`.
+time, in float32, so a 7B model never needs more than its converted copy in memory. Every problem
+found in any of the files is reported together in one `ConversionError`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.vtimellm import VTimeLLM
 
 
-
 def projector_table(prefix: str) -> tuple[table.Rule, ...]:
   """Returns the adapter's rules under `prefix` (the release's `mm_projector`, nn.Linear 768 -> d)."""
   return ((f"{prefix}.weight", "mm_projector/kernel", table.transpose),
@@ -58,7 +57,7 @@ PEFT_LORA_TABLE: tuple[table.Rule, ...] = tuple(
 
 
 def peft_lora_table(rules: tuple[table.Rule, ...]) -> tuple[table.Rule, ...]:
-  """Returns peft's LoRA factor names of every Linear kernel of `rules` (`name.weight` -> `name.lora_A.weight`)."""
+  """Returns peft's names of the LoRA factors of every Linear of `rules` (`x.weight` -> `x.lora_A.weight`)."""
   return tuple((f"{PEFT_PREFIX}{source[:-len('.weight')]}.lora_{theirs}.weight",
                 f"{ours[:-len('kernel')]}lora_{mine}", table.transpose)
                for source, ours, _ in rules if source.endswith(".weight") and ours.endswith("/kernel")
@@ -126,11 +125,12 @@ def read_base(base: str | pathlib.Path, dtype: str, problems: list[str]):
     family = family_of(config)
     return config, family, _model_dir_tensors(base, family)
   hf, _ = chatglm.load_config_json(base)
-  if hf.get("model_type") in ("chatglm", "VTimeLLM_ChatGLM", "glm") or "padded_vocab_size" in hf:
+  if chatglm.is_chatglm(hf):
     config, layout = chatglm.read_config(base, param_dtype=dtype)
     return config, CHATGLM, chatglm.iter_original(base, config, layout, problems)
   config = LlamaConfig.from_hf_file(base, param_dtype=dtype)
   return config, VICUNA, ((str(file), name, array) for file, name, array in torch_files.iter_checkpoint(base))
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft prefers safetensors
@@ -379,8 +379,10 @@ def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out
                     dtype: str = "bfloat16", keep_lora: bool = False) -> tuple[LlamaConfig, list[str]]:
   """Writes the release's model (base + projector + merged LoRA stages) to `out`; returns (config, notes).
 
-  `base` is an HF Vicuna directory or a ChatGLM3 one (original names or HF Glm layout). With `keep_lora` the last stage's LoRA stays unmerged (model.json's "lora"), so training continues
-  from it. Raises `ConversionError` listing every problem of every file.
+  `base` is an HF Vicuna directory, a ChatGLM3 one (original names or HF Glm layout) or either
+  converted (`read_base`). With `keep_lora` the last stage's LoRA stays unmerged (model.json's
+  "lora"), so training continues from it. Raises `ConversionError` listing every problem of every
+  file.
   """
   base = pathlib.Path(base)
   if dtype not in ("bfloat16", "float32"):
