@@ -17,8 +17,9 @@ from vtimellm_jax import errors
 _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("quickstart",): ("vtimellm_jax.quickstart", "the whole recipe on a synthetic corpus: videos in, metrics out"),
     ("convert", "llama"): ("vtimellm_jax.convert.llama_cli", "HF LLaMA/Vicuna directory -> JAX checkpoint"),
+    ("convert", "chatglm"): ("vtimellm_jax.convert.chatglm_cli", "ChatGLM3 directory (original or HF Glm names) -> JAX checkpoint"),
     ("convert", "clip"): ("vtimellm_jax.convert.clip_cli", "OpenAI / HF / open_clip CLIP -> JAX checkpoint"),
-    ("convert", "release"): ("vtimellm_jax.convert.release_cli", "released VTimeLLM (Vicuna + projector + LoRA folders) -> JAX model"),
+    ("convert", "release"): ("vtimellm_jax.convert.release_cli", "released VTimeLLM (Vicuna or ChatGLM3 + projector + LoRA folders) -> JAX model"),
     ("extract-features",): ("vtimellm_jax.video.extract_cli", "videos or images -> CLIP feature .npy files"),
     ("data", "preview"): ("vtimellm_jax.data.preview_cli", "show one record's prompt, tokens and labels"),
     ("data", "check"): ("vtimellm_jax.data.check_cli", "report every unusable record of a dataset"),

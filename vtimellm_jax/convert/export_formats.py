@@ -1,14 +1,21 @@
 """A VTimeLLM model directory -> the files PyTorch users load: the release's layout, or plain HF.
 
+Names are the model's family's (`release.Family`): Vicuna's HF LLaMA names, or ChatGLM3's original
+`transformer.encoder.layers.N...` names with the adapter at `transformer.mm_projector`.
   release  `mm_projector.bin` (torch state dict, keys `model.mm_projector.weight` [d, 768] and
-           `.bias`, as the release's stage 1 saves it) and, when the model holds unmerged LoRA, a
-           peft folder `lora/` (adapter_config.json, adapter_model.bin or .safetensors, an empty
-           non_lora_trainables.bin) that `PeftModel.from_pretrained` and the release's `load_lora`
-           read unchanged. The LoRA applies on top of the model's own base weights; `with_base`
-           also writes those as an HF directory `base/`.
+           `.bias`, `transformer.mm_projector.*` for ChatGLM3, as the release's stage 1 saves it)
+           and, when the model holds unmerged LoRA, a peft folder `lora/` (adapter_config.json,
+           adapter_model.bin or .safetensors, an empty non_lora_trainables.bin) that
+           `PeftModel.from_pretrained` and the release's `load_lora` read unchanged. The LoRA
+           applies on top of the model's own base weights; `with_base` also writes those as an HF
+           directory `base/` (ChatGLM3: `chatglm3-base/` in its original names).
   hf       a merged HF LLaMA directory (config.json, safetensors shards, tokenizer files) that
-           `transformers.LlamaForCausalLM.from_pretrained` loads, plus `mm_projector.bin`.
-Names come from the conversion tables (`RELEASE_TABLE`, `PEFT_LORA_TABLE`) read backwards.
+           `transformers.LlamaForCausalLM.from_pretrained` loads (for ChatGLM3: an HF Glm directory
+           for `GlmForCausalLM`), plus `mm_projector.bin`.
+  chatglm  (ChatGLM3 only) a merged directory in ChatGLM3's original names and config.json, as THUDM's
+           checkpoint and the release's `--model_base` have them (the release's modeling_chatglm.py
+           code is not copied), plus `mm_projector.bin`.
+Names come from the conversion tables (the family's rules and peft rules) read backwards.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import pathlib
 import numpy as np
 
 from vtimellm_jax import model_io
-from vtimellm_jax.convert import llama, release, table
+from vtimellm_jax.convert import chatglm, llama, release, table
 from vtimellm_jax.errors import ConversionError, UserError
+from vtimellm_jax.models import chatglm as chatglm_model
 from vtimellm_jax.models.llama import LlamaConfig
 
 PROJECTOR_FILE = "mm_projector.bin"
 LORA_DIR = "lora"
 BASE_DIR = "base"
+CHATGLM_BASE_DIR = "chatglm3-base"  # the release loads a ChatGLM base only from a path containing "chatglm"
 MAX_SHARD_BYTES = 5 * 2**30  # HF's default shard size
 HF_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -43,33 +52,36 @@ def _torch_tensor(array: np.ndarray, dtype: str | None = None):
   return tensor if dtype is None else tensor.to(getattr(torch, dtype))
 
 
-def split_tree(tree: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Returns ({HF name: LLM weight}, {HF name: projector weight}, {peft key: LoRA factor}) of a params tree.
+def split_tree(tree: dict, family: release.Family = release.VICUNA
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Returns ({name: LLM weight}, {name: projector weight}, {peft key: LoRA factor}) of a params tree.
 
-  Stacked layer arrays are split into one entry per layer, in the torch layout.
+  Names are the family's PyTorch names; stacked layer arrays are split into one entry per layer, in
+  the torch layout.
   """
   llm, projector, lora, problems = {}, {}, {}, []
   for path, value in model_io.flatten(tree).items():
-    lora_items = table.unstack(path, value, release.PEFT_LORA_TABLE)
+    lora_items = table.unstack(path, value, family.peft_rules)
     if lora_items is not None:
       lora.update(lora_items)
       continue
-    items = table.unstack(path, value, release.RELEASE_TABLE)
+    items = table.unstack(path, value, family.rules)
     if items is None:
       problems.append(f"no PyTorch name for {path}")
       continue
     for name, array in items:
-      (projector if name.startswith("model.mm_projector.") else llm)[name] = array
+      (projector if name in family.projector_names() else llm)[name] = array
   if problems:
     raise ConversionError("the model's parameters", problems)
   return llm, projector, lora
 
 
-def write_projector(projector: dict[str, np.ndarray], path: str | pathlib.Path) -> pathlib.Path:
+def write_projector(projector: dict[str, np.ndarray], path: str | pathlib.Path,
+                    family: release.Family = release.VICUNA) -> pathlib.Path:
   """Writes the adapter as the release's `mm_projector.bin` (float32 torch state dict); returns its path."""
   import torch
 
-  if set(projector) != {"model.mm_projector.weight", "model.mm_projector.bias"}:
+  if set(projector) != set(family.projector_names()):
     raise UserError(f"the model has no complete mm_projector (found {sorted(projector)}); is it a VTimeLLM model?")
   torch.save({name: _torch_tensor(value, "float32") for name, value in projector.items()}, path)
   return pathlib.Path(path)
@@ -114,8 +126,12 @@ def write_peft_folder(lora: dict[str, np.ndarray], lora_spec: dict, folder: str 
 
 
 def write_hf_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | pathlib.Path, dtype: str,
-                 tokenizer_src: str | pathlib.Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-  """Writes an HF LLaMA directory (config.json, safetensors shards + index); returns the tokenizer files copied."""
+                 tokenizer_src: str | pathlib.Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                 config_json: dict | None = None, tokenizer_files=llama.TOKENIZER_FILES) -> list[str]:
+  """Writes an HF LLaMA directory (config.json, safetensors shards + index); returns the tokenizer files copied.
+
+  `config_json` replaces the LLaMA config.json of `config` (another family's own config).
+  """
   from safetensors.torch import save_file
 
   if dtype not in HF_DTYPES:
@@ -142,6 +158,26 @@ def write_hf_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | 
   if len(shards) > 1:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-  hf_config = {**config.to_hf_dict(), "torch_dtype": dtype}
+  hf_config = {**(config.to_hf_dict() if config_json is None else config_json), "torch_dtype": dtype}
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  return llama.copy_tokenizer(tokenizer_src, folder) if tokenizer_src else []
+  return llama.copy_tokenizer(tokenizer_src, folder, tokenizer_files) if tokenizer_src else []
+
+
+CHATGLM_LAYOUTS = ("chatglm", "hf")
+
+
+def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | pathlib.Path, dtype: str,
+                      layout: str, tokenizer_src: str | pathlib.Path | None = None,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+  """Writes ChatGLM3 weights (`llm` in original names) as a ChatGLM3 directory in its original names
+  (`layout` 'chatglm') or as an HF `GlmForCausalLM` directory ('hf'); returns the tokenizer files copied."""
+  if layout == "chatglm":
+    head = config.head_size // 2  # ChatGLM rotates half of each head; its checkpoints hold that table's inv_freq
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head, 2, dtype=np.float32) / head))
+    tensors, config_json = {**llm, "transformer.rotary_pos_emb.inv_freq": inv_freq}, chatglm.to_original_dict(config)
+  elif layout == "hf":
+    tensors, config_json = dict(chatglm.original_to_hf(llm.items(), config)), chatglm_model.to_hf_glm_dict(config)
+  else:
+    raise UserError(f"ChatGLM3 layout must be one of {', '.join(CHATGLM_LAYOUTS)}, got {layout!r}")
+  return write_hf_dir(tensors, config, folder, dtype, tokenizer_src, max_shard_bytes, config_json=config_json,
+                      tokenizer_files=chatglm.TOKENIZER_FILES)

@@ -114,10 +114,10 @@ def convert_llama(src: str | pathlib.Path, out: str | pathlib.Path, dtype: str =
   return config
 
 
-def copy_tokenizer(src: str | pathlib.Path, out: str | pathlib.Path) -> list[str]:
-  """Copies the tokenizer files present in `src` to `out`; returns their names."""
+def copy_tokenizer(src: str | pathlib.Path, out: str | pathlib.Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
+  """Copies the tokenizer files (`names`) present in `src` to `out`; returns their names."""
   copied = []
-  for name in TOKENIZER_FILES:
+  for name in names:
     if (pathlib.Path(src) / name).is_file():
       shutil.copy2(pathlib.Path(src) / name, pathlib.Path(out) / name)
       copied.append(name)

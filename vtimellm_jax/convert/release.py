@@ -1,16 +1,21 @@
-"""The released VTimeLLM checkpoints (Vicuna + mm_projector.bin + peft LoRA folders) -> one model dir.
+"""The released VTimeLLM checkpoints (LLM + mm_projector.bin + peft LoRA folders) -> one model dir.
 
-The release's loader builds its model in this order, and so does `convert_release`:
-  1. the HF Vicuna base;
+The release has two families (`Family`): Vicuna (HF LLaMA names, the adapter `model.mm_projector`)
+and ChatGLM3-6B (ChatGLM's original names `transformer.encoder.layers.N...`, the adapter
+`transformer.mm_projector`; a base in HF Glm layout is renamed into them, convert/chatglm.py). The
+base's config.json (or model.json, for a base we converted) says which. The release's loader
+builds its model in this order, and so does `convert_release`:
+  1. the LLM base;
   2. `mm_projector.bin`: every key containing `mm_projector.` gives the adapter's weight or bias;
   3. per LoRA stage (stage 2, then stage 3): `non_lora_trainables.bin` is loaded over the model
      (prefixes `base_model.` and a doubled `model.` stripped; keys the model lacks are ignored,
-     as the release loads it with strict=False), then the peft adapter is applied and merged:
+     as the release loads it with strict=False; ChatGLM's keys keep a `model.` prefix its model
+     lacks, so there they are all ignored), then the peft adapter is applied and merged:
      W += scaling * B @ A, scaling = lora_alpha / r (/ sqrt(r) with use_rslora), and peft's
      `modules_to_save` copies replace their modules.
-Everything happens in HF names while the base streams through one tensor at a time, in float32,
-so a 7B model never needs more than its converted copy in memory. Every problem found in any of
-the files is reported together in one `ConversionError`.
+Everything happens in the family's PyTorch names while the base streams through one tensor at a
+time, in float32, so a 7B model never needs more than its converted copy in memory. Every problem
+found in any of the files is reported together in one `ConversionError`.
 """
 
 from __future__ import annotations
@@ -26,17 +31,22 @@ import jax
 import numpy as np
 
 from vtimellm_jax import model_io
-from vtimellm_jax.convert import llama, table, torch_files
+from vtimellm_jax.convert import chatglm, llama, table, torch_files
 from vtimellm_jax.errors import ConversionError, UserError
+from vtimellm_jax.models import chatglm as chatglm_model
 from vtimellm_jax.models import lora as lora_lib
 from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.vtimellm import VTimeLLM
 
-# The adapter in HF names, as the release's `VTimeLLMLlamaModel.mm_projector` (nn.Linear 768 -> d).
-PROJECTOR_TABLE: tuple[table.Rule, ...] = (
-    ("model.mm_projector.weight", "mm_projector/kernel", table.transpose),
-    ("model.mm_projector.bias", "mm_projector/bias", table.identity),
-)
+
+def projector_table(prefix: str) -> tuple[table.Rule, ...]:
+  """Returns the adapter's rules under `prefix` (the release's `mm_projector`, nn.Linear 768 -> d)."""
+  return ((f"{prefix}.weight", "mm_projector/kernel", table.transpose),
+          (f"{prefix}.bias", "mm_projector/bias", table.identity))
+
+
+# The adapter in HF names, as the release's `VTimeLLMLlamaModel.mm_projector`.
+PROJECTOR_TABLE = projector_table("model.mm_projector")
 RELEASE_TABLE = llama.LLAMA_TABLE + PROJECTOR_TABLE
 # peft's names of the LoRA factors of our `Linear.lora_a` [in, r] / `lora_b` [r, out].
 PEFT_PREFIX = "base_model.model."
@@ -44,6 +54,83 @@ PEFT_LORA_TABLE: tuple[table.Rule, ...] = tuple(
     (f"{PEFT_PREFIX}model.layers.{{layer}}.{block}.{{proj}}.lora_{theirs}.weight",
      f"model/layers/{block}/{{proj}}/lora_{ours}", table.transpose)
     for block in ("self_attn", "mlp") for theirs, ours in (("A", "a"), ("B", "b")))
+
+
+def peft_lora_table(rules: tuple[table.Rule, ...]) -> tuple[table.Rule, ...]:
+  """Returns peft's names of the LoRA factors of every Linear of `rules` (`x.weight` -> `x.lora_A.weight`)."""
+  return tuple((f"{PEFT_PREFIX}{source[:-len('.weight')]}.lora_{theirs}.weight",
+                f"{ours[:-len('kernel')]}lora_{mine}", table.transpose)
+               for source, ours, _ in rules if source.endswith(".weight") and ours.endswith("/kernel")
+               for theirs, mine in (("A", "a"), ("B", "b")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One of the release's LLM families: its PyTorch names, where its adapter lives, what LoRA targets."""
+
+  name: str
+  llm_rules: tuple[table.Rule, ...]  # the LLM's PyTorch names <-> ours
+  projector_prefix: str  # the adapter's module name in the release's model
+  peft_rules: tuple[table.Rule, ...]  # peft's LoRA factor names <-> ours
+  lora_modules: tuple[str, ...]  # Linear names a kept (unmerged) LoRA may sit on
+  ignored: tuple[str, ...]  # buffers in the base's files that the model recomputes
+
+  @property
+  def rules(self) -> tuple[table.Rule, ...]:
+    """Returns the whole VTimeLLM's rules: the LLM's and the adapter's."""
+    return self.llm_rules + projector_table(self.projector_prefix)
+
+  def projector_names(self) -> tuple[str, str]:
+    return f"{self.projector_prefix}.weight", f"{self.projector_prefix}.bias"
+
+
+VICUNA = Family("vicuna", llama.LLAMA_TABLE, "model.mm_projector", PEFT_LORA_TABLE, lora_lib.ALL_TARGETS, llama.IGNORED)
+CHATGLM = Family("chatglm3", chatglm.CHATGLM_TABLE, "transformer.mm_projector", peft_lora_table(chatglm.CHATGLM_TABLE),
+                 tuple(chatglm_model.RELEASE_LORA_TARGETS), chatglm.IGNORED)
+
+
+def family_of(config: LlamaConfig) -> Family:
+  """Returns the family whose names a model of `config` exports under (ChatGLM3: fused projections)."""
+  return CHATGLM if config.fused_projections else VICUNA
+
+
+def _model_dir_tensors(base: pathlib.Path, family: Family) -> Iterator[tuple[str, str, np.ndarray]]:
+  """Yields (file, PyTorch name, array) of a model directory's arrays, one array restored at a time."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  for parts, struct in model_io.saved_arrays(base).items():
+    target = jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)
+    (array,) = model_io.restore_arrays(base, {parts: target}).values()
+    array = np.asarray(array)
+    items = table.unstack("/".join(parts), array, family.rules)
+    yield from (((str(base), name, value) for name, value in items) if items is not None else
+                [(str(base), "/".join(parts), array)])  # a path without a name: reported as unexpected
+
+
+def read_base(base: str | pathlib.Path, dtype: str, problems: list[str]):
+  """Returns (config, family, tensors) of a base LLM: tensors yields (file, name, array) in the family's names.
+
+  `base` is an HF Vicuna directory, a ChatGLM3 directory (original names or HF Glm, renamed on the
+  way, appending problems to `problems`) or one of our model directories (`convert llama` /
+  `convert chatglm` output) without unmerged LoRA.
+  """
+  base = pathlib.Path(base)
+  if (base / model_io.MODEL_JSON).is_file():
+    meta = model_io.read_model_json(base)
+    if meta["kind"] not in ("llama", "vtimellm"):
+      raise UserError(f"--base {base}: holds a '{meta['kind']}' model, not an LLM")
+    if meta.get("lora"):
+      raise UserError(f"--base {base}: holds unmerged LoRA; merge it first (vtimellm-jax export --model {base} "
+                      "--out <dir>)")
+    config = LlamaConfig.from_architecture(meta["config"], param_dtype=dtype)
+    family = family_of(config)
+    return config, family, _model_dir_tensors(base, family)
+  hf, _ = chatglm.load_config_json(base)
+  if chatglm.is_chatglm(hf):
+    config, layout = chatglm.read_config(base, param_dtype=dtype)
+    return config, CHATGLM, chatglm.iter_original(base, config, layout, problems)
+  config = LlamaConfig.from_hf_file(base, param_dtype=dtype)
+  return config, VICUNA, ((str(file), name, array) for file, name, array in torch_files.iter_checkpoint(base))
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft prefers safetensors
@@ -71,20 +158,22 @@ class Stage:
     return weight
 
 
-def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """Returns {HF name: torch-layout shape} of every VTimeLLM weight (projector included)."""
+def hf_shapes(config: LlamaConfig, family: Family = VICUNA) -> dict[str, tuple[int, ...]]:
+  """Returns {PyTorch name: torch-layout shape} of every VTimeLLM weight (projector included)."""
   shapes = {}
   for path, struct in llama.abstract_params(config, VTimeLLM).items():
-    for name, layer, transform in table.to_source(path, RELEASE_TABLE, struct.shape[0]):
+    for name, layer, transform in table.to_source(path, family.rules, struct.shape[0]):
       slot = struct.shape[1:] if layer is not None else struct.shape
       shapes[name] = transform(np.empty(slot, np.int8)).shape
   return shapes
 
 
 def _peft_module_name(key: str) -> str:
-  """Returns the HF weight name a non-LoRA peft key saves (a `modules_to_save` copy or a bias)."""
+  """Returns the weight name a non-LoRA peft key saves: a `modules_to_save` copy, a bias, or the base
+  weight of a targeted output layer (newer peft saves `<module>.base_layer.weight` for an embedding
+  or output layer it puts LoRA on, as the ChatGLM release's `output_layer`; loading writes it back)."""
   name = key[len(PEFT_PREFIX):]
-  return re.sub(r"\.modules_to_save(\.[\w-]+)?\.", ".", name)
+  return re.sub(r"\.(modules_to_save(\.[\w-]+)?|base_layer)\.", ".", name)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -224,8 +313,9 @@ def read_stage(folder: str | pathlib.Path, shapes: dict, problems: list[str], no
   return stage
 
 
-def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], notes: list[str]) -> dict:
-  """Returns {HF name: array} of a stage-1 `mm_projector.bin`, read as the release reads it."""
+def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], notes: list[str],
+                   family: Family = VICUNA) -> dict:
+  """Returns {PyTorch name: array} of a stage-1 `mm_projector.bin`, read as the release reads it."""
   path = pathlib.Path(path)
   found: dict[str, np.ndarray] = {}
   before = len(problems)
@@ -234,7 +324,7 @@ def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], 
       notes.append(f"{path}: {key} ignored (the release keeps only keys containing 'mm_projector')")
       continue
     suffix = key.split("mm_projector.")[1]
-    name = f"model.mm_projector.{suffix}"
+    name = f"{family.projector_prefix}.{suffix}"
     if name not in shapes:
       problems.append(f"{path}: {key} is not a weight of the projector (Linear: weight, bias)")
     elif name in found:
@@ -245,27 +335,27 @@ def read_projector(path: str | pathlib.Path, shapes: dict, problems: list[str], 
       found[name] = value
   if len(problems) == before:
     problems += [f"{path}: no {n} (key ending in mm_projector.{n.rsplit('.', 1)[1]})"
-                 for n in ("model.mm_projector.weight", "model.mm_projector.bias") if n not in found]
+                 for n in family.projector_names() if n not in found]
   return found
 
 
-def _kept_lora(stage: Stage, config: LlamaConfig, problems: list[str]) -> tuple[dict, dict]:
-  """Returns (our {path: stacked array} of the unmerged LoRA factors, model.json's "lora" entry)."""
-  slots: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # our layer path -> {layer: (A, B)}
+def _kept_lora(stage: Stage, config: LlamaConfig, problems: list[str], family: Family = VICUNA) -> tuple[dict, dict]:
+  """Returns (our {path: array} of the unmerged LoRA factors, layers stacked; model.json's "lora" entry)."""
+  slots: dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]] = {}  # our layer path -> {layer: (A, B)}
   scalings, targets = set(), set()
   for name, (a, b, scaling) in stage.lora.items():
-    mapped = table.to_ours(name, llama.LLAMA_TABLE)
+    mapped = table.to_ours(name, family.llm_rules)
     module = name.rsplit(".", 2)[-2]
-    if mapped is None or mapped[1] is None or module not in lora_lib.ALL_TARGETS:
-      problems.append(f"{stage.folder}: --keep-lora supports LoRA on {', '.join(lora_lib.ALL_TARGETS)} only, not {name}")
+    if mapped is None or not mapped[0].endswith("/kernel") or module not in family.lora_modules:
+      problems.append(f"{stage.folder}: --keep-lora supports LoRA on {', '.join(family.lora_modules)} only, not {name}")
       continue
     kernel_path, layer, _ = mapped
     slots.setdefault(kernel_path.rsplit("/", 1)[0], {})[layer] = (a, b)
     scalings.add((a.shape[0], scaling))
-    targets.add(module)
+    targets.add(kernel_path.split("/")[-2])  # our name of the Linear: q_proj, qkv_proj, lm_head, ...
   if len(scalings) > 1:
     problems.append(f"{stage.folder}: --keep-lora needs one rank and alpha for every layer, found {sorted(scalings)}")
-  missing = sorted(f"{layer}/{path.rsplit('/', 1)[1]}" for path, held in slots.items()
+  missing = sorted(f"{layer}/{path.rsplit('/', 1)[1]}" for path, held in slots.items() if None not in held
                    for layer in range(config.num_layers) if layer not in held)
   if missing:
     problems.append(f"{stage.folder}: --keep-lora needs LoRA on every layer of each target; missing "
@@ -276,9 +366,10 @@ def _kept_lora(stage: Stage, config: LlamaConfig, problems: list[str]) -> tuple[
     return {}, {}
   params = {}
   for path, held in slots.items():
-    # peft's A [r, in] and B [out, r] become our lora_a [L, in, r] and lora_b [L, r, out].
-    params[f"{path}/lora_a"] = np.stack([table.transpose(held[i][0]) for i in range(config.num_layers)])
-    params[f"{path}/lora_b"] = np.stack([table.transpose(held[i][1]) for i in range(config.num_layers)])
+    # peft's A [r, in] and B [out, r] become our lora_a [L, in, r] and lora_b [L, r, out] (no L unstacked).
+    for k, factor in enumerate("ab"):
+      params[f"{path}/lora_{factor}"] = (table.transpose(held[None][k]) if None in held else
+                                         np.stack([table.transpose(held[i][k]) for i in range(config.num_layers)]))
   rank, scaling = scalings.pop()
   return params, {"rank": rank, "alpha": scaling * rank, "targets": sorted(targets)}
 
@@ -288,29 +379,31 @@ def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out
                     dtype: str = "bfloat16", keep_lora: bool = False) -> tuple[LlamaConfig, list[str]]:
   """Writes the release's model (base + projector + merged LoRA stages) to `out`; returns (config, notes).
 
-  With `keep_lora` the last stage's LoRA stays unmerged (model.json's "lora"), so training continues
-  from it. Raises `ConversionError` listing every problem of every file.
+  `base` is an HF Vicuna directory, a ChatGLM3 one (original names or HF Glm layout) or either
+  converted (`read_base`). With `keep_lora` the last stage's LoRA stays unmerged (model.json's
+  "lora"), so training continues from it. Raises `ConversionError` listing every problem of every
+  file.
   """
   base = pathlib.Path(base)
   if dtype not in ("bfloat16", "float32"):
     raise UserError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
   if keep_lora and stage2 is None and stage3 is None:
     raise UserError("--keep-lora needs a LoRA folder (--stage2 or --stage3) to keep")
-  config = LlamaConfig.from_hf_file(base, param_dtype=dtype)
-  shapes = hf_shapes(config)
   problems, notes = [], []
-  proj = read_projector(projector, shapes, problems, notes)
+  config, family, base_tensors = read_base(base, dtype, problems)
+  shapes = hf_shapes(config, family)
+  proj = read_projector(projector, shapes, problems, notes, family)
   projector_ok = len(problems) == 0
   stages = [read_stage(s, shapes, problems, notes) for s in (stage2, stage3) if s is not None]
-  kept, lora_meta = _kept_lora(stages[-1], config, problems) if keep_lora else ({}, {})
+  kept, lora_meta = _kept_lora(stages[-1], config, problems, family) if keep_lora else ({}, {})
   merged_stages = stages[:-1] if keep_lora else stages
 
   def llm_tensors() -> Iterator[tuple[str, str, np.ndarray]]:
-    for file, name, array in torch_files.iter_checkpoint(base):
+    for file, name, array in base_tensors:
       if "mm_projector" in name:
-        notes.append(f"{file.name}: {name} ignored (the projector comes from {projector})")
+        notes.append(f"{pathlib.Path(file).name}: {name} ignored (the projector comes from {projector})")
         continue
-      yield str(file), name, through(name, array)
+      yield file, name, through(name, array)
 
   def through(name: str, array: np.ndarray) -> np.ndarray:
     for stage in merged_stages:
@@ -326,7 +419,7 @@ def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out
                                         (str(projector), ((str(projector), n, through(n, a)) for n, a in proj.items()),
                                          in_projector, np.float32)):
     try:
-      flat.update(llama.convert_tensors(items, wanted, dtype_, source, rules=RELEASE_TABLE))
+      flat.update(llama.convert_tensors(items, wanted, dtype_, source, rules=family.rules, ignored=family.ignored))
     except ConversionError as e:
       # A projector file with problems is already reported in full by `read_projector`.
       if wanted is in_llm or projector_ok:
@@ -342,5 +435,8 @@ def convert_release(base: str | pathlib.Path, projector: str | pathlib.Path, out
     extra["lora"] = lora_meta
   flat.update(kept)
   model_io.save_model_dir(out, kind="vtimellm", config=config.architecture(), params=model_io.nest(flat), **extra)
-  llama.copy_tokenizer(base, out)
+  if family is CHATGLM:
+    chatglm.copy_tokenizer(base, out)
+  else:
+    llama.copy_tokenizer(base, out)
   return config, notes

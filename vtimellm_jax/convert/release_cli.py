@@ -9,6 +9,9 @@
 The model equals what the release's `load_pretrained_model` builds: Vicuna, the stage-1 adapter,
 stage-2 LoRA merged, then stage-3 LoRA merged (`--keep-lora` leaves the last one unmerged, to train
 on). With --clip, the CLIP encoder is converted into `<out>/clip` for `chat --video --clip`.
+The ChatGLM3 release works the same way: --base a ChatGLM3-6B directory (its original
+transformer.encoder... names, or HF GlmForCausalLM), and its vtimellm-chatglm3-6b-stage{1,2,3} files,
+whose LoRA uses ChatGLM's names (query_key_value, dense, dense_h_to_4h, dense_4h_to_h, output_layer).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import pathlib
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = __doc__.split("\n\n", 1)[1]
-  parser.add_argument("--base", required=True, help="HF Vicuna directory (config.json, weights, tokenizer.model)")
+  parser.add_argument("--base", required=True, help="HF Vicuna directory, or a ChatGLM3-6B directory in original or HF Glm "
+                                             "names (config.json, weights, tokenizer.model), or either "
+                                             "converted by convert llama / convert chatglm")
   parser.add_argument("--projector", required=True, help="stage-1 mm_projector.bin")
   parser.add_argument("--stage2", help="stage-2 peft LoRA folder (adapter_config.json, adapter_model.bin|safetensors)")
   parser.add_argument("--stage3", help="stage-3 peft LoRA folder, merged after stage 2")

@@ -3,6 +3,7 @@
   vtimellm-jax export --model runs/stage3 --out ckpt/vtimellm-7b                  # JAX (LoRA merged)
   vtimellm-jax export --model runs/stage3 --format release --out torch/stage3     # mm_projector.bin + lora/
   vtimellm-jax export --model ckpt/vtimellm-7b --format hf --out torch/hf         # merged HF LLaMA + projector
+  vtimellm-jax export --model ckpt/vtimellm-glm --format chatglm --out torch/glm  # ChatGLM3's own names
 
 --model takes a training workdir (run.json + checkpoints/; --workdir is the same flag) or a model
 directory (model.json + params/). Formats:
@@ -11,8 +12,15 @@ directory (model.json + params/). Formats:
   release  what the release's PyTorch code loads: mm_projector.bin and, when the model holds unmerged
            LoRA, a peft folder lora/ for its --stage2/--stage3 arguments (PeftModel.from_pretrained
            reads it too). The LoRA applies on top of the model's base weights; --with-base also
-           writes those as an HF directory base/ (needed when the base is not plain Vicuna).
-  hf       a merged HF LLaMA directory (safetensors, config.json, tokenizer files) plus mm_projector.bin.
+           writes those as an HF directory base/ (needed when the base is not plain Vicuna). A
+           ChatGLM3 model writes the release's ChatGLM names (transformer.mm_projector, LoRA on
+           query_key_value, dense, dense_h_to_4h, dense_4h_to_h, output_layer) and its base as
+           chatglm3-base/ in ChatGLM3's original names (the release picks its ChatGLM loader when
+           --model_base contains "chatglm").
+  hf       a merged HF directory (safetensors, config.json, tokenizer files) plus mm_projector.bin:
+           LLaMA for Vicuna models, GlmForCausalLM for ChatGLM3 models.
+  chatglm  ChatGLM3 models only: a merged directory in ChatGLM3's original names and config.json
+           (THUDM's layout, the release's --model_base) plus mm_projector.bin.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import tempfile
 
 from vtimellm_jax import cli_types
 
-FORMATS = ("jax", "release", "hf")
+FORMATS = ("jax", "release", "hf", "chatglm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--keep-lora", action="store_true", help="jax: keep the trained LoRA unmerged (to train on)")
   parser.add_argument("--step", type=cli_types.int_at_least(0), default=None, help="workdir checkpoint step (default: the latest)")
   parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-                      help="hf / base weights dtype (default: the model's storage dtype)")
+                      help="hf / chatglm / base weights dtype (default: the model's storage dtype)")
   parser.add_argument("--adapter-format", default="bin", choices=("bin", "safetensors"),
                       help="release: adapter_model.bin (default, what every peft >= 0.4 reads, as the release's "
                            "own files) or adapter_model.safetensors")
@@ -75,39 +83,55 @@ def _export_jax_model_dir(src: pathlib.Path, out: pathlib.Path, keep_lora: bool)
 
 def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: str | None = None,
                  adapter_format: str = "bin", with_base: bool = False) -> list[str]:
-  """Writes the `release` or `hf` files of a model directory to `out`; returns lines describing them."""
+  """Writes the `release`, `hf` or `chatglm` files of a model directory to `out`; returns lines describing them."""
   from vtimellm_jax import model_io
-  from vtimellm_jax.convert import export_formats
+  from vtimellm_jax.convert import export_formats, release
   from vtimellm_jax.errors import UserError
-  from vtimellm_jax.models import load, lora
+  from vtimellm_jax.models import chatglm, load, lora
 
   meta = model_io.read_model_json(model_dir)
   if meta["kind"] not in ("vtimellm", "llama"):
     raise UserError(f"{model_dir}: holds a '{meta['kind']}' model; only VTimeLLM / LLaMA models export to PyTorch")
   model = load.load_model(model_dir)
+  family = release.family_of(model.config)
+  if fmt == "chatglm" and family is not release.CHATGLM:
+    raise UserError(f"{model_dir}: --format chatglm writes ChatGLM3's names; this is a LLaMA model (use --format hf)")
   dtype = dtype or model.config.param_dtype
-  if fmt == "hf":
+  if fmt in ("hf", "chatglm"):
     lora.merge_lora(model)
-  llm, projector, factors = export_formats.split_tree(load.params_tree(model))
+  llm, projector, factors = export_formats.split_tree(load.params_tree(model), family)
   out.mkdir(parents=True, exist_ok=True)
   lines = []
   if projector:
-    export_formats.write_projector(projector, out / export_formats.PROJECTOR_FILE)
-    lines.append(f"{out / export_formats.PROJECTOR_FILE}: the adapter (keys model.mm_projector.weight/.bias)")
+    export_formats.write_projector(projector, out / export_formats.PROJECTOR_FILE, family)
+    lines.append(f"{out / export_formats.PROJECTOR_FILE}: the adapter (keys {family.projector_prefix}.weight/.bias)")
   elif fmt == "release":
-    raise UserError(f"{model_dir}: a plain LLaMA has no mm_projector to export in the release's format")
-  if fmt == "hf":
-    export_formats.write_hf_dir(llm, model.config, out, dtype, tokenizer_src=model_dir)
-    return lines + [f"{out}: merged HF LLaMA directory ({dtype})"]
+    raise UserError(f"{model_dir}: a plain LLM has no mm_projector to export in the release's format")
+
+  def write_llm(folder: pathlib.Path, layout: str) -> str:
+    if family is release.CHATGLM:
+      export_formats.write_chatglm_dir(llm, model.config, folder, dtype, layout, tokenizer_src=model_dir)
+      return "HF GlmForCausalLM" if layout == "hf" else "ChatGLM3 (original names)"
+    export_formats.write_hf_dir(llm, model.config, folder, dtype, tokenizer_src=model_dir)
+    return "HF LLaMA"
+
+  if fmt in ("hf", "chatglm"):
+    return lines + [f"{out}: merged {write_llm(out, fmt)} directory ({dtype})"]
+  # The release loads ChatGLM3 with its own code, and only when --model_base contains "chatglm".
+  base_dir = out / (export_formats.CHATGLM_BASE_DIR if family is release.CHATGLM else export_formats.BASE_DIR)
   if with_base:
-    export_formats.write_hf_dir(llm, model.config, out / export_formats.BASE_DIR, dtype, tokenizer_src=model_dir)
-    lines.append(f"{out / export_formats.BASE_DIR}: the base LLM as an HF directory ({dtype}), for --model_base")
+    kind = write_llm(base_dir, "chatglm")
+    lines.append(f"{base_dir}: the base LLM, {kind} directory ({dtype}), for --model_base")
   if not factors:
     return lines + ["the model holds no unmerged LoRA, so only the projector was written; its LLM weights "
                     "are exported with --format hf (or --with-base)"]
   source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-  base_name = str((out / export_formats.BASE_DIR).absolute()) if with_base else source.get("base")
-  export_formats.write_peft_folder(factors, meta["lora"], out / export_formats.LORA_DIR, base_name, adapter_format)
+  base_name = str(base_dir.absolute()) if with_base else source.get("base")
+  spec = meta["lora"]
+  if family is release.CHATGLM:  # peft's target_modules in the release's ChatGLM names
+    theirs = {ours: name for name, ours in chatglm.RELEASE_LORA_TARGETS.items()}
+    spec = {**spec, "targets": [theirs[t] for t in spec["targets"]]}
+  export_formats.write_peft_folder(factors, spec, out / export_formats.LORA_DIR, base_name, adapter_format)
   lines.append(f"{out / export_formats.LORA_DIR}: peft LoRA folder (r={meta['lora']['rank']}, "
                f"alpha={meta['lora']['alpha']}, {len(factors) // 2} layers)")
   if source.get("merged"):
