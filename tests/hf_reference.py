@@ -138,3 +138,15 @@ def hf_greedy(hf, prompt, max_new_tokens: int, eos_id: int | list[int] = 2) -> l
   ids = out[0, len(prompt):].tolist()
   stops = set(eos_id) if isinstance(eos_id, list) else {eos_id}
   return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
+
+
+class QkvSlice(torch.nn.Module):
+  """One of q, k, v: columns [start, stop) of the owner's fused `query_key_value` output."""
+
+  def __init__(self, owner, start, stop):
+    super().__init__()
+    object.__setattr__(self, "owner", owner)  # looked up per call: peft replaces the fused Linear
+    self.start, self.stop = start, stop
+
+  def forward(self, x):
+    return self.owner.query_key_value(x)[..., self.start:self.stop]

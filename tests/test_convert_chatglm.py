@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from hf_reference import hf_glm, hf_greedy, random_batch, rel_err
+from hf_reference import QkvSlice, hf_glm, hf_greedy, random_batch, rel_err
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.convert import chatglm as chatglm_convert
 from vtimellm_jax.errors import UserError
@@ -173,18 +173,6 @@ def test_export_round_trips_in_both_layouts(hf, converted, tmp_path):
 # --- the release's ChatGLM set ---------------------------------------------------------------------
 
 
-class _Slice(torch.nn.Module):
-  """One of q, k, v: columns [start, stop) of the owner's fused `query_key_value` output."""
-
-  def __init__(self, owner, start, stop):
-    super().__init__()
-    object.__setattr__(self, "owner", owner)  # looked up per call: peft replaces the fused Linear
-    self.start, self.stop = start, stop
-
-  def forward(self, x):
-    return self.owner.query_key_value(x)[..., self.start:self.stop]
-
-
 def fused_glm(seed: int = 2):
   """Returns the HF Glm model rewired as ChatGLM: one `query_key_value` Linear per layer."""
   hf = hf_glm(CONFIG, seed=seed)
@@ -195,8 +183,8 @@ def fused_glm(seed: int = 2):
       fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
       fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
     attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = (_Slice(attn, 0, Q), _Slice(attn, Q, Q + KV),
-                                             _Slice(attn, Q + KV, Q + 2 * KV))
+    attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, Q), QkvSlice(attn, Q, Q + KV),
+                                             QkvSlice(attn, Q + KV, Q + 2 * KV))
   return hf
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import (assert_forward_matches_hf, glm_arrays, hf_forward, hf_glm, hf_greedy, jax_from_hf_glm,
-                          random_batch, rel_err)
+from hf_reference import (QkvSlice, assert_forward_matches_hf, glm_arrays, hf_forward, hf_glm, hf_greedy,
+                          jax_from_hf_glm, random_batch, rel_err)
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm, load, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
@@ -74,18 +74,6 @@ def test_presets_and_release_targets():
   assert sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param))) == 6_243_584_000
 
 
-class _Slice(torch.nn.Module):
-  """One of q, k, v: columns [start, stop) of the owner's fused `query_key_value` output."""
-
-  def __init__(self, owner, start, stop):
-    super().__init__()
-    object.__setattr__(self, "owner", owner)  # looked up per call: peft replaces the fused Linear
-    self.start, self.stop = start, stop
-
-  def forward(self, x):
-    return self.owner.query_key_value(x)[..., self.start:self.stop]
-
-
 def _fused_peft_reference(hf):
   """Returns the HF Glm model rewired as ChatGLM (one `query_key_value` Linear per layer) with peft LoRA on
   the release's targets, B factors random."""
@@ -97,8 +85,8 @@ def _fused_peft_reference(hf):
       fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
       fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
     attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = (_Slice(attn, 0, n), _Slice(attn, n, n + k),
-                                             _Slice(attn, n + k, n + 2 * k))
+    attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, n), QkvSlice(attn, n, n + k),
+                                             QkvSlice(attn, n + k, n + 2 * k))
   # Ours -> the torch module names standing for the release's query_key_value, dense, dense_h_to_4h, ...
   names = {"qkv_proj": "query_key_value", "o_proj": "o_proj", "gate_up_proj": "gate_up_proj",
            "down_proj": "down_proj", "lm_head": "lm_head"}

@@ -42,7 +42,7 @@ def tokenizer_class(path: str | os.PathLike) -> str | None:
   file = pathlib.Path(path) / "tokenizer_config.json"
   if not file.exists():
     return None
-  value = _read_config(file).get("tokenizer_class")
+  value = read_settings(file).get("tokenizer_class")
   return value if isinstance(value, str) else None
 
 
@@ -51,7 +51,8 @@ def is_chatglm_folder(path: str | os.PathLike) -> bool:
   return tokenizer_class(path) == TOKENIZER_CLASS
 
 
-def _read_config(file: pathlib.Path) -> dict:
+def read_settings(file: pathlib.Path) -> dict:
+  """Returns a tokenizer folder's JSON settings file as a dict; UserError naming the file otherwise."""
   try:
     data = json.loads(file.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -84,7 +85,7 @@ class ChatGLMEncoder:
     if not config_file.exists():
       raise errors.UserError(f"{self.path}: no tokenizer_config.json (a ChatGLM3 tokenizer folder "
                              f"declares tokenizer_class {TOKENIZER_CLASS!r} there)")
-    config = _read_config(config_file)
+    config = read_settings(config_file)
     if config.get("tokenizer_class") != TOKENIZER_CLASS:
       raise errors.UserError(f"{config_file}: tokenizer_class is {config.get('tokenizer_class')!r}, "
                              f"not {TOKENIZER_CLASS!r}")

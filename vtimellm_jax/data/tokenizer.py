@@ -141,16 +141,6 @@ class ReleaseOptions:
     return False, False
 
 
-def _read_json(file: pathlib.Path) -> dict:
-  try:
-    data = json.loads(file.read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise errors.UserError(f"{file}: cannot read the tokenizer settings: {e}") from e
-  if not isinstance(data, dict):
-    raise errors.UserError(f"{file}: expected a JSON object, found {type(data).__name__}")
-  return data
-
-
 def read_release_options(path: str | os.PathLike) -> ReleaseOptions:
   """Returns how transformers 4.31's slow tokenizer reads tokenizer folder `path` (see ReleaseOptions).
 
@@ -160,11 +150,11 @@ def read_release_options(path: str | os.PathLike) -> ReleaseOptions:
   """
   path = pathlib.Path(path)
   config_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
-  config = _read_json(config_file) if config_file.exists() else {}
+  config = chatglm_tokenizer.read_settings(config_file) if config_file.exists() else {}
   legacy = config.get("legacy", True)
   if not isinstance(legacy, bool):
     raise errors.UserError(f"{config_file}: 'legacy' must be true or false, found {legacy!r}")
-  special_map = _read_json(map_file) if map_file.exists() else {}
+  special_map = chatglm_tokenizer.read_settings(map_file) if map_file.exists() else {}
   strip = []
   for key, default in (("bos_token", BOS), ("eos_token", EOS), ("unk_token", UNK)):
     # 4.31: the config's value (a plain string is wrapped as an AddedToken that strips nothing),
