@@ -150,3 +150,17 @@ class QkvSlice(torch.nn.Module):
 
   def forward(self, x):
     return self.owner.query_key_value(x)[..., self.start:self.stop]
+
+
+def fuse_glm_qkv(hf, config) -> None:
+  """Rewires an HF Glm model as ChatGLM stores it: one `query_key_value` Linear per layer, q/k/v its slices."""
+  n, k = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
+  for layer in hf.model.layers:
+    attn = layer.self_attn
+    fused = torch.nn.Linear(config.hidden_size, n + 2 * k, bias=True)
+    with torch.no_grad():
+      fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+      fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    attn.query_key_value = fused
+    attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, n), QkvSlice(attn, n, n + k),
+                                             QkvSlice(attn, n + k, n + 2 * k))

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from hf_reference import QkvSlice, hf_glm, hf_greedy, random_batch, rel_err
+from hf_reference import fuse_glm_qkv, hf_glm, hf_greedy, random_batch, rel_err
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.convert import chatglm as chatglm_convert
 from vtimellm_jax.errors import UserError
@@ -31,7 +31,6 @@ from vtimellm_jax.models.load import load_model
 from vtimellm_jax.models.vtimellm import VIDEO_TOKEN_INDEX
 
 CONFIG = chatglm.tiny(vocab_size=128, num_layers=2)
-Q, KV = CONFIG.num_heads * CONFIG.head_size, CONFIG.num_kv_heads * CONFIG.head_size
 FRAMES = 4
 # HF Glm / rewired module names -> ChatGLM3's (models/chatglm.py's table), the q/k/v fusion aside.
 RENAMES = (
@@ -176,15 +175,7 @@ def test_export_round_trips_in_both_layouts(hf, converted, tmp_path):
 def fused_glm(seed: int = 2):
   """Returns the HF Glm model rewired as ChatGLM: one `query_key_value` Linear per layer."""
   hf = hf_glm(CONFIG, seed=seed)
-  for layer in hf.model.layers:
-    attn = layer.self_attn
-    fused = torch.nn.Linear(CONFIG.hidden_size, Q + 2 * KV, bias=True)
-    with torch.no_grad():
-      fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-      fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
-    attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, Q), QkvSlice(attn, Q, Q + KV),
-                                             QkvSlice(attn, Q + KV, Q + 2 * KV))
+  fuse_glm_qkv(hf, CONFIG)
   return hf
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import (QkvSlice, assert_forward_matches_hf, glm_arrays, hf_forward, hf_glm, hf_greedy,
+from hf_reference import (assert_forward_matches_hf, fuse_glm_qkv, glm_arrays, hf_forward, hf_glm, hf_greedy,
                           jax_from_hf_glm, random_batch, rel_err)
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm, load, lora
@@ -77,16 +77,7 @@ def test_presets_and_release_targets():
 def _fused_peft_reference(hf):
   """Returns the HF Glm model rewired as ChatGLM (one `query_key_value` Linear per layer) with peft LoRA on
   the release's targets, B factors random."""
-  n, k = CONFIG.num_heads * CONFIG.head_size, CONFIG.num_kv_heads * CONFIG.head_size
-  for layer in hf.model.layers:
-    attn = layer.self_attn
-    fused = torch.nn.Linear(CONFIG.hidden_size, n + 2 * k, bias=True)
-    with torch.no_grad():
-      fused.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-      fused.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
-    attn.query_key_value = fused
-    attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, n), QkvSlice(attn, n, n + k),
-                                             QkvSlice(attn, n + k, n + 2 * k))
+  fuse_glm_qkv(hf, CONFIG)
   # Ours -> the torch module names standing for the release's query_key_value, dense, dense_h_to_4h, ...
   names = {"qkv_proj": "query_key_value", "o_proj": "o_proj", "gate_up_proj": "gate_up_proj",
            "down_proj": "down_proj", "lm_head": "lm_head"}

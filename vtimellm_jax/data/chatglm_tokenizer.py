@@ -17,7 +17,6 @@ role strings are then cut out of the text and given their ids. `ChatGLMEncoder` 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import pathlib
@@ -25,11 +24,13 @@ import re
 from typing import Iterable, Sequence
 
 from vtimellm_jax import errors
+from vtimellm_jax.data import sentencepiece_training
 
 TOKENIZER_CLASS = "ChatGLMTokenizer"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 EXTRA_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ROLE_TOKENS
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+UNK_ID, BOS_ID, EOS_ID = (sentencepiece_training.UNK_ID, sentencepiece_training.BOS_ID,
+                          sentencepiece_training.EOS_ID)
 _BYTE_PIECES = 256
 
 
@@ -224,8 +225,6 @@ def train_chatglm_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *,
       plus the number of `pieces`.
     pieces: strings kept whole as single pieces (sentencepiece's user-defined symbols).
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
   lines = [t.replace("\n", " ") for t in texts if t and t.strip()]
   if not lines:
     raise errors.UserError("cannot train a tokenizer: the text corpus is empty")
@@ -233,21 +232,11 @@ def train_chatglm_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *,
   if room < 2:
     raise errors.UserError(f"vocab_size {vocab_size} is too small: byte fallback and "
                            f"{len(pieces)} fixed piece(s) alone need {vocab_size - room + 2} ids")
-  lines = _common_characters_only(lines, max(room // 2, 1))
-  buf = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
-        user_defined_symbols=list(pieces), character_coverage=0.99995, unk_id=UNK_ID,
-        bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, unk_piece="<unk>", bos_piece="<s>",
-        eos_piece="</s>", hard_vocab_limit=False, minloglevel=2)
-  except RuntimeError as e:
-    raise errors.UserError(f"sentencepiece training failed: {e}") from e
+  model_proto = sentencepiece_training.train_model(_common_characters_only(lines, max(room // 2, 1)), vocab_size,
+                                                   pieces)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "tokenizer.model").write_bytes(buf.getvalue())
+  (out / "tokenizer.model").write_bytes(model_proto)
   # As ChatGLM3-6B's folder of late 2023 writes it (the remote-code entry left out).
   config = {"tokenizer_class": TOKENIZER_CLASS, "remove_space": False, "do_lower_case": False,
             "padding_side": "left", "clean_up_tokenization_spaces": False}

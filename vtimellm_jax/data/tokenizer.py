@@ -22,16 +22,16 @@ see docs/data.md).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import pathlib
 from typing import Iterable, Sequence
 
 from vtimellm_jax import errors
-from vtimellm_jax.data import chatglm_tokenizer
+from vtimellm_jax.data import chatglm_tokenizer, sentencepiece_training
 
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+UNK_ID, BOS_ID, EOS_ID = (sentencepiece_training.UNK_ID, sentencepiece_training.BOS_ID,
+                          sentencepiece_training.EOS_ID)
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPACE_MARKER = "\u2581"  # sentencepiece's word-start marker
 MODEL_MAX_LENGTH = 2048
@@ -55,25 +55,11 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
       time indices "▁00".."▁99" of a model with a time code (models/time_code.py; a piece that starts
       with the word marker "▁" matches a space before it, as in sentencepiece).
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
   if vocab_size <= 259:
     raise errors.UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 ids")
   lines = [t.replace("\n", " ") for t in texts if t and t.strip()]
-  if not lines:
-    raise errors.UserError("cannot train a tokenizer: the text corpus is empty")
-  buf = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", allow_whitespace_only_pieces=True,
-        user_defined_symbols=list(pieces), character_coverage=0.99995, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, hard_vocab_limit=False, minloglevel=2)
-  except RuntimeError as e:
-    # sentencepiece reports e.g. a corpus too small for the vocabulary as a RuntimeError.
-    raise errors.UserError(f"sentencepiece training failed: {e}") from e
-  return save_tokenizer_model(buf.getvalue(), out_dir, model_max_length=model_max_length)
+  model_proto = sentencepiece_training.train_model(lines, vocab_size, pieces)
+  return save_tokenizer_model(model_proto, out_dir, model_max_length=model_max_length)
 
 
 def save_tokenizer_model(model_proto: bytes, out_dir: str | os.PathLike, *,
