@@ -185,6 +185,11 @@ def test_examples_are_listed_under_the_player_and_a_missing_one_is_refused(monke
   assert "gone.mp4: no such video file" in err and "Traceback" not in err
 
 
+def test_a_checkout_lists_the_release_demo_video_by_default(official_fixtures):
+  assert demo.default_examples() == [official_fixtures / "demo.mp4"]
+  assert demo.check_examples([official_fixtures / "demo.mp4"]) == demo.default_examples()
+
+
 def page_blocks(app):
   return list(app.blocks.values())
 

@@ -1,8 +1,8 @@
 """`vtimellm-jax demo`: a web page to chat with a model about a video, every moment clickable.
 
 The page (gradio, imported only here) has a video player with upload, the videos given with
-`--example` as examples, a multi-turn chat about the current video, a temperature slider and a button that clears
-the conversation; another video starts a new conversation. Every moment of an answer (moments.py) is
+`--example` as examples (by default the release's demo video, from a checkout), a multi-turn chat
+about the current video, a temperature slider and a button that clears the conversation; another video starts a new conversation. Every moment of an answer (moments.py) is
 shown in seconds as a chip that seeks the player to its start, and a timeline under the player draws
 each moment of the conversation as a bar over the video's length.
 
@@ -32,6 +32,11 @@ CHAT_ID = "vtimellm-chat"
 TIMELINE_ID = "vtimellm-timeline"
 CHIP_CLASS = "moment-chip"
 BAR_CLASS = "moment-bar"
+# The release's demo video, in a checkout of this repository (a test fixture with its licence note,
+# tests/fixtures/README.md). It is CC BY-NC-ND, so the package does not ship it; an installed wheel
+# has no default example.
+CHECKOUT_DEMO_VIDEO = (pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "vtimellm_official"
+                       / "demo.mp4")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 INSTALL_HINT = "pip install 'vtimellm-jax[demo]'"
@@ -203,6 +208,11 @@ def import_gradio():
   return gradio
 
 
+def default_examples() -> list[pathlib.Path]:
+  """Returns the examples when none are given: the release's demo video where the checkout has it."""
+  return [CHECKOUT_DEMO_VIDEO] if CHECKOUT_DEMO_VIDEO.is_file() else []
+
+
 def check_examples(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
   """Returns the example videos as absolute paths; UserError naming one that is not a file."""
   out = []
@@ -302,7 +312,7 @@ def serve(model: str, clip: str | None = None, host: str = DEFAULT_HOST, port: i
   from vtimellm_jax.inference import answerer, generate, served  # pylint: disable=g-import-not-at-top
 
   import_gradio()  # before minutes of loading, fail on a missing gradio or example
-  example_paths = check_examples(examples)
+  example_paths = check_examples(examples) if examples else default_examples()
   served_model = served.resolve(model, clip)
   if served_model.clip is None:
     raise UserError("the demo encodes the videos it is given: pass --clip (a CLIP model directory) with a "

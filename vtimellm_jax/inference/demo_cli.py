@@ -2,7 +2,7 @@
 
   vtimellm-jax quickstart --workdir quickstart
   vtimellm-jax demo --model quickstart            # then open http://127.0.0.1:7860
-  vtimellm-jax demo --model quickstart --example tests/fixtures/vtimellm_official/demo.mp4
+  vtimellm-jax demo --model quickstart --example my_video.mp4
   vtimellm-jax demo --model ckpt/vtimellm-7b --clip ckpt/clip-vit-l14 --dtype bfloat16
 
 --model is a model directory (with --clip) or a quickstart workdir (its serving.json names the CLIP
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
   parser.add_argument("--example", action="append", default=[], metavar="VIDEO",
-                      help="a video listed under the player as an example (repeatable)")
+                      help="a video listed under the player as an example (repeatable; default: the release's "
+                           "demo video when run from a checkout, which keeps it in tests/fixtures)")
   parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
                       help="most tokens per answer (default: %(default)s)")
 
