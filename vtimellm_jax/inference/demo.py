@@ -2,9 +2,10 @@
 
 The page (gradio, imported only here) has a video player with upload, the videos given with
 `--example` as examples (by default the release's demo video, from a checkout), a multi-turn chat
-about the current video, a temperature slider and a button that clears the conversation; another video starts a new conversation. Every moment of an answer (moments.py) is
-shown in seconds as a chip that seeks the player to its start, and a timeline under the player draws
-each moment of the conversation as a bar over the video's length.
+about the current video, a temperature slider and a button that clears the conversation; another
+video starts a new conversation. Every moment of an answer (moments.py) is shown in seconds as a
+chip that seeks the player to its start, and a timeline under the player draws each moment of the
+conversation as a bar over the video's length.
 
 A video is sampled and encoded once (`served.VideoCache`); every question about it reuses its
 features. The page binds 127.0.0.1 unless told otherwise and reaches nothing outside the machine:
