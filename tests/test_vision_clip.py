@@ -192,12 +192,13 @@ def test_presets():
 # --- open_clip (its import needs torchvision, which does not load beside the CPU torch used here) ---
 
 
-def _import_open_clip():
+def _import_open_clip(monkeypatch):
   try:
     import torchvision  # noqa: F401
   except Exception:
     # open_clip imports torchvision's transforms at module level but its model code never uses
-    # them; stand-in modules let the genuine model classes load.
+    # them; stand-in modules let the genuine model classes load. They leave sys.modules when the
+    # test ends (monkeypatch), so a later test in this process still finds torchvision absent.
     class _Anything(type):
       def __getattr__(cls, name):
         return name
@@ -217,12 +218,13 @@ def _import_open_clip():
 
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
                  "torchvision.ops.misc"):
-      sys.modules.setdefault(name, stub(name))
+      if name not in sys.modules:
+        monkeypatch.setitem(sys.modules, name, stub(name))
   return pytest.importorskip("open_clip")
 
 
-def _open_clip_model(quick_gelu: bool, seed: int):
-  open_clip = _import_open_clip()
+def _open_clip_model(monkeypatch, quick_gelu: bool, seed: int):
+  open_clip = _import_open_clip(monkeypatch)
   from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
   torch.manual_seed(seed)
@@ -241,18 +243,18 @@ def _open_clip_embeds(model, pixels):
     return model.encode_image(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
 
 
-def test_open_clip_state_dict_parity(tmp_path):
-  _, model = _open_clip_model(quick_gelu=True, seed=5)
+def test_open_clip_state_dict_parity(tmp_path, monkeypatch):
+  _, model = _open_clip_model(monkeypatch, quick_gelu=True, seed=5)
   torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "epoch_1.pt")
   cfg, params, _ = convert_clip.convert(tmp_path / "epoch_1.pt", heads=HEADS)
   pixels = _pixels(seed=5)
   np.testing.assert_allclose(_ours(cfg, params, pixels), _open_clip_embeds(model, pixels), atol=1e-4, rtol=0)
 
 
-def test_open_clip_dir_with_config_gelu_parity(tmp_path):
+def test_open_clip_dir_with_config_gelu_parity(tmp_path, monkeypatch):
   from safetensors.torch import save_file
 
-  _, model = _open_clip_model(quick_gelu=False, seed=6)
+  _, model = _open_clip_model(monkeypatch, quick_gelu=False, seed=6)
   (tmp_path / "oc").mkdir()
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "oc" / "open_clip_model.safetensors")
   model_cfg = {"embed_dim": PROJ, "quick_gelu": False,
