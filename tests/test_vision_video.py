@@ -145,6 +145,38 @@ def test_seeking_decode_equals_full_decode(tmp_path, split):
   np.testing.assert_array_equal(frames, all_frames[expected])
 
 
+def test_frames_nothing_needs_are_not_decoded(tmp_path, monkeypatch):
+  """Sparse samples of a video with B-frames: the unwanted non-reference frames are dropped by the
+  decoder (fewer frames come out than a full decode gives), the sampled ones are the same pixels."""
+  # One keyframe (no seek skips anything) and smooth motion, so the encoder makes most frames B-frames.
+  path = tmp_path / "bframes.mp4"
+  container = av.open(str(path), "w")
+  stream = container.add_stream("libx264", rate=25)
+  stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+  stream.codec_context.gop_size, stream.codec_context.max_b_frames = 120, 3
+  base = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+  for i in range(120):
+    for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")):
+      container.mux(packet)
+  for packet in stream.encode():
+    container.mux(packet)
+  container.close()
+  all_frames, fps = full_decode(path)
+  decoded = []
+  frames_of = decode._frames  # pylint: disable=protected-access
+
+  def counting(*args):
+    for frame in frames_of(*args):
+      decoded.append(frame.pts)
+      yield frame
+
+  monkeypatch.setattr(decode, "_frames", counting)
+  frames, _ = decode.read_frames(path, None, num_frames=30, threads=1)
+  np.testing.assert_array_equal(frames, all_frames[release_indices(len(all_frames), fps, None, n=30)])
+  # Decoding everything up to the last sample would give ~120 frames.
+  assert len(decoded) < 0.75 * len(all_frames), (len(decoded), len(all_frames))
+
+
 def test_broken_inputs_raise_decode_errors(tmp_path):
   good = tmp_path / "good.mp4"
   make_video(good, frames=30)

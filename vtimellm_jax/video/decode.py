@@ -98,6 +98,22 @@ def probe(path: str | pathlib.Path) -> VideoIndex:
     container.close()
 
 
+def _frames(container, stream, wanted_pts):
+  """Yields the decoded frames from the container's position, not decoding what nothing needs.
+
+  A packet whose frame is not wanted is decoded with FFmpeg's `skip_frame` "NONREF": the decoder
+  drops it if no other frame references it (an H.264/HEVC non-reference picture, an MPEG B-frame, a
+  VP9 frame that refreshes no reference), and decodes it otherwise. No wanted frame and nothing a
+  wanted frame is predicted from is skipped, so the wanted frames are the same pixels; about half
+  the decoding of a typical sample of 100 frames goes. FFmpeg reads the setting when a packet is
+  submitted, with or without frame threads.
+  """
+  context = stream.codec_context
+  for packet in container.demux(stream):
+    context.skip_frame = "DEFAULT" if packet.size == 0 or packet.pts in wanted_pts else "NONREF"
+    yield from packet.decode()
+
+
 def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads: int = 0,
                    deadline: float | None = None) -> dict[int, np.ndarray]:
   """Returns {frame index: uint8[H, W, 3] RGB} for the (sorted, unique) wanted frame indices.
@@ -127,7 +143,7 @@ def _decode_wanted(container, index: VideoIndex, wanted: Sequence[int], threads:
     container.seek(seek_to, stream=stream, backward=True, any_frame=False)
     progressed = False
     try:
-      for frame in container.decode(stream):
+      for frame in _frames(container, stream, slot):
         if frame.pts is None:
           raise DecodeError("decoded frames carry no timestamps")
         position = frame.pts
