@@ -6,24 +6,33 @@
 #                              [--budget-s 480]
 #
 # Steps, in order of priority (a step the remaining budget cannot fit is skipped, with a line saying so):
-#   train_none, train_full  the 7B LoRA train step, B=8, remat none / full (python -m vtimellm_jax.bench.train)
+#   train_none, train_full  the 7B LoRA train step, B=8, remat none / full (python -m vtimellm_jax.bench.train);
+#                           train_none_xla with XLA's attention instead of cuDNN's, only if train_none failed
 #   torch_train_ckpt, torch_train_nockpt
 #                           HF + peft on the same shapes, with and without gradient checkpointing (each
 #                           also times HF generate); torch_peft_baseline.py of --torch-bench
 #   decode                  greedy decode at batch 1 (python -m vtimellm_jax.bench.decode)
 #   eval                    grounding questions answered one at a time against batched (bench.eval)
 #   clip, torch_clip        CLIP ViT-L/14 frames/s at batch 100 and 800, fp16, ours and HF's
+#   train_2048              the stage-2 recipe's step shape: B=8 at 2048 positions, full remat, loss 512
+#                           positions at a time; measured peak beside the compiler's memory analysis
+#   decode_no_triton        decode at batch 1 again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
 # Every JSON line a step prints is written as {"step": NAME, ...its fields...}; a step that fails or
 # times out writes {"step": NAME, "error": "...", ...} (with its last stderr lines) and the suite goes
 # on. The first line ("step": "header") records the device, the UTC date, the git commit and the
 # jax/torch versions; the second ("deps") the module check; the last ("end") the wall time.
 #
 #   --out FILE         the JSON-lines file, overwritten (default: $OUT/device_suite.jsonl when OUT is
-#                      set, as on the device machine, whose $OUT comes back; else ./device_suite.jsonl)
-#   --wheels DIR       install the modules a bare CUDA machine lacks (grain, ml_collections,
-#                      tensorflow_datasets, array_record, av, tensorboardX, pycocoevalcap, ...) from
-#                      these wheels: pip install --no-index --find-links DIR. Without them, or if some
-#                      are still missing, the suite says which and exits 3 before measuring anything.
+#                      set, as on the device machine, whose $OUT comes back; else ./device_suite.jsonl);
+#                      every step's stderr goes to the same name with .log for .jsonl
+#   --wheels DIR       every wheel in DIR is installed (pip --no-index --no-deps --target, into a
+#                      temporary folder put first on PYTHONPATH) before anything runs, so these versions
+#                      win over the machine's: the modules a bare CUDA machine lacks (grain, ml_collections,
+#                      tensorflow_datasets, array_record and their own dependencies), and, to run the
+#                      versions this project is tested with, flax, optax and orbax. A module the steps
+#                      need that is still missing stops the suite (exit 3) before measuring anything,
+#                      naming it; av, tensorboardX, pycocoevalcap and matplotlib (extraction, logging and
+#                      captioning metrics, which no step runs) are only reported.
 #   --torch-bench DIR  the folder of torch_peft_baseline.py and torch_clip_baseline.py (default: shared/bench
 #                      or ../shared/bench of this checkout, whichever exists). The torch steps are skipped
 #                      when it is absent or torch sees no CUDA device.
@@ -62,7 +71,7 @@ absolute() {
 
 OUT_FILE="${OUT:+$OUT/device_suite.jsonl}"
 OUT_FILE="${OUT_FILE:-device_suite.jsonl}"
-WHEELS="" TORCH_BENCH="" SIZE="7b" BUDGET=480
+WHEELS="" TORCH_BENCH="" SIZE="7b" BUDGET=480 STEP_RC=0
 for candidate in "$ROOT/shared/bench" "$ROOT/../shared/bench"; do
   if [[ -z $TORCH_BENCH && -d $candidate ]]; then TORCH_BENCH="$candidate"; fi
 done
@@ -83,8 +92,10 @@ done
 OUT_FILE="$(absolute "$OUT_FILE")"
 if [[ -n $WHEELS ]]; then WHEELS="$(absolute "$WHEELS")"; fi
 if [[ -n $TORCH_BENCH ]]; then TORCH_BENCH="$(absolute "$TORCH_BENCH")"; fi
+LOG_FILE="${OUT_FILE%.jsonl}.log"
 mkdir -p "$(dirname "$OUT_FILE")"
 : >"$OUT_FILE"
+: >"$LOG_FILE"
 
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -140,8 +151,28 @@ run_step() {
   timeout --kill-after=10 "$limit" "$@" </dev/null >"$TMP/stdout" 2>"$TMP/stderr" || rc=$?
   "$PYTHON" -c "$TAG_PY" "$name" "$rc" "$limit" "$((SECONDS - start))" "$TMP/stdout" "$TMP/stderr" |
     tee -a "$OUT_FILE"
+  { echo "== $name: $* (exit status $rc after $((SECONDS - start)) s)"; cat "$TMP/stderr"; } >>"$LOG_FILE"
   log "$name: exit status $rc after $((SECONDS - start)) s"
+  STEP_RC=$rc
 }
+
+# The carried wheels, installed before the header so that it reports the versions the steps run.
+if [[ -n $WHEELS ]]; then
+  shopt -s nullglob
+  wheels=("$WHEELS"/*.whl)
+  shopt -u nullglob
+  if ((${#wheels[@]})); then
+    log "installing ${#wheels[@]} wheels from $WHEELS"
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
+      --target "$TMP/site" "${wheels[@]}" >&2; then
+      export PYTHONPATH="$TMP/site:$PYTHONPATH"
+    else
+      log "pip install of the wheels in $WHEELS failed"
+    fi
+  else
+    log "no wheels in $WHEELS"
+  fi
+fi
 
 # The header: device, date, commit, versions. Runs before the module check, so it never needs more
 # than the standard library, jax and torch, and it reports what of those is absent.
@@ -165,69 +196,60 @@ for name in ("flax", "transformers", "torch"):
     record[f"{name}_error"] = repr(e)[:300]
 print(json.dumps(record))
 '
-# The device machine gets the working tree without .git: no commit is known there.
-commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)"
+# The device machine gets the working tree without .git: there the caller may name the commit in
+# SUITE_GIT_COMMIT.
+commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${SUITE_GIT_COMMIT:-}")"
 dirty="$(if [[ -n $commit ]]; then git -C "$ROOT" status --porcelain 2>/dev/null | head -c 1; fi)"
 "$PYTHON" -c "$HEADER_PY" "$SIZE" "$BUDGET" "$commit" "$dirty" | tee -a "$OUT_FILE"
 
-# Every module vtimellm_jax imports (pyproject.toml's dependencies, plus etils), as import=pip names.
-# A bare CUDA machine with jax, flax, optax, orbax-checkpoint, transformers and torch lacks some.
+# The modules the steps import (pyproject.toml's dependencies they reach, plus etils), as import=pip
+# names; a bare CUDA machine with jax, flax, optax, orbax-checkpoint, transformers and torch lacks some.
+# OPTIONAL: dependencies of the project that no step here imports, only reported.
 REQUIRED=(jax=jax flax=flax optax=optax orbax.checkpoint=orbax-checkpoint etils=etils grain=grain
   ml_collections=ml-collections tensorflow_datasets=tensorflow-datasets array_record=array-record
   transformers=transformers tokenizers=tokenizers sentencepiece=sentencepiece google.protobuf=protobuf
-  safetensors=safetensors numpy=numpy ml_dtypes=ml-dtypes av=av tqdm=tqdm tensorboardX=tensorboardX
-  matplotlib=matplotlib PIL=pillow pycocoevalcap=pycocoevalcap)
+  safetensors=safetensors numpy=numpy ml_dtypes=ml-dtypes tqdm=tqdm PIL=pillow)
+OPTIONAL=(av=av tensorboardX=tensorboardX pycocoevalcap=pycocoevalcap matplotlib=matplotlib)
 extras="${VTIMELLM_SUITE_EXTRA_MODULES:-}"
 for extra in ${extras//,/ }; do
   REQUIRED+=("$extra=$extra")
 done
 
 # Imports each module (a real import: an installed module whose own dependency is missing is broken);
-# prints the JSON line and writes the pip names of the absent and broken ones to argv[1].
+# prints the JSON line and writes the pip names of the required ones absent or broken to argv[1].
+# argv[2]: how many of the pairs after it are required; the rest are optional.
 DEPS_PY='
 import importlib, json, sys
-absent, broken = [], {}
-for pair in sys.argv[2:]:
+pairs, n_required = sys.argv[3:], int(sys.argv[2])
+absent, broken, optional_missing, versions = [], {}, [], {}
+for i, pair in enumerate(pairs):
   module, pip_name = pair.split("=", 1)
   try:
-    importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name and (module == e.name or module.startswith(e.name + ".")):
-      absent.append(module)
-    else:
-      broken[module] = repr(e)[:200]
-  except Exception as e:
-    broken[module] = repr(e)[:200]
-  else:
+    versions[module] = getattr(importlib.import_module(module), "__version__", None)
     continue
+  except ModuleNotFoundError as e:
+    why = None if e.name and (module == e.name or module.startswith(e.name + ".")) else repr(e)[:200]
+  except Exception as e:
+    why = repr(e)[:200]
+  if i >= n_required:
+    optional_missing.append(module)
+    continue
+  if why is None:
+    absent.append(module)
+  else:
+    broken[module] = why
   open(sys.argv[1], "a").write(pip_name + "\n")
-print(json.dumps({"step": "deps", "checked": [p.split("=")[0] for p in sys.argv[2:]], "missing": absent,
-                  "broken": broken}))
+print(json.dumps({"step": "deps", "checked": [p.split("=")[0] for p in pairs[:n_required]], "missing": absent,
+                  "broken": broken, "optional_missing": optional_missing,
+                  "versions": {k: v for k, v in versions.items() if isinstance(v, str)}}))
 '
-
-# Checks the modules; returns non-zero (and names them) if any is missing.
-check_modules() {
-  : >"$TMP/missing"
-  "$PYTHON" -c "$DEPS_PY" "$TMP/missing" "${REQUIRED[@]}" | tee -a "$OUT_FILE" || return 1
-  if [[ -s $TMP/missing ]]; then
-    log "missing or broken modules (pip names): $(tr '\n' ' ' <"$TMP/missing")"
-    return 1
-  fi
-}
-
-if ! check_modules; then
-  if [[ -n $WHEELS ]]; then
-    mapfile -t names <"$TMP/missing"
-    log "installing ${names[*]} from $WHEELS"
-    "$PYTHON" -m pip install --no-index --find-links "$WHEELS" "${names[@]}" >&2 ||
-      log "pip install from $WHEELS failed"
-  fi
-  if [[ -z $WHEELS ]] || ! check_modules; then
-    hint="${WHEELS:+not installable from $WHEELS}"
-    emit step deps error "missing modules: $(tr '\n' ' ' <"$TMP/missing")(${hint:-give their wheels with --wheels DIR})"
-    log "not measuring anything: modules are missing (see above; --wheels DIR installs them)"
-    exit 3
-  fi
+: >"$TMP/missing"
+"$PYTHON" -c "$DEPS_PY" "$TMP/missing" "${#REQUIRED[@]}" "${REQUIRED[@]}" "${OPTIONAL[@]}" | tee -a "$OUT_FILE"
+if [[ -s $TMP/missing ]]; then
+  where="${WHEELS:+not among the wheels in $WHEELS}"
+  emit step deps error "missing modules: $(tr '\n' ' ' <"$TMP/missing")(${where:-give their wheels with --wheels DIR})"
+  log "not measuring anything: modules are missing or broken: $(tr '\n' ' ' <"$TMP/missing")(--wheels DIR installs them)"
+  exit 3
 fi
 
 # The torch baselines need CUDA (they hard-code it) and their folder.
@@ -248,6 +270,10 @@ peft_baseline=("$PYTHON" "$TORCH_BENCH/torch_peft_baseline.py")
 clip_baseline=("$PYTHON" "$TORCH_BENCH/torch_clip_baseline.py")
 if [[ $SIZE == 7b ]]; then
   run_step train_none 180 90 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none
+  if ((STEP_RC)); then  # cuDNN attention is what a GPU adds over the CPU tests: try XLA's
+    run_step train_none_xla 150 90 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none \
+      --attention xla
+  fi
   run_step train_full 180 90 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --remat full
   torch_step torch_train_ckpt 150 60 env SIZE=7b B=8 "${peft_baseline[@]}"
   torch_step torch_train_nockpt 150 60 env SIZE=7b B=8 CKPT=0 "${peft_baseline[@]}"
@@ -255,6 +281,10 @@ if [[ $SIZE == 7b ]]; then
   run_step eval 150 60 "$PYTHON" -m vtimellm_jax.bench.eval --size 7b
   run_step clip 90 40 "$PYTHON" -m vtimellm_jax.bench.clip --config clip_vit_l14 --batch-sizes 100,800 --dtype float16
   torch_step torch_clip 60 30 "${clip_baseline[@]}"
+  run_step train_2048 150 70 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --text-len 1949 --remat full \
+    --loss-chunk 512 --warmup 1 --iters 3
+  run_step decode_no_triton 100 45 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+    "$PYTHON" -m vtimellm_jax.bench.decode --size 7b
 else
   # A few iterations at tiny shapes: each step is mostly Python start-up and compilation.
   train=("$PYTHON" -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 24 --lora-rank 4 --warmup 1 --iters 1)
@@ -266,6 +296,9 @@ else
   run_step eval 90 20 "$PYTHON" -m vtimellm_jax.bench.eval --size tiny --queries 4 --batch-size 2 --max-new-tokens 4
   run_step clip 90 10 "$PYTHON" -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --warmup 1 --iters 2
   torch_step torch_clip 90 10 "${clip_baseline[@]}"
+  run_step train_2048 90 20 "${train[@]}" --text-len 40 --remat full --loss-chunk 16
+  run_step decode_no_triton 90 15 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+    "$PYTHON" -m vtimellm_jax.bench.decode --size tiny --prompt-len 8 --new-tokens 4 --repeats 1
 fi
 emit step end wall_s "$SECONDS" budget_s "$BUDGET"
 log "done in $SECONDS s: $OUT_FILE"

@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -39,27 +40,51 @@ def test_suite_passes_shellcheck():
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _probe_wheel(folder: pathlib.Path, version: str) -> pathlib.Path:
+  """Writes a pure-Python wheel of one module, `vtimellm_suite_probe`, whose __version__ is `version`."""
+  name = "vtimellm_suite_probe"
+  info = f"{name}-{version}.dist-info"
+  files = {f"{name}.py": f"__version__ = {version!r}\n",
+           f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+           f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+  files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+  path = folder / f"{name}-{version}-py3-none-any.whl"
+  with zipfile.ZipFile(path, "w") as archive:
+    for member, text in files.items():
+      archive.writestr(member, text)
+  return path
+
+
 @pytest.mark.slow
 def test_tiny_suite_writes_a_line_per_step(tmp_path):
   out = tmp_path / "results" / "suite.jsonl"
-  # A relative --out is taken from the caller's folder, not from the repo root the suite runs in.
-  proc = _run("--size", "tiny", "--out", "results/suite.jsonl", "--budget-s", "600", tmp_path=tmp_path)
+  wheels = tmp_path / "wheels"
+  wheels.mkdir()
+  _probe_wheel(wheels, "1.2.3")
+  # A relative --out is taken from the caller's folder, not from the repo root the suite runs in; a required
+  # module that only a carried wheel has is installed from it before the check.
+  proc = _run("--size", "tiny", "--out", "results/suite.jsonl", "--budget-s", "600", "--wheels", "wheels",
+              tmp_path=tmp_path, extra_env={"VTIMELLM_SUITE_EXTRA_MODULES": "vtimellm_suite_probe"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _lines(out)
   header = lines[0]
   assert header["step"] == "header" and header["size"] == "tiny" and header["device"] and header["jax"]
   assert header["date_utc"].endswith("Z") and "git_commit" in header and "torch" in header
   deps = [r for r in lines if r["step"] == "deps"]
-  assert len(deps) == 1 and deps[0]["missing"] == [] and "grain" in deps[0]["checked"]
+  assert len(deps) == 1 and deps[0]["missing"] == [] and deps[0]["broken"] == {}, deps
+  assert "grain" in deps[0]["checked"] and "vtimellm_suite_probe" in deps[0]["checked"]
+  assert deps[0]["versions"]["vtimellm_suite_probe"] == "1.2.3"
   by_step = {}
   for record in lines[1:]:
     by_step.setdefault(record["step"], []).append(record)
   errors = [r for r in lines if "error" in r]
   assert not errors, errors
-  train = by_step["train_none"] + by_step["train_full"]
-  assert [r["remat"] for r in train] == ["none", "full"]
-  assert all(r["what"] == "jax_lora_train" and r["size"] == "tiny" for r in train)
+  train = by_step["train_none"] + by_step["train_full"] + by_step["train_2048"]
+  assert [r["remat"] for r in train] == ["none", "full", "full"]
+  assert all(r["what"] == "jax_lora_train" and r["size"] == "tiny" and r["temp_gib"] >= 0 for r in train)
+  assert by_step["train_2048"][0]["L"] == 40 - 1 + 100 and by_step["train_2048"][0]["loss_chunk"] == 16
   assert [r["what"] for r in by_step["decode"]] == ["jax_decode"]
+  assert [r["what"] for r in by_step["decode_no_triton"]] == ["jax_decode"]
   assert [(r["what"], r.get("batch")) for r in by_step["eval"]] == [
       ("jax_grounding_eval", 1), ("jax_grounding_eval", 2), ("jax_grounding_eval_speedup", 2)]
   assert [r["batch"] for r in by_step["clip"]] == [8, 32]
@@ -70,18 +95,37 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert [json.loads(line) for line in proc.stdout.splitlines()] == lines
 
 
+def test_carried_wheel_wins_over_the_installed_module(tmp_path):
+  """A module the machine has in another version runs from the carried wheel (as flax is carried)."""
+  site = tmp_path / "machine_site"
+  site.mkdir()
+  (site / "vtimellm_suite_probe.py").write_text("__version__ = '0.0.1'\n")
+  wheels = tmp_path / "wheels"
+  wheels.mkdir()
+  _probe_wheel(wheels, "2.0.0")
+  out = tmp_path / "suite.jsonl"
+  # An unknown module as well, so that the suite stops after the check instead of measuring.
+  proc = _run("--size", "tiny", "--out", str(out), "--wheels", str(wheels), tmp_path=tmp_path, timeout=120,
+              extra_env={"VTIMELLM_SUITE_EXTRA_MODULES": "vtimellm_suite_probe,vtimellm_no_such_module",
+                         "PYTHONPATH": str(site)})
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  deps = [r for r in _lines(out) if r["step"] == "deps" and "checked" in r]
+  assert deps[0]["versions"]["vtimellm_suite_probe"] == "2.0.0"
+  assert deps[0]["missing"] == ["vtimellm_no_such_module"]
+
+
 def test_missing_module_is_reported_before_measuring(tmp_path):
   out = tmp_path / "suite.jsonl"
-  wheels = tmp_path / "wheels"  # no wheel for it here: the install attempt fails, offline
+  wheels = tmp_path / "wheels"  # no wheel for it here
   wheels.mkdir()
   proc = _run("--size", "tiny", "--out", str(out), "--wheels", str(wheels), tmp_path=tmp_path, timeout=120,
               extra_env={"VTIMELLM_SUITE_EXTRA_MODULES": "vtimellm_no_such_module, json"})
   assert proc.returncode == 3, proc.stderr[-3000:]
-  assert "vtimellm_no_such_module" in proc.stderr and f"installing vtimellm_no_such_module from {wheels}" in proc.stderr
+  assert "vtimellm_no_such_module" in proc.stderr and f"no wheels in {wheels}" in proc.stderr
   lines = _lines(out)
   assert lines[0]["step"] == "header"
   assert {r["step"] for r in lines} == {"header", "deps"}, "nothing may be measured with a module missing"
-  checks = [r for r in lines if "missing" in r]
-  assert len(checks) == 2  # before and after the install attempt
-  assert all(r["missing"] == ["vtimellm_no_such_module"] and "json" in r["checked"] for r in checks)
-  assert "vtimellm_no_such_module" in lines[-1]["error"]
+  checks = [r for r in lines if "checked" in r]
+  assert len(checks) == 1
+  assert checks[0]["missing"] == ["vtimellm_no_such_module"] and "json" in checks[0]["checked"]
+  assert "vtimellm_no_such_module" in lines[-1]["error"] and f"not among the wheels in {wheels}" in lines[-1]["error"]

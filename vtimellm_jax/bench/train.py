@@ -91,6 +91,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   t_compile = time.perf_counter()
   compiled = step.lower(trainable, opt_state, frozen, batch, jnp.int32(0), key).compile()
   t_compile = time.perf_counter() - t_compile
+  analysis = compiled.memory_analysis()  # the compiler's own figures, as the AOT dry run reports them
   for i in range(args.warmup):
     trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(i), key)
   jax.block_until_ready(metrics)
@@ -107,7 +108,15 @@ def run_bench(args: argparse.Namespace) -> dict:
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
               useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
               peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),
-              loss=loss)
+              loss=loss, **_analysis_gib(analysis))
+
+
+def _analysis_gib(analysis) -> dict:
+  """The compiled step's memory analysis in GiB (temporaries and arguments per device); {} without one."""
+  if analysis is None:
+    return {}
+  return dict(temp_gib=round(analysis.temp_size_in_bytes / 2**30, 2),
+              argument_gib=round(analysis.argument_size_in_bytes / 2**30, 2))
 
 
 def main(argv=None) -> int:
