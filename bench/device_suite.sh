@@ -11,12 +11,14 @@
 #   torch_train_ckpt, torch_train_nockpt
 #                           HF + peft on the same shapes, with and without gradient checkpointing (each
 #                           also times HF generate); torch_peft_baseline.py of --torch-bench
-#   decode                  greedy decode at batch 1 (python -m vtimellm_jax.bench.decode)
+#   decode                  greedy decode at batch 1 (python -m vtimellm_jax.bench.decode), with the flags
+#                           chat and eval set (vtimellm_jax/xla_flags.py: matmuls to cuBLAS, not Triton)
 #   eval                    grounding questions answered one at a time against batched (bench.eval)
 #   clip, torch_clip        CLIP ViT-L/14 frames/s at batch 100 and 800, fp16, ours and HF's
 #   train_2048              the stage-2 recipe's step shape: B=8 at 2048 positions, full remat, loss 512
 #                           positions at a time; measured peak beside the compiler's memory analysis
-#   decode_no_triton        decode at batch 1 again with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
+#   decode_triton           decode at batch 1 again with XLA's default Triton GEMM fusions
+#                           (XLA_FLAGS=--xla_gpu_enable_triton_gemm=true), what the flag is worth
 # Every JSON line a step prints is written as {"step": NAME, ...its fields...}; a step that fails or
 # times out writes {"step": NAME, "error": "...", ...} (with its last stderr lines) and the suite goes
 # on. The first line ("step": "header") records the device, the UTC date, the git commit and the
@@ -28,8 +30,9 @@
 #   --wheels DIR       every wheel in DIR is installed (pip --no-index --no-deps --target, into a
 #                      temporary folder put first on PYTHONPATH) before anything runs, so these versions
 #                      win over the machine's: the modules a bare CUDA machine lacks (grain, ml_collections,
-#                      tensorflow_datasets, array_record and their own dependencies), and, to run the
-#                      versions this project is tested with, flax, optax and orbax. A module the steps
+#                      tensorflow_datasets, array_record and their own dependencies). Leave out flax,
+#                      optax and orbax: the machine's are matched to its jax (flax 0.12.8 does not import
+#                      under jax 0.11.2; the 0.12.10 there does). A module the steps
 #                      need that is still missing stops the suite (exit 3) before measuring anything,
 #                      naming it; av, tensorboardX, pycocoevalcap and matplotlib (extraction, logging and
 #                      captioning metrics, which no step runs) are only reported.
@@ -196,9 +199,8 @@ for name in ("flax", "transformers", "torch"):
     record[f"{name}_error"] = repr(e)[:300]
 print(json.dumps(record))
 '
-# The device machine gets the working tree without .git: there the caller may name the commit in
-# SUITE_GIT_COMMIT.
-commit="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${SUITE_GIT_COMMIT:-}")"
+# SUITE_GIT_COMMIT names the commit where the tree's own git cannot (a copy of a working tree).
+commit="${SUITE_GIT_COMMIT:-$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)}"
 dirty="$(if [[ -n $commit ]]; then git -C "$ROOT" status --porcelain 2>/dev/null | head -c 1; fi)"
 "$PYTHON" -c "$HEADER_PY" "$SIZE" "$BUDGET" "$commit" "$dirty" | tee -a "$OUT_FILE"
 
@@ -283,7 +285,7 @@ if [[ $SIZE == 7b ]]; then
   torch_step torch_clip 60 30 "${clip_baseline[@]}"
   run_step train_2048 150 70 "$PYTHON" -m vtimellm_jax.bench.train --size 7b --batch 8 --text-len 1949 --remat full \
     --loss-chunk 512 --warmup 1 --iters 3
-  run_step decode_no_triton 100 45 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+  run_step decode_triton 100 45 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=true" \
     "$PYTHON" -m vtimellm_jax.bench.decode --size 7b
 else
   # A few iterations at tiny shapes: each step is mostly Python start-up and compilation.
@@ -297,7 +299,7 @@ else
   run_step clip 90 10 "$PYTHON" -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --warmup 1 --iters 2
   torch_step torch_clip 90 10 "${clip_baseline[@]}"
   run_step train_2048 90 20 "${train[@]}" --text-len 40 --remat full --loss-chunk 16
-  run_step decode_no_triton 90 15 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+  run_step decode_triton 90 15 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=true" \
     "$PYTHON" -m vtimellm_jax.bench.decode --size tiny --prompt-len 8 --new-tokens 4 --repeats 1
 fi
 emit step end wall_s "$SECONDS" budget_s "$BUDGET"

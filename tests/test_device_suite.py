@@ -84,7 +84,10 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert all(r["what"] == "jax_lora_train" and r["size"] == "tiny" and r["temp_gib"] >= 0 for r in train)
   assert by_step["train_2048"][0]["L"] == 40 - 1 + 100 and by_step["train_2048"][0]["loss_chunk"] == 16
   assert [r["what"] for r in by_step["decode"]] == ["jax_decode"]
-  assert [r["what"] for r in by_step["decode_no_triton"]] == ["jax_decode"]
+  assert [r["what"] for r in by_step["decode_triton"]] == ["jax_decode"]
+  # decode runs with the answering commands' flags; decode_triton with the user's explicit setting kept.
+  assert "--xla_gpu_enable_triton_gemm=false" in by_step["decode"][0]["xla_flags"].split()
+  assert by_step["decode_triton"][0]["xla_flags"].split() == ["--xla_gpu_enable_triton_gemm=true"]
   assert [(r["what"], r.get("batch")) for r in by_step["eval"]] == [
       ("jax_grounding_eval", 1), ("jax_grounding_eval", 2), ("jax_grounding_eval_speedup", 2)]
   assert [r["batch"] for r in by_step["clip"]] == [8, 32]

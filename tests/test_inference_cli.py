@@ -1,6 +1,7 @@
 """`chat` and `eval` end to end on a tiny model directory, against HF generate on the same weights."""
 
 import io
+import os
 import json
 import re
 
@@ -49,6 +50,17 @@ def test_chat_query_json_equals_hf_greedy(tiny_vtimellm, feats, capsys):
   assert result["token_ids"] == tiny_vtimellm.hf_greedy(_v1(("<video>\n" + query, None)), arrays["v1"], 6)
   assert len(result["token_ids"]) > 0 and isinstance(result["answer"], str)
   assert result["moments"] is None  # no duration known
+
+
+def test_chat_sets_the_answering_xla_flags(tiny_vtimellm, feats, capsys, monkeypatch):
+  """chat leaves GPU matmuls to cuBLAS (vtimellm_jax/xla_flags.py) and keeps the user's flags."""
+  folder, _ = feats
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  code, _, err = _run(["chat", "--model", tiny_vtimellm.model_dir, "--features", folder / "v1.npy", "--query", "hi",
+                       "--max-new-tokens", "2"], capsys)
+  assert code == 0, err
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                             "--xla_gpu_enable_triton_gemm=false"]
 
 
 def test_chat_session_keeps_history(tiny_vtimellm, feats, capsys, monkeypatch):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -102,10 +103,12 @@ def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: floa
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  xla_flags.use_answering_flags()  # what chat and eval run with
   model = random_model(args.size, _dtype(args.dtype))
   for batch in [int(b) for b in args.batch_sizes.split(",")]:
     record = bench(model, batch, args.prompt_len, args.new_tokens, args.temperature, args.repeats)
     record["size"] = args.size
+    record["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     print(json.dumps(record), flush=True)
   return 0
 

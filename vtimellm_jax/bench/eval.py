@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
 
 import numpy as np
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 
 _WORDS = ("the a man woman dog person is walks runs jumps into pool kitchen cooking counting money "
           "during which frames can we see describe video events from to").split()
@@ -99,6 +100,7 @@ def bench(answerer, questions: list[str], features: list[np.ndarray], batch: int
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  xla_flags.use_answering_flags()  # what eval runs with
   import jax  # pylint: disable=g-import-not-at-top
 
   from vtimellm_jax.data import records  # pylint: disable=g-import-not-at-top
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
   features = [rng.standard_normal((records.NUM_FRAMES, records.FEATURE_DIM), np.float32) for _ in questions]
   rates = {}
   for batch in dict.fromkeys((1, args.batch_size)):
-    record = bench(answerer, questions, features, batch, args.max_new_tokens) | dict(size=args.size)
+    record = bench(answerer, questions, features, batch, args.max_new_tokens) | dict(size=args.size, xla_flags=os.environ.get("XLA_FLAGS", ""))
     rates[batch] = record["queries_per_s"]
     print(json.dumps(record), flush=True)
   print(json.dumps(dict(what="jax_grounding_eval_speedup", size=args.size, batch=args.batch_size,

@@ -25,7 +25,7 @@ import urllib.request
 
 import numpy as np
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 
 _WORDS = "the a man woman dog person walks runs jumps into pool kitchen cooking counting money red blue".split()
 
@@ -83,6 +83,7 @@ def _summary(mode: str, latencies: list[float], total: float) -> dict:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  xla_flags.use_answering_flags()  # what serve runs with
   import jax  # pylint: disable=g-import-not-at-top
 
   from vtimellm_jax.bench import eval as eval_bench  # pylint: disable=g-import-not-at-top

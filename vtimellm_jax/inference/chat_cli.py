@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 from vtimellm_jax.errors import UserError
 
 QUIT_WORDS = ("exit", "quit")
@@ -87,6 +87,7 @@ def _questions(args):
 
 
 def run(args: argparse.Namespace) -> int:
+  xla_flags.use_answering_flags()
   import jax  # pylint: disable=g-import-not-at-top
 
   from vtimellm_jax.inference import answerer, generate, moments, prompts  # pylint: disable=g-import-not-at-top

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  xla_flags.use_answering_flags()
   from vtimellm_jax.inference import demo  # pylint: disable=g-import-not-at-top
 
   demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens, args.example)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 from vtimellm_jax.errors import UserError
 
 
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  xla_flags.use_answering_flags()
   from vtimellm_jax.evaluation import annotations as annotations_lib  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import answerer, evaluate, features, generate  # pylint: disable=g-import-not-at-top
 

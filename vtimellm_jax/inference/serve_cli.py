@@ -23,7 +23,7 @@ import ipaddress
 import os
 import sys
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, xla_flags
 from vtimellm_jax.errors import UserError
 
 API_KEY_ENV = "VTIMELLM_API_KEY"
@@ -64,6 +64,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+  xla_flags.use_answering_flags()
   try:
     import starlette  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     import uvicorn  # pylint: disable=g-import-not-at-top
