@@ -2,8 +2,8 @@
 
 Layers, lowest first; a module imports only from its own layer or below (tests/test_layers.py):
 
-0. `errors`, `cli_types`, `sharding`, `model_io`: errors, flag types, the logical-axis rules, the
-   model-directory format.
+0. `errors`, `cli_types`, `sharding`, `model_io`, `xla_flags`: errors, flag types, the logical-axis
+   rules, the model-directory format, the XLA flags the answering commands set.
 1. `models` (LLaMA, LoRA, CLIP, VTimeLLM, the one loader), `data` (records, templates, tokenizer,
    the Grain pipeline), `evaluation` (answer logs, annotations, metrics).
 2. `convert`: Hugging Face / PyTorch / release checkpoints to model directories and back;
