@@ -127,6 +127,7 @@ def _eval(tiny, data, out, capsys, *source):
                "--temperature", "0", "--max-new-tokens", "4", "--batch-size", "2", "--no-progress"], capsys)
 
 
+@pytest.mark.slow
 def test_eval_videos_equals_eval_on_extracted_features(tiny_vtimellm, videos, clip_dir, extracted, tmp_path, capsys):
   data = _annotations(tmp_path / "ann.json")
   from_videos, from_features, mixed = tmp_path / "videos.jsonl", tmp_path / "features.jsonl", tmp_path / "mixed.jsonl"

@@ -31,6 +31,7 @@ def tiny_run(tmp_path_factory):
   return workdir, buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_short_quickstart_runs_every_step(tiny_run):
   workdir, out = tiny_run
   for stage, steps in (("stage0", 2), ("stage1", 2), ("stage2", 3), ("stage3", 2)):
@@ -66,6 +67,7 @@ def test_short_quickstart_runs_every_step(tiny_run):
       workdir / "models" / "stage2")
 
 
+@pytest.mark.slow
 def test_quickstart_workdir_serves_its_model_with_its_features(tiny_run):
   """serving.json names the exported model, and a video asked about through the workdir is encoded
   as the quickstart encoded its corpus (the same random CLIP, then the same standardisation)."""
@@ -90,6 +92,7 @@ def test_stage_steps_are_parsed_and_checked():
       quickstart.parse_stage_steps(bad)
 
 
+@pytest.mark.slow
 def test_real_size_recipe_runs_on_a_converted_base(tiny_run, tmp_path):
   """`--size 7b --base DIR`: the recipe's own stage configs (LoRA in stage 2, merged before stage 3's
   fresh one) on a base model directory with its tokenizer. The tiny run's stage-0 export stands in
