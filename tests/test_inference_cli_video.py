@@ -82,6 +82,7 @@ def _chat(tiny, capsys, *source):
                "--max-new-tokens", "6", "--json"], capsys)
 
 
+@pytest.mark.slow
 def test_chat_video_equals_chat_on_extracted_features(tiny_vtimellm, videos, clip_dir, extracted, capsys):
   code, out, err = _chat(tiny_vtimellm, capsys, "--video", videos / "v1.mp4", "--clip", clip_dir)
   assert code == 0, err
@@ -158,6 +159,7 @@ def test_eval_videos_equals_eval_on_extracted_features(tiny_vtimellm, videos, cl
   assert mixed.read_text() == from_features.read_text()
 
 
+@pytest.mark.slow
 def test_eval_missing_and_corrupt_videos(tiny_vtimellm, videos, tmp_path, capsys):
   data = _annotations(tmp_path / "ann.json", ("v1", "v2", "v3"))
   folder = tmp_path / "videos"

@@ -10,6 +10,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from training_fixtures import make_dataset
 from vtimellm_jax.training import config_loading, trainer
@@ -42,6 +43,7 @@ def _losses(workdir):
   return [json.loads(line)["loss"] for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   data = make_dataset(tmp_path / "data", records=16)
   config = str(ROOT / "configs/stage2.py") + ":tiny"

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from test_vision_extract import _write_video
 from vtimellm_jax import cli
@@ -58,6 +59,7 @@ def _features(out):
   return {p.name: p.read_bytes() for p in sorted(out.glob("*.npy"))}
 
 
+@pytest.mark.slow
 def test_two_processes_extract_each_video_once_and_resume(tmp_path):
   videos = tmp_path / "videos"
   videos.mkdir()
