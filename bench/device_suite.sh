@@ -19,6 +19,7 @@
 #                           positions at a time; measured peak beside the compiler's memory analysis
 #   decode_triton           decode at batch 1 again with XLA's default Triton GEMM fusions
 #                           (XLA_FLAGS=--xla_gpu_enable_triton_gemm=true), what the flag is worth
+#   clip_cublas             CLIP again with the matmuls left to cuBLAS (--xla_gpu_enable_triton_gemm=false)
 # Every JSON line a step prints is written as {"step": NAME, ...its fields...}; a step that fails or
 # times out writes {"step": NAME, "error": "...", ...} (with its last stderr lines) and the suite goes
 # on. The first line ("step": "header") records the device, the UTC date, the git commit and the
@@ -287,6 +288,8 @@ if [[ $SIZE == 7b ]]; then
     --loss-chunk 512 --warmup 1 --iters 3
   run_step decode_triton 100 45 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=true" \
     "$PYTHON" -m vtimellm_jax.bench.decode --size 7b
+  run_step clip_cublas 90 40 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+    "$PYTHON" -m vtimellm_jax.bench.clip --config clip_vit_l14 --batch-sizes 100,800 --dtype float16
 else
   # A few iterations at tiny shapes: each step is mostly Python start-up and compilation.
   train=("$PYTHON" -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 24 --lora-rank 4 --warmup 1 --iters 1)
@@ -301,6 +304,8 @@ else
   run_step train_2048 90 20 "${train[@]}" --text-len 40 --remat full --loss-chunk 16
   run_step decode_triton 90 15 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=true" \
     "$PYTHON" -m vtimellm_jax.bench.decode --size tiny --prompt-len 8 --new-tokens 4 --repeats 1
+  run_step clip_cublas 90 10 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+    "$PYTHON" -m vtimellm_jax.bench.clip --config tiny --batch-sizes 8,32 --warmup 1 --iters 2
 fi
 emit step end wall_s "$SECONDS" budget_s "$BUDGET"
 log "done in $SECONDS s: $OUT_FILE"

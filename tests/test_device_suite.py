@@ -91,6 +91,8 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert [(r["what"], r.get("batch")) for r in by_step["eval"]] == [
       ("jax_grounding_eval", 1), ("jax_grounding_eval", 2), ("jax_grounding_eval_speedup", 2)]
   assert [r["batch"] for r in by_step["clip"]] == [8, 32]
+  assert [r["batch"] for r in by_step["clip_cublas"]] == [8, 32]
+  assert "--xla_gpu_enable_triton_gemm=false" in by_step["clip_cublas"][0]["xla_flags"].split()
   for step in ("torch_train_ckpt", "torch_train_nockpt", "torch_clip"):
     assert len(by_step[step]) == 1 and by_step[step][0]["skipped"], by_step[step]
   assert lines[-1]["step"] == "end" and lines[-1]["budget_s"] == 600

@@ -138,3 +138,68 @@ def test_saved_lora_model_loads_whole(tmp_path):
   feats = jnp.ones((1, 2, 768))
   np.testing.assert_array_equal(np.asarray(loaded(ids, jnp.ones_like(ids), feats)[0]),
                                 np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))
+
+
+def _dropout_branch_reference(x, a, b, key, scaling, rate):
+  """The LoRA branch as nnx.Dropout and plain autodiff compute it: scaling * dropout(x) @ a @ b."""
+  dropped = nnx.Dropout(rate)(x, deterministic=False, rngs=key) if key is not None else x
+  return (dropped @ a) @ b * scaling
+
+
+def test_lora_delta_value_and_gradients_equal_autodiff_of_the_dropout_branch():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+  a = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((4, 12)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+  for key, rate in ((jax.random.key(3), 0.3), (None, 0.0)):
+    ours, ours_vjp = jax.vjp(lambda x, a, b: lora.lora_delta(x, a, b, key, 2.0, rate), x, a, b)
+    ref, ref_vjp = jax.vjp(lambda x, a, b: _dropout_branch_reference(x, a, b, key, 2.0, rate), x, a, b)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    for got, want in zip(ours_vjp(g), ref_vjp(g)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # With dropout some inputs get no gradient through the branch, and which ones follows the key.
+  dx = jax.grad(lambda x: lora.lora_delta(x, a, b, jax.random.key(3), 2.0, 0.3).sum())(x)
+  dropped = np.asarray(dx) == 0
+  assert 0.1 < dropped.mean() < 0.5
+  dx_other = jax.grad(lambda x: lora.lora_delta(x, a, b, jax.random.key(4), 2.0, 0.3).sum())(x)
+  assert not np.array_equal(dropped, np.asarray(dx_other) == 0)
+
+
+def test_lora_delta_gradients_under_jit_and_remat_equal_eager():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+  a, b = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32), jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
+  key = jax.random.key(5)
+
+  def loss(x, a, b):
+    return jnp.sum(jnp.tanh(lora.lora_delta(x, a, b, key, 0.5, 0.25)) ** 2)
+
+  eager = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(x, a, b)
+  for got, want in zip(remat, eager):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_applies_the_mask_nnx_dropout_draws_from_its_stream():
+  layer = lora.Linear(16, 12, axes=(None, None), rngs=nnx.Rngs(0))
+  layer.attach_lora(lora.LoraConfig(rank=4, alpha=8.0, dropout=0.4), nnx.Rngs(1))
+  layer.lora_b[...] = jnp.ones_like(layer.lora_b[...]) * 0.1
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 16)), jnp.float32)
+  for _ in range(2):  # the stream advances per call, as nnx.Dropout's does
+    dropped = nnx.clone(layer.lora_dropout)(x)  # the module itself, from the stream's current state
+    want = x @ layer.kernel[...] + (dropped @ layer.lora_a[...]) @ layer.lora_b[...] * layer.lora_scaling
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
+  layer.lora_dropout.deterministic = True
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(
+      x @ layer.kernel[...] + (x @ layer.lora_a[...]) @ layer.lora_b[...] * layer.lora_scaling), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_config_refuses_a_dropout_outside_zero_to_one():
+  for rate in (-0.1, 1.0):
+    try:
+      lora.LoraConfig(dropout=rate)
+    except ValueError as e:
+      assert "dropout" in str(e)
+    else:
+      raise AssertionError(f"dropout {rate} was accepted")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
   model = load.random_clip(cfg, seed=0, dtype=dtype, attention_impl=attention)
   device = jax.devices()[0]
   common = dict(what=f"jax_clip_{args.config}_{dtype.name}", device=device.device_kind, backend=device.platform,
-                attention=args.attention)
+                attention=args.attention, xla_flags=os.environ.get("XLA_FLAGS", ""))
   for batch_size in (int(b) for b in args.batch_sizes.split(",") if b):
     _emit(**common, **bench_encoder(model, batch_size, args.warmup, args.iters))
   for size in filter(None, args.preprocess.split(",")):

@@ -6,7 +6,9 @@ filter (`nnx.LoRAParam` for stages 2-3). `LoRAParam` subclasses `Param`: frozen 
 selected with `BASE_PARAMS` below, never with plain `nnx.Param`.
 
 y = x @ W + (alpha / r) * dropout(x) @ A @ B, as peft's `lora.Linear` computes it (peft stores
-A as [r, in] and B as [out, r]; conversion transposes).
+A as [r, in] and B as [out, r]; conversion transposes). The branch is `lora_delta`, whose backward
+redraws the dropout mask instead of keeping it. The `nnx.Dropout` a LoRA layer holds supplies the
+rate, the train/eval switch and the key stream; its masks are drawn from that stream here.
 
 A `Linear` inside the LLaMA decoder's stacked layers holds every layer's weights at once: kernel
 [L, in, out], lora_a [L, in, r], lora_b [L, r, out], each dropout stream one key per layer.
@@ -58,6 +60,8 @@ class LoraConfig:
       raise ValueError(f"unknown LoRA targets {unknown}; choose from {KNOWN_TARGETS}")
     if self.rank <= 0:
       raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
   @property
   def scaling(self) -> float:
@@ -102,10 +106,13 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
-      h = self.lora_dropout(x) if self.lora_dropout is not None else x
+      dropout = self.lora_dropout
+      rate = 0.0 if dropout is None or dropout.deterministic else dropout.rate
+      # The key is drawn from the layer's stream as nnx.Dropout draws it: the same masks it would apply.
+      key = dropout.rngs() if rate > 0.0 else None
       # LoRA factors are kept in fp32 for the optimizer and computed in the layer dtype.
-      h = (h @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-      y = y + h * jnp.asarray(self.lora_scaling, self.dtype)
+      y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), key,
+                         self.lora_scaling, rate)
     return y
 
   @property
@@ -148,6 +155,55 @@ class Linear(nnx.Module):
                                          self.lora_scaling))
     self.lora_a = self.lora_b = self.lora_dropout = nnx.data(None)
     self.lora_scaling = 0.0
+
+
+def _dropped(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+  """x with the elements a Bernoulli(1 - rate) draw from `key` drops set to zero (x itself for no key)."""
+  if key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape, out_sharding=jax.typeof(x).sharding)
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def _delta_scaling(scaling: float, rate: float, key: jax.Array | None) -> float:
+  # Inverted dropout's 1 / keep, folded into the LoRA scaling.
+  return scaling / (1.0 - rate) if key is not None else scaling
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array | None, scaling: float,
+               rate: float) -> jax.Array:
+  """The LoRA branch: scaling * dropout(x) @ a @ b for x [..., in], a [in, r], b [r, out].
+
+  `key` draws the dropout mask (None: no dropout). The backward draws the same mask again from the
+  key rather than keeping it: automatic differentiation of `dropout(x) @ a` keeps the mask and a
+  dropped copy of x per projection until the layer's backward pass, which, for the seven projections
+  of a layer, is more than any other buffer of the recomputed layer (0.6 GiB on one H100 for the 7B
+  step at 2048 positions; docs/performance.md). Redrawing costs one more pass of the random bit
+  generator, which XLA fuses into the matmuls' inputs.
+  """
+  return _lora_delta_fwd(x, a, b, key, scaling, rate)[0]
+
+
+def _lora_delta_fwd(x, a, b, key, scaling, rate):
+  z = (_dropped(x, key, rate) @ a) * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
+  return z @ b, (x, a, b, key, z)
+
+
+def _lora_delta_bwd(scaling, rate, residuals, g):
+  x, a, b, key, z = residuals
+  if key is not None:
+    # Without the barrier XLA merges this draw with the forward's and keeps that mask alive.
+    key = jax.lax.optimization_barrier(key)
+  rows = tuple(range(g.ndim - 1))
+  dz = (g @ b.T) * jnp.asarray(_delta_scaling(scaling, rate, key), g.dtype)
+  db = jax.lax.dot_general(z, g, ((rows, rows), ((), ())))
+  da = jax.lax.dot_general(_dropped(x, key, rate), dz, ((rows, rows), ((), ())))
+  dx = _dropped(dz @ a.T, key, rate)
+  return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def _dropout(rate: float, key: jax.Array, lead: tuple[int, ...]) -> nnx.Dropout:
