@@ -7,7 +7,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vtimellm_jax"
 LAYERS = {
-    "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0, "xla_flags": 0,
+    "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0, "xla_flags": 0, "device_peaks": 0,
     "models": 1, "data": 1, "evaluation": 1,
     "convert": 2, "data_pipelines": 2,
     "video": 3,

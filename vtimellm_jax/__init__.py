@@ -2,9 +2,11 @@
 
 Layers, lowest first; a module imports only from its own layer or below (tests/test_layers.py):
 
-0. `errors`, `cli_types`, `sharding`, `model_io`, `xla_flags`: errors, flag types, the logical-axis
-   rules, the model-directory format, the XLA flags the answering commands set.
-1. `models` (LLaMA, LoRA, CLIP, VTimeLLM, the one loader), `data` (records, templates, tokenizer,
+0. `errors`, `cli_types`, `sharding`, `model_io`, `xla_flags`, `device_peaks`: errors, flag types,
+   the logical-axis rules, the model-directory format, the XLA flags the answering commands set,
+   each accelerator's peak FLOP/s and memory bandwidth.
+1. `models` (LLaMA, LoRA, CLIP, VTimeLLM, the KV cache, the answering layout, the one loader),
+   `data` (records, templates, tokenizer,
    the Grain pipeline), `evaluation` (answer logs, annotations, metrics).
 2. `convert`: Hugging Face / PyTorch / release checkpoints to model directories and back;
    `data_pipelines`: ArrayRecord/TFDS corpora and the synthetic corpus.

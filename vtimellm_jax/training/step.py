@@ -49,24 +49,6 @@ def training_flops_per_token(config, seq_len: int, trains_base: bool = False) ->
   return (6 if trains_base else 4) * matmul_params + 3 * attention
 
 
-# Dense bf16 peak TFLOP/s per device, from the vendors' data sheets, for the MFU estimate.
-_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "rtx 4090": 165.0,
-                "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-                "tpu v6 lite": 918.0, "tpu v6e": 918.0}
-
-
-def peak_tflops(devices) -> float:
-  """Returns the summed bf16 peak of `devices` (0 when a device kind is unknown, e.g. CPU)."""
-  total = 0.0
-  for device in devices:
-    kind = device.device_kind.lower()
-    match = [v for k, v in sorted(_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind]
-    if not match:
-      return 0.0
-    total += match[0]
-  return total
-
-
 def nll_sum(logits_btv: jax.Array, labels_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Returns (summed next-token NLL over labelled positions, their count) in fp32."""
   logits = logits_btv[:, :-1].astype(jnp.float32)

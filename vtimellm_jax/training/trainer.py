@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vtimellm_jax import model_io, sharding
+from vtimellm_jax import device_peaks, model_io, sharding
 from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.training import checkpointing, model_setup, preemption, run_record, step as step_lib
@@ -275,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
   # Logs are appended line by line, which buckets do not allow: a remote workdir logs locally.
   log_dir = pathlib.Path(str(workdir)) if "://" not in str(workdir) else pathlib.Path("logs") / workdir.name
   log_dir.mkdir(parents=True, exist_ok=True)
-  peak_tflops = step_lib.peak_tflops(jax.devices())
+  peak_tflops = device_peaks.peak_tflops(jax.devices())
   metrics_log = MetricsLog(log_dir, total_steps, start, config.log_every, enabled=jax.process_index() == 0)
   summary: dict[str, Any] = {"steps": start, "compiled": 0, "stopped_by": None}
   step_index, last_loss = start, math.nan
