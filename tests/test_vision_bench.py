@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from vtimellm_jax.bench import clip as bench_clip
 
 
@@ -10,6 +12,22 @@ def test_bench_smoke(capsys):
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert len(records) == 1
   assert records[0]["batch"] == 8 and records[0]["out"] == [8, 768] and records[0]["frames_per_s"] > 0
+  # The default kernel choice, resolved for this CPU; model FLOPs beside the rate; no known peak for a CPU.
+  assert records[0]["attention"] == "auto" and records[0]["attention_kernel"] == "xla"
+  assert records[0]["gflops_per_frame"] > 0 and "peak_fraction" not in records[0]
+
+
+def test_bench_attention_choice_and_peak_fraction(capsys, monkeypatch):
+  from vtimellm_jax import device_peaks
+
+  # A device whose 16-bit peak is known gets the fraction of it; at 1 TFLOP/s it is tflops_per_s.
+  monkeypatch.setattr(device_peaks, "peaks", lambda device: device_peaks.DevicePeaks(1.0, 1.0))
+  assert bench_clip.main(["--config", "tiny", "--batch-sizes", "4", "--warmup", "0", "--iters", "1",
+                          "--attention", "xla"]) == 0
+  (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert record["attention"] == "xla" and record["attention_kernel"] == "xla"
+  expected = record["gflops_per_frame"] * 1e9 * record["frames_per_s"] / 1e12
+  assert record["peak_fraction"] == pytest.approx(expected, rel=0.05, abs=1e-3)
 
 
 def test_bench_preprocess_smoke(capsys):

@@ -1,17 +1,21 @@
 """CLIP vision tower and its converters: parity with HF / open_clip torch models built with random weights."""
 
 import collections
+import dataclasses
 import importlib.machinery
+import importlib.util
 import json
+import re
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from vtimellm_jax import cli
+from vtimellm_jax import cli, model_io, sharding
 from vtimellm_jax.convert import clip as convert_clip
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models import clip as clip_model, load
@@ -183,6 +187,134 @@ def test_convert_cli_writes_a_loadable_model_dir(tmp_path, capsys):
   assert "not found" in capsys.readouterr().err
 
 
+def test_hf_separate_qkv_fill_the_fused_projection(tmp_path):
+  model = _hf_model(seed=7)
+  model.save_pretrained(tmp_path / "hf")
+  _, params, _ = convert_clip.convert(tmp_path / "hf")
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  attn = "vision_model.encoder.layers.1.self_attn"
+  np.testing.assert_array_equal(params["encoder/layers/1/self_attn/qkv_proj/kernel"],
+                                np.concatenate([sd[f"{attn}.{p}_proj.weight"].T for p in "qkv"], axis=1))
+  np.testing.assert_array_equal(params["encoder/layers/1/self_attn/qkv_proj/bias"],
+                                np.concatenate([sd[f"{attn}.{p}_proj.bias"] for p in "qkv"]))
+  assert not any(re.search(r"/[qkv]_proj/", name) for name in params)
+
+
+def test_openai_in_proj_fills_the_fused_projection(tmp_path):
+  sd = _openai_state_dict(_hf_model(seed=8))
+  torch.save(sd, tmp_path / "vit.pt")
+  _, params, _ = convert_clip.convert(tmp_path / "vit.pt", heads=HEADS)
+  np.testing.assert_array_equal(params["encoder/layers/0/self_attn/qkv_proj/kernel"],
+                                sd["visual.transformer.resblocks.0.attn.in_proj_weight"].numpy().T)
+  np.testing.assert_array_equal(params["encoder/layers/0/self_attn/qkv_proj/bias"],
+                                sd["visual.transformer.resblocks.0.attn.in_proj_bias"].numpy())
+
+
+def test_hf_qkv_problems_reported_with_every_key(tmp_path):
+  from safetensors.torch import load_file, save_file
+
+  model = _hf_model(seed=9)
+  model.save_pretrained(tmp_path / "hf")
+  weights = tmp_path / "hf" / "model.safetensors"
+  sd = load_file(weights)
+  attn = "vision_model.encoder.layers.0.self_attn"
+  del sd[f"{attn}.v_proj.bias"]
+  sd[f"{attn}.k_proj.weight"] = torch.zeros(WIDTH, WIDTH + 1)
+  save_file(sd, weights)
+  with pytest.raises(ConversionError) as e:
+    convert_clip.convert(tmp_path / "hf")
+  text = str(e.value)
+  assert "2 problem(s)" in text  # q_proj and k_proj.bias are used, not also "unexpected"
+  assert f"missing key {attn}.v_proj.bias (for encoder/layers/0/self_attn/qkv_proj/bias (384,))" in text
+  assert (f"{attn}.q_proj.weight, {attn}.k_proj.weight, {attn}.v_proj.weight: shape (128, 128), (128, 129), "
+          "(128, 128) cannot be joined for encoder/layers/0/self_attn/qkv_proj/kernel, expected (128, 384)") in text
+
+
+def _separate_qkv_layout(params: dict) -> dict:
+  """Our flat params as model directories stored them before q/k/v were fused."""
+  out = {}
+  for name, value in params.items():
+    if m := re.fullmatch(r"(.*/self_attn)/qkv_proj/(kernel|bias)", name):
+      out.update({f"{m[1]}/{p}_proj/{m[2]}": part for p, part in zip("qkv", np.split(value, 3, axis=-1))})
+    else:
+      out[name] = value
+  return out
+
+
+def test_model_dir_with_separate_qkv_loads_fused(tmp_path):
+  model = _hf_model(seed=10)
+  model.save_pretrained(tmp_path / "hf")
+  cfg, params, _ = convert_clip.convert(tmp_path / "hf")
+  older = _separate_qkv_layout(params)
+  assert clip_model.fuse_qkv(older).keys() == params.keys()
+  model_io.save_model_dir(tmp_path / "older", kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(older))
+  loaded = load.load_model(tmp_path / "older")
+  attn = loaded.encoder.layers[1].self_attn
+  np.testing.assert_array_equal(np.asarray(attn.qkv_proj.kernel[...]), params["encoder/layers/1/self_attn/qkv_proj/kernel"])
+  pixels = _pixels(seed=10)
+  embeds = np.asarray(loaded.encode_image(jnp.asarray(pixels)))
+  np.testing.assert_array_equal(embeds, _ours(cfg, params, pixels))
+  np.testing.assert_allclose(embeds, _hf_embeds(model, pixels), atol=1e-4, rtol=0)
+  # In float16 too (the parts are cast as the fused target is), and on a mesh of 8 devices.
+  half = load.load_model(tmp_path / "older", dtype="float16", mesh=sharding.make_mesh(-1, 2, 1))
+  kernel = half.encoder.layers[0].self_attn.qkv_proj.kernel[...]
+  assert kernel.dtype == jnp.float16 and len(kernel.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(kernel), params["encoder/layers/0/self_attn/qkv_proj/kernel"].astype(np.float16))
+  # An incomplete triple is not fused: the separate names stay unexpected and the fused one missing.
+  del older["encoder/layers/0/self_attn/v_proj/bias"]
+  model_io.save_model_dir(tmp_path / "broken", kind="clip", config=dataclasses.asdict(cfg), params=clip_model.nest(older))
+  with pytest.raises(UserError) as e:
+    load.load_model(tmp_path / "broken")
+  text = str(e.value)
+  assert "unexpected encoder/layers/0/self_attn/q_proj/bias (128,)" in text
+  assert "missing encoder/layers/0/self_attn/qkv_proj/bias (384,)" in text
+  assert "layers/1/self_attn/q_proj" not in text  # the complete triple of layer 1 was fused
+
+
+def test_random_params_keep_their_values_across_the_fusion():
+  # `--clip tiny-random*` features extracted before q/k/v were fused stay valid: the draw is the same.
+  params = clip_model.random_params(clip_model.tiny(64, 8), seed=0)
+  q0 = params["encoder/layers/0/self_attn/qkv_proj/kernel"][0, :3]
+  k1, v1 = (params["encoder/layers/1/self_attn/qkv_proj/kernel"][0, 64 * n:64 * n + 3] for n in (1, 2))
+  np.testing.assert_array_equal(q0, np.float32([0.10334362834692001, -0.07462918758392334, -0.05965414270758629]))
+  np.testing.assert_array_equal(k1, np.float32([-0.20921070873737335, -0.0518912635743618, -0.18516398966312408]))
+  np.testing.assert_array_equal(v1, np.float32([-0.02349238283932209, 0.008774946443736553, 0.10955611616373062]))
+
+
+@pytest.mark.parametrize("platform, dtype, head_dim, expected", [
+    ("gpu", jnp.float16, 64, "cudnn"),
+    ("gpu", jnp.bfloat16, 64, "cudnn"),
+    ("cuda", jnp.float16, 64, "cudnn"),
+    ("gpu", jnp.float32, 64, "xla"),  # fp32: the exact path
+    ("gpu", jnp.float16, 12, "xla"),  # head dim not a multiple of 8: cuDNN would refuse
+    ("gpu", jnp.float16, 256, "xla"),  # beyond the head dim cuDNN takes on every GPU
+    ("tpu", jnp.bfloat16, 64, "xla"),
+    ("cpu", jnp.float16, 64, "xla"),
+    ("cpu", jnp.float32, 64, "xla"),
+])
+def test_auto_attention_kernel_per_platform(monkeypatch, platform, dtype, head_dim, expected):
+  monkeypatch.setattr(clip_model, "target_platform", lambda: platform)
+  assert clip_model.attention_kernel("auto", dtype, head_dim) == expected
+  assert clip_model.attention_kernel("xla", dtype, head_dim) == "xla"
+  assert clip_model.attention_kernel("cudnn", dtype, head_dim) == "cudnn"
+
+
+def test_attention_impl_default_and_validation():
+  assert clip_model.attention_kernel("auto", jnp.float16, 64) == "xla"  # this process compiles for its CPU
+  model = load.random_clip(clip_model.tiny(64, 8), seed=0)
+  assert model.encoder.layers[0].self_attn.attention_impl == "auto"
+  with pytest.raises(UserError, match="attention_impl must be one of"):
+    load.random_clip(clip_model.tiny(64, 8), seed=0, attention_impl=None)
+
+
+def test_flops_per_image_counts_the_matmuls():
+  cfg = clip_model.tiny(64, 8)  # 65 tokens, width 64, MLP 256, 2 layers, 768-d out
+  t, d = 65, 64
+  expected = 2 * 64 * (8 * 8 * 3) * d + 2 * (2 * t * (4 * d * d + 2 * d * 256) + 4 * t * t * d) + 2 * d * 768
+  assert clip_model.flops_per_image(cfg) == expected
+  assert round(clip_model.flops_per_image(clip_model.clip_vit_l14()) / 1e9, 1) == 162.0
+
+
 def test_presets():
   assert clip_model.num_params(clip_model.clip_vit_l14()) == 303_966_208  # OpenAI ViT-L/14's visual tower
   model = load.random_clip(clip_model.tiny(), seed=0)
@@ -264,3 +396,42 @@ def test_open_clip_dir_with_config_gelu_parity(tmp_path, monkeypatch):
   assert kind == "open_clip" and cfg.act == "gelu" and cfg.heads == HEADS
   pixels = _pixels(seed=6)
   np.testing.assert_allclose(_ours(cfg, params, pixels), _open_clip_embeds(model, pixels), atol=1e-4, rtol=0)
+
+
+# --- the GPU program, compiled ahead of time for a compile-only H100 (the CUDA plugin, no GPU) ---
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+def test_gpu_compile_has_cudnn_attention_and_no_score_buffer():
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from vtimellm_jax.training import aot
+
+  # JAX starts no CUDA client (conftest: JAX_PLATFORMS=cpu); the plugin still compiles for an H100.
+  devices = aot.target_devices(aot.resolve("1xH100"))
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch, cfg = 8, clip_model.clip_vit_l14()
+  model = nnx.eval_shape(lambda: clip_model.ClipVision(cfg, dtype=jnp.float16, param_dtype=jnp.float16,
+                                                       rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
+  pixels = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), jnp.float32, sharding=replicated)
+  encode = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels),
+                   in_shardings=(replicated, replicated), out_shardings=replicated)
+  # Traced under the target's mesh, "auto" resolves for the GPU rather than this CPU host.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    compiled = encode.lower(state, pixels).compile()
+  text = compiled.as_text()
+  calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', text)
+  assert len(calls) == cfg.layers, sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+  t = cfg.num_positions
+  assert not re.search(rf"\[{batch},{cfg.heads},{t},{t}\]", text)  # no score tensor in memory, f32 or other

@@ -7,7 +7,11 @@
 
 Weights are random (numpy, `models.clip.random_params`): speed does not depend on their values.
 Each result is one JSON line on stdout, in the shape of `shared/bench/torch_clip_baseline.py`'s, so
-both can be run in one device session and compared line by line.
+both can be run in one device session and compared line by line. Beside frames/s an encoder line
+gives the model FLOPs per frame (`models.clip.flops_per_image`) and, where the device's dense
+16-bit peak is known (`vtimellm_jax.device_peaks`), the fraction of it achieved (`peak_fraction`).
+`--attention` picks the kernel for an A/B (`auto` is what extract-features uses: cuDNN on a GPU in
+16 bits, XLA elsewhere).
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import tempfile
 import time
 
 import numpy as np
 
-from vtimellm_jax import cli_types, model_io
+from vtimellm_jax import cli_types, device_peaks, model_io
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +33,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch-sizes", default="100,800", help="comma-separated frames per call")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                      help="jax.nn.dot_product_attention implementation (auto lets jax choose)")
+                      help="attention kernel (auto: cuDNN flash attention on a GPU in float16/bfloat16, else XLA)")
   parser.add_argument("--warmup", type=cli_types.int_at_least(0), default=3)
   parser.add_argument("--iters", type=cli_types.int_at_least(1), default=10)
   parser.add_argument("--videos", default=None, help="also time extract-features over these videos")
@@ -46,9 +49,11 @@ def _emit(**record) -> None:
 
 
 def bench_encoder(model, batch_size: int, warmup: int, iters: int) -> dict:
-  """Returns timing of the jitted encoder on random float[batch_size, 224, 224, 3] inputs."""
+  """Returns timing of the jitted encoder on random float[batch_size, 224, 224, 3] inputs, and its share of peak."""
   import jax
   from flax import nnx
+
+  from vtimellm_jax.models import clip as clip_model
 
   graphdef, state = nnx.split(model)
 
@@ -62,14 +67,17 @@ def bench_encoder(model, batch_size: int, warmup: int, iters: int) -> dict:
   compiled = encode.lower(state, pixels).compile()
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
-    out = compiled(state, pixels)
-  out.block_until_ready()
+    compiled(state, pixels).block_until_ready()
   start = time.perf_counter()
   for _ in range(iters):
     out = compiled(state, pixels)
   out.block_until_ready()
   seconds = (time.perf_counter() - start) / iters
+  flops = clip_model.flops_per_image(model.cfg)
+  achieved = flops * batch_size / seconds
   return dict(batch=batch_size, s=round(seconds, 4), frames_per_s=round(batch_size / seconds, 1),
+              gflops_per_frame=round(flops / 1e9, 3), tflops_per_s=round(achieved / 1e12, 2),
+              **device_peaks.fractions(jax.devices()[0], flops_per_s=achieved),
               compile_s=round(compile_s, 1), out=list(out.shape))
 
 
@@ -127,11 +135,11 @@ def main(argv=None) -> int:
 
   cfg = clip_model.PRESETS[args.config]()
   dtype = clip_source.compute_dtype(args.dtype)
-  attention = None if args.attention == "auto" else args.attention
-  model = load.random_clip(cfg, seed=0, dtype=dtype, attention_impl=attention)
+  model = load.random_clip(cfg, seed=0, dtype=dtype, attention_impl=args.attention)
   device = jax.devices()[0]
+  kernel = clip_model.attention_kernel(args.attention, dtype, cfg.width // cfg.heads)
   common = dict(what=f"jax_clip_{args.config}_{dtype.name}", device=device.device_kind, backend=device.platform,
-                attention=args.attention, xla_flags=os.environ.get("XLA_FLAGS", ""))
+                attention=args.attention, attention_kernel=kernel, xla_flags=os.environ.get("XLA_FLAGS", ""))
   for batch_size in (int(b) for b in args.batch_sizes.split(",") if b):
     _emit(**common, **bench_encoder(model, batch_size, args.warmup, args.iters))
   for size in filter(None, args.preprocess.split(",")):

@@ -1,9 +1,11 @@
 """CLIP vision weights: OpenAI TorchScript / state dict, HF directories, open_clip -> our ClipVision.
 
-Each source layout is a table of (our parameter regex, source key template, transform). The table
-is filled into the `abstract_params` skeleton: every one of our parameters must be found, every
-shape must match, and every source key must be used or knowingly ignored (the text tower, the
-logit scale, ...). All problems are collected and raised together as one `ConversionError`.
+Each source layout is a table of (our parameter regex, source key template(s), transform). A rule
+with several source keys hands all their arrays to its transform: HF's separate q/k/v weights make
+our one fused `qkv_proj`. The table is filled into the `abstract_params` skeleton: every one of our
+parameters must be found, every shape must match, and every source key must be used or knowingly
+ignored (the text tower, the logit scale, ...). All problems are collected and raised together as
+one `ConversionError`.
 
 Layouts:
   openai  keys `visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`, ...
@@ -31,7 +33,7 @@ from vtimellm_jax.convert import torch_files
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models import clip as clip_model
 
-Transform = Callable[[np.ndarray], np.ndarray]
+Transform = Callable[..., np.ndarray]  # one array per source key -> our array
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -50,22 +52,25 @@ def _conv(x: np.ndarray) -> np.ndarray:
   return x.transpose(2, 3, 1, 0)
 
 
-def _fused_part(part: int, weight: bool) -> Transform:
-  """Returns the transform taking q (0), k (1) or v (2) out of a fused [3D, D] / [3D] in_proj."""
+def _joined_linear(*weights: np.ndarray) -> np.ndarray:
+  # torch Linear weights [out_j, in] stacked along out, as one [in, sum out_j] kernel.
+  return np.concatenate(weights, axis=0).T
 
-  def take(x: np.ndarray) -> np.ndarray:
-    d = x.shape[0] // 3
-    piece = x[part * d:(part + 1) * d]
-    return piece.T if weight else piece
 
-  return take
+def _joined(*vectors: np.ndarray) -> np.ndarray:
+  return np.concatenate(vectors, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   target: str  # regex over our '/'-joined names; `(?P<i>\d+)` captures the layer
-  source: str  # source key, formatted with the regex's groups
+  source: str | tuple[str, ...]  # source key(s), formatted with the regex's groups; the transform's arguments
   transform: Transform
+
+  def keys(self, groups: dict[str, str]) -> tuple[str, ...]:
+    """Returns the source keys this rule reads for a match with these regex groups."""
+    templates = (self.source,) if isinstance(self.source, str) else self.source
+    return tuple(t.format(**groups) for t in templates)
 
 
 def _ln(ours: str, theirs: str) -> list[Rule]:
@@ -83,8 +88,12 @@ HF_RULES: list[Rule] = [
     Rule(r"embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight", _conv),
     Rule(r"embeddings/position_embedding/embedding", "vision_model.embeddings.position_embedding.weight", _same),
     *_ln(r"pre_layrnorm", "vision_model.pre_layrnorm"),
-    *[rule for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
-      for rule in _dense(rf"{_L}/self_attn/{proj}", f"vision_model.encoder.layers.{{i}}.self_attn.{proj}")],
+    # Our qkv_proj is HF's q_proj, k_proj and v_proj side by side (columns [q | k | v]).
+    Rule(rf"{_L}/self_attn/qkv_proj/kernel",
+         tuple(f"vision_model.encoder.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"), _joined_linear),
+    Rule(rf"{_L}/self_attn/qkv_proj/bias",
+         tuple(f"vision_model.encoder.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"), _joined),
+    *_dense(rf"{_L}/self_attn/out_proj", "vision_model.encoder.layers.{i}.self_attn.out_proj"),
     *_ln(rf"{_L}/layer_norm1", "vision_model.encoder.layers.{i}.layer_norm1"),
     *_ln(rf"{_L}/layer_norm2", "vision_model.encoder.layers.{i}.layer_norm2"),
     *_dense(rf"{_L}/mlp/fc1", "vision_model.encoder.layers.{i}.mlp.fc1"),
@@ -101,10 +110,9 @@ OPENAI_RULES: list[Rule] = [
     Rule(r"embeddings/patch_embedding/kernel", "visual.conv1.weight", _conv),
     Rule(r"embeddings/position_embedding/embedding", "visual.positional_embedding", _same),
     *_ln(r"pre_layrnorm", "visual.ln_pre"),
-    *[Rule(rf"{_L}/self_attn/{p}_proj/kernel", f"{_R}.attn.in_proj_weight", _fused_part(n, True))
-      for n, p in enumerate("qkv")],
-    *[Rule(rf"{_L}/self_attn/{p}_proj/bias", f"{_R}.attn.in_proj_bias", _fused_part(n, False))
-      for n, p in enumerate("qkv")],
+    # OpenAI's in_proj is already fused: weight [3D, D] with rows [q; k; v].
+    Rule(rf"{_L}/self_attn/qkv_proj/kernel", f"{_R}.attn.in_proj_weight", _linear),
+    Rule(rf"{_L}/self_attn/qkv_proj/bias", f"{_R}.attn.in_proj_bias", _same),
     *_dense(rf"{_L}/self_attn/out_proj", f"{_R}.attn.out_proj"),
     *_ln(rf"{_L}/layer_norm1", f"{_R}.ln_1"),
     *_ln(rf"{_L}/layer_norm2", f"{_R}.ln_2"),
@@ -133,15 +141,20 @@ def apply_rules(cfg: clip_model.ClipVisionConfig, tensors: dict[str, np.ndarray]
       problems.append(f"no conversion rule for our parameter {name}")
       continue
     rule, m = match
-    key = rule.source.format(**m.groupdict())
-    if key not in tensors:
-      problems.append(f"missing key {key} (for {name} {tuple(spec.shape)})")
+    keys = rule.keys(m.groupdict())
+    missing = [k for k in keys if k not in tensors]
+    problems += [f"missing key {k} (for {name} {tuple(spec.shape)})" for k in missing]
+    used.update(keys)
+    if missing:
       continue
-    used.add(key)
-    value = rule.transform(np.asarray(tensors[key]))
-    if tuple(value.shape) != tuple(spec.shape):
-      problems.append(f"{key}: shape {tuple(tensors[key].shape)} gives {tuple(value.shape)} for {name}, "
-                      f"expected {tuple(spec.shape)}")
+    try:
+      value = rule.transform(*(np.asarray(tensors[k]) for k in keys))
+      fits, gives = tuple(value.shape) == tuple(spec.shape), f"gives {tuple(value.shape)}"
+    except ValueError:  # parts whose other dimensions differ cannot be joined
+      fits, gives = False, "cannot be joined"
+    if not fits:
+      shapes = ", ".join(str(tuple(np.shape(tensors[k]))) for k in keys)
+      problems.append(f"{', '.join(keys)}: shape {shapes} {gives} for {name}, expected {tuple(spec.shape)}")
       continue
     out[name] = np.ascontiguousarray(value, dtype=dtype)
   unexpected = sorted(k for k in tensors if k not in used and not ignored.fullmatch(k))

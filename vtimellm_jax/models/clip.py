@@ -4,8 +4,15 @@ The frozen visual encoder of VTimeLLM: pre-LN ViT with a class token, QuickGELU 
 output `ln_post(CLS) @ proj` (what OpenAI's `encode_image` returns, 768-d for ViT-L/14).
 
 Parameter paths mirror Hugging Face's `CLIPVisionModelWithProjection` without the `vision_model.`
-prefix (`encoder/layers/3/self_attn/q_proj/kernel`, `pre_layrnorm/scale` -- HF's spelling), so
-that converting a checkpoint is a table (`vtimellm_jax.convert.clip`), not a puzzle.
+prefix (`encoder/layers/3/mlp/fc1/kernel`, `pre_layrnorm/scale` -- HF's spelling), so that
+converting a checkpoint is a table (`vtimellm_jax.convert.clip`), not a puzzle. One exception: the
+query, key and value projections are one `self_attn/qkv_proj` (kernel [D, 3D], columns [q | k | v],
+as OpenAI's `in_proj_weight` holds them), one matmul instead of three. Model directories written
+with separate `q_proj` / `k_proj` / `v_proj` still load (`separate_qkv`).
+
+Attention runs as `attention_kernel` chooses: cuDNN's fused flash attention on GPUs for 16-bit
+compute (no [B, N, T, T] score tensor in memory), XLA's einsum-softmax-einsum otherwise
+(docs/vision.md says why TPUs take XLA too).
 Images are channels-last: `float[B, H, W, 3]`, already normalised with CLIP's mean and std.
 """
 
@@ -13,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -22,8 +31,12 @@ from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models.llama import target_platform
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# cuDNN's flash attention takes head dims that are multiples of 8, up to 128 on any GPU (256 from Hopper on).
+_CUDNN_MAX_HEAD_DIM = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,20 +153,39 @@ class Embeddings(nnx.Module):
     return x_btd + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention without masking (every token sees every token)."""
+def attention_kernel(requested: str, dtype, head_dim: int) -> str:
+  """Returns the `jax.nn.dot_product_attention` implementation `requested` means ("auto" resolved).
 
-  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, attention_impl: str | None, rngs: nnx.Rngs):
+  "auto" is decided for the platform being compiled for (`llama.target_platform`): cuDNN flash
+  attention on a GPU when the compute is 16-bit and the head dim fits it, else XLA. The XLA path
+  writes float32 scores [B, N, T, T] to memory and reads them back for the softmax; cuDNN keeps
+  them on chip. float32 stays on XLA, the exact path the parity tests check. A TPU takes XLA:
+  CLIP's 257 tokens are not a multiple of the Pallas kernels' 128-wide blocks (docs/vision.md).
+  """
+  if requested != "auto":
+    return requested
+  sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+  fits = head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
+  return "cudnn" if target_platform() in ("gpu", "cuda") and sixteen_bit and fits else "xla"
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention without masking (every token sees every token); q, k, v from one matmul."""
+
+  def __init__(self, cfg: ClipVisionConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
     self.heads = cfg.heads
     self.attention_impl = attention_impl
-    make = lambda: nnx.Linear(cfg.width, cfg.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj, self.out_proj = make(), make(), make(), make()
+    linear = lambda width: nnx.Linear(cfg.width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # noqa: E731
+    self.qkv_proj = linear(3 * cfg.width)  # columns [q | k | v]
+    self.out_proj = linear(cfg.width)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     b, t, d = x_btd.shape
-    split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
-    q_btnh, k_btnh, v_btnh = split(self.q_proj(x_btd)), split(self.k_proj(x_btd)), split(self.v_proj(x_btd))
-    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, implementation=self.attention_impl)
+    h = d // self.heads
+    qkv_bt3nh = self.qkv_proj(x_btd).reshape(b, t, 3, self.heads, h)
+    q_btnh, k_btnh, v_btnh = qkv_bt3nh[:, :, 0], qkv_bt3nh[:, :, 1], qkv_bt3nh[:, :, 2]
+    impl = attention_kernel(self.attention_impl, q_btnh.dtype, h)
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, implementation=impl)
     return self.out_proj(out_btnh.reshape(b, t, d))
 
 
@@ -207,8 +239,10 @@ class ClipVision(nnx.Module):
   """CLIP's image tower; `encode_image` gives the projected CLS embedding."""
 
   def __init__(self, cfg: ClipVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str | None = None, rngs: nnx.Rngs):
-    """`dtype` is the compute dtype; `attention_impl` is passed to `jax.nn.dot_product_attention`."""
+               attention_impl: str = "auto", rngs: nnx.Rngs):
+    """`dtype` is the compute dtype; `attention_impl` one of `ATTENTION_IMPLS` (see `attention_kernel`)."""
+    if attention_impl not in ATTENTION_IMPLS:
+      raise UserError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pre_layrnorm = _layer_norm(cfg, param_dtype, rngs)
@@ -257,16 +291,60 @@ def flatten(nested: dict[str, Any]) -> dict[str, Any]:
   return model_io.flatten(nested)
 
 
+# Older model directories (and the draw order of `random_params`) have `self_attn/{q,k,v}_proj`.
+_SEPARATE = re.compile(r"(?P<attn>.*/self_attn)/q_proj/(?P<leaf>kernel|bias)")
+_FUSED = re.compile(r"(?P<attn>.*/self_attn)/qkv_proj/(?P<leaf>kernel|bias)")
+
+
+def separate_qkv(names: Iterable[str]) -> dict[str, tuple[str, str, str]]:
+  """Returns {fused `qkv_proj` name: its (q, k, v) names} for every complete separate triple in `names`.
+
+  The separate kernels [D, D] (biases [D]) joined along their last axis in q, k, v order are the
+  fused kernel [D, 3D] (bias [3D]). An incomplete triple is left out: its names stay unknown and
+  the fused name missing, so a loader reports both instead of guessing.
+  """
+  names = set(names)
+  out = {}
+  for name in sorted(names):
+    if m := _SEPARATE.fullmatch(name):
+      parts = tuple(f"{m['attn']}/{p}_proj/{m['leaf']}" for p in "qkv")
+      if all(p in names for p in parts):
+        out[f"{m['attn']}/qkv_proj/{m['leaf']}"] = parts
+  return out
+
+
+def fuse_qkv(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Returns host params with every separate q/k/v triple joined into its `qkv_proj` (see `separate_qkv`)."""
+  groups = separate_qkv(flat)
+  parts = {p for group in groups.values() for p in group}
+  out = {name: value for name, value in flat.items() if name not in parts}
+  out.update({name: np.concatenate([np.asarray(flat[p]) for p in group], axis=-1) for name, group in groups.items()})
+  return out
+
+
+def _separate_shapes(cfg: ClipVisionConfig) -> dict[str, tuple[int, ...]]:
+  """Returns {name: shape} of the parameters in the separate q/k/v layout, sorted as nnx orders them."""
+  out = {}
+  for name, spec in abstract_params(cfg).items():
+    shape = tuple(spec.shape)
+    if m := _FUSED.fullmatch(name):
+      out.update({f"{m['attn']}/{p}_proj/{m['leaf']}": (*shape[:-1], shape[-1] // 3) for p in "qkv"})
+    else:
+      out[name] = shape
+  return dict(sorted(out.items()))
+
+
 def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]:
   """Returns flat random float32 parameters: N(0, 1/fan_in) kernels, N(0, 0.02) embeddings, LN at identity.
 
   Drawn with numpy, so `--clip tiny-random` gives the same weights whatever the jax version, and
-  without compiling an initialiser per parameter shape (seconds on a CPU).
+  without compiling an initialiser per parameter shape (seconds on a CPU). q, k and v are drawn
+  one by one, in the order of the separate q/k/v layout, then joined: a seed's weights are those
+  of that layout, so features extracted with a random CLIP of that layout stay valid.
   """
   rng = np.random.default_rng(seed)
   out = {}
-  for name, spec in abstract_params(cfg).items():
-    shape = tuple(spec.shape)
+  for name, shape in _separate_shapes(cfg).items():
     if name.endswith("/scale"):
       out[name] = np.ones(shape, np.float32)
     elif name.endswith("/bias"):
@@ -275,7 +353,19 @@ def random_params(cfg: ClipVisionConfig, seed: int = 0) -> dict[str, np.ndarray]
       out[name] = (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
     else:
       out[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
-  return out
+  return fuse_qkv(out)
+
+
+def flops_per_image(cfg: ClipVisionConfig) -> int:
+  """Returns the model FLOPs of `encode_image` for one image: 2 per multiply-add of every matmul.
+
+  Patch embedding, per layer the q/k/v, output and MLP matmuls of every token plus attention's
+  two [T, T] products (4 T^2 D), and the projection of the CLS token; norms and softmax are left out.
+  """
+  t, d = cfg.num_positions, cfg.width
+  patches = 2 * (t - 1) * cfg.patch_size**2 * 3 * d
+  per_layer = 2 * t * (4 * d * d + 2 * d * cfg.mlp_dim) + 4 * t * t * d
+  return patches + cfg.layers * per_layer + 2 * d * cfg.output_dim
 
 
 def num_params(cfg: ClipVisionConfig) -> int:

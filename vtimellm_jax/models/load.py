@@ -81,6 +81,42 @@ class ArraySource:
     return {path: _place(self.arrays[path], target) for path, target in targets.items()}
 
 
+@dataclasses.dataclass
+class JoinedSource:
+  """Another source with groups of its arrays offered joined along their last axis, one path a group.
+
+  How a CLIP directory saved with separate q/k/v projections loads into the fused `qkv_proj`.
+  """
+
+  inner: Source
+  groups: dict[Path, tuple[Path, ...]]
+  name: str = ""
+
+  def __post_init__(self):
+    self.name = self.name or self.inner.name
+
+  def available(self):
+    saved = self.inner.available()
+    parts = {p for group in self.groups.values() for p in group}
+    out = {p: s for p, s in saved.items() if p not in parts}
+    for path, group in self.groups.items():
+      first = saved[group[0]]
+      out[path] = jax.ShapeDtypeStruct((*first.shape[:-1], sum(saved[p].shape[-1] for p in group)), first.dtype)
+    return out
+
+  def restore(self, targets):
+    saved = self.inner.available()
+    wanted = {p: t for p, t in targets.items() if p not in self.groups}
+    for path in targets.keys() & self.groups.keys():
+      # Each part whole on every device, in the target's dtype; joined below, then placed as the target is sharded.
+      whole = jax.sharding.NamedSharding(targets[path].sharding.mesh, jax.sharding.PartitionSpec())
+      wanted.update({p: jax.ShapeDtypeStruct(saved[p].shape, targets[path].dtype, sharding=whole)
+                     for p in self.groups[path]})
+    arrays = self.inner.restore(wanted)
+    return {path: _place(jnp.concatenate([arrays.pop(p) for p in self.groups[path]], axis=-1), target)
+            if path in self.groups else arrays[path] for path, target in targets.items()}
+
+
 def _place(array, target: jax.ShapeDtypeStruct) -> jax.Array:
   """Returns `array` in the target's dtype and sharding (itself when it already is)."""
   if array.dtype != target.dtype:
@@ -194,7 +230,7 @@ def model_builder(meta: dict, model_cls=None, seed: int = 0, **overrides) -> Cal
     cfg = clip.ClipVisionConfig.from_dict(meta["config"], source=model_io.MODEL_JSON)
     dtype = jnp.dtype(overrides.get("dtype", "float32"))
     options = dict(dtype=dtype, param_dtype=jnp.dtype(overrides.get("param_dtype") or dtype),
-                   attention_impl=overrides.get("attention_impl"))
+                   attention_impl=overrides.get("attention_impl", "auto"))
     return lambda: clip.ClipVision(cfg, **options, rngs=nnx.Rngs(seed))
   model_cls = model_cls or KINDS[kind]
   config = LlamaConfig.from_architecture(meta["config"], **overrides)
@@ -231,11 +267,23 @@ def load_model(directory: str | pathlib.Path, model_cls=None, *, mesh=None, seed
     overrides = {"dtype": stored, "param_dtype": stored, **overrides}
   build = model_builder(meta, model_cls, seed, **overrides)
   new_adapter = meta["kind"] == "llama" and model_cls is VTimeLLM
-  model = sharded_model(build, mesh, [DirectorySource(directory)], what=f"{directory}",
+  source = DirectorySource(directory)
+  if meta["kind"] == "clip":
+    source = _fused_qkv(source)
+  model = sharded_model(build, mesh, [source], what=f"{directory}",
                         may_initialise=lambda path: new_adapter and path[0] == "mm_projector")
   if merge_lora:
     lora.merge_lora(model)
   return model
+
+
+def _fused_qkv(source: Source) -> Source:
+  """Returns `source` with separate CLIP q/k/v projections (older directories) offered as `qkv_proj`."""
+  split = lambda name: tuple(name.split("/"))  # noqa: E731
+  groups = clip.separate_qkv(_name(path) for path in source.available())
+  if not groups:
+    return source
+  return JoinedSource(source, {split(fused): tuple(map(split, parts)) for fused, parts in groups.items()})
 
 
 def stored_dtype(directory: str | pathlib.Path) -> str:
