@@ -88,7 +88,10 @@ def recipe(size: str, family: str = "vicuna") -> ml_collections.ConfigDict:
   c.model.rope_theta = 0.0
   c.model.dtype = "float32" if tiny else "bfloat16"  # compute
   c.model.param_dtype = "float32" if tiny else "bfloat16"  # frozen base weights
-  c.model.remat = "none" if tiny else "full"  # none | full | save_dots (the release checkpoints)
+  # What the backward pass recomputes of each layer (llama.remat_policy): none | full (everything; the
+  # release checkpoints) | save_dots | lora (keeps every frozen matmul's output: only norms, rope, LoRA's
+  # x @ A and silu(gate) * up are recomputed; memory and step times in docs/performance.md).
+  c.model.remat = "none" if tiny else "full"
   c.model.attention_impl = "auto"  # auto | xla | cudnn | splash | per_head; auto: cuDNN on GPU, splash on TPU
   # (16-bit), per_head on CPU
   # > 0: the loss runs lm_head over this many positions at a time and recomputes them in the

@@ -164,3 +164,38 @@ def fuse_glm_qkv(hf, config) -> None:
     attn.query_key_value = fused
     attn.q_proj, attn.k_proj, attn.v_proj = (QkvSlice(attn, 0, n), QkvSlice(attn, n, n + k),
                                              QkvSlice(attn, n + k, n + 2 * k))
+
+
+def assert_cached_decode_matches_forward(model, vocab: int, mode: str) -> None:
+  """Prefill then decode one token at a time (generate's own steps) give the full forward's logits.
+
+  The two rows' prompts have different lengths (4 and 6 of 6 positions). `mode` "exact": each row
+  writes at its own position (as the server's slots do) and the step reads just the live slots;
+  "whole": the same, reading the whole cache; "shared": every row writes its i-th token at slot
+  6 + i, after the padded prompts (as `generate` does). A prefill into rows 1-2 of a 3-row cache
+  writes what a prefill into rows 0-1 writes and leaves row 0 alone.
+  """
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.kv_cache import CacheStep  # pylint: disable=g-import-not-at-top
+
+  ids, mask = random_batch(vocab, 2, 10, [10, 10])
+  full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  prompt = jnp.asarray(ids[:, :6])
+  lengths = np.array([4, 6], np.int32)  # row 0's prompt is padded
+  cache, logits = generate.prefill(model, model.model.embed(prompt), jnp.asarray(lengths), model.init_cache(2, 16))
+  np.testing.assert_allclose(np.asarray(logits), full[[0, 1], [3, 5]], atol=1e-4)
+  shifted, _ = generate.prefill(model, model.model.embed(prompt), jnp.asarray(lengths), model.init_cache(3, 16), row0=1)
+  for ours, theirs in zip([*shifted.k, *shifted.v], [*cache.k, *cache.v]):  # one [B, K, S, H] per layer, either layout
+    np.testing.assert_array_equal(np.asarray(ours[1:]), np.asarray(theirs))
+    assert not np.asarray(ours[0]).any()
+  for i in range(1, 5):
+    positions = lengths + i - 1
+    rope = jnp.asarray(positions)[:, None]
+    if mode == "shared":
+      step = CacheStep(positions_bt=rope, window=6 + i, slot=jnp.int32(6 + i - 1),
+                       prompt_lengths_b=jnp.asarray(lengths), prompt_len=6)
+    else:
+      step = CacheStep(positions_bt=rope, window=int(positions.max()) + 1 if mode == "exact" else 16)
+    cache, logits = generate.decode_step(model, cache, jnp.asarray(ids[[0, 1], positions]), step)
+    np.testing.assert_allclose(np.asarray(logits), full[[0, 1], positions], atol=1e-4)
+  assert cache.length == 16

@@ -8,8 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import (assert_forward_matches_hf, fuse_glm_qkv, glm_arrays, hf_forward, hf_glm, hf_greedy,
-                          jax_from_hf_glm, random_batch, rel_err)
+from hf_reference import (assert_cached_decode_matches_forward, assert_forward_matches_hf, fuse_glm_qkv, glm_arrays,
+                          hf_forward, hf_glm, hf_greedy, jax_from_hf_glm, random_batch, rel_err)
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm, load, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
@@ -42,19 +42,9 @@ def test_each_rope_option_is_what_makes_the_match(change):
 
 def test_kv_cache_decode_matches_full_forward():
   ours = jax_from_hf_glm(hf_glm(CONFIG), CONFIG)
-  ids, mask = random_batch(CONFIG.vocab_size, 2, 10, [10, 7])
-  full = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
-  cache = ours.init_cache(2, 16)
-  assert cache.k.shape == (3, 2, 16, 2, 16)  # [L, B, S, K, H]: only the 2 kv groups are cached
-  lengths = jnp.array([4, 4])
-  positions = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  hidden, cache, _ = ours.model(ours.model.embed(jnp.asarray(ids[:, :4])), positions, lengths, cache=cache,
-                                cache_index_b=jnp.zeros(2, jnp.int32))
-  np.testing.assert_allclose(np.asarray(ours.lm_head(hidden)), full[:, :4], atol=1e-4)
-  for t in range(4, 7):
-    hidden, cache, _ = ours.model(ours.model.embed(jnp.asarray(ids[:, t:t + 1])), jnp.full((2, 1), t), lengths,
-                                  cache=cache, cache_index_b=jnp.full((2,), t, jnp.int32))
-    np.testing.assert_allclose(np.asarray(ours.lm_head(hidden))[:, 0], full[:, t], atol=1e-4)
+  assert ours.init_cache(2, 16).k.shape == (3, 2, 2, 16, 16)  # [L, B, K, S, H]: only the 2 kv groups are cached
+  assert_cached_decode_matches_forward(ours, CONFIG.vocab_size, "exact")
+  assert_cached_decode_matches_forward(ours, CONFIG.vocab_size, "shared")
 
 
 def test_presets_and_release_targets():

@@ -1,5 +1,8 @@
 """LoRA equals peft's: same A/B give the same logits and loss; merge and fresh-LoRA behave."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,10 +143,31 @@ def test_saved_lora_model_loads_whole(tmp_path):
                                 np.asarray(model(ids, jnp.ones_like(ids), feats)[0]))
 
 
+def _keep_words(rate):
+  return round((1 - rate) * 65536)
+
+
+def _reference_keep(key, shape, rate):
+  """The mask rule, written independently: element i of the last axis takes 16-bit word i of the
+  key's 32-bit words read as little-endian uint16 pairs, and is kept when that word is below
+  round((1 - rate) * 65536)."""
+  *lead, width = shape
+  words = np.asarray(jax.random.bits(key, (*lead, width // 2), jnp.uint32)).astype("<u4")
+  return words.view("<u2") < _keep_words(rate)
+
+
 def _dropout_branch_reference(x, a, b, key, scaling, rate):
-  """The LoRA branch as nnx.Dropout and plain autodiff compute it: scaling * dropout(x) @ a @ b."""
-  dropped = nnx.Dropout(rate)(x, deterministic=False, rngs=key) if key is not None else x
+  """The LoRA branch with that mask and plain autodiff: scaling * dropout(x) @ a @ b."""
+  if key is None:
+    return (x @ a) @ b * scaling
+  dropped = jnp.where(_reference_keep(key, x.shape, rate), x, 0.0) / (_keep_words(rate) / 65536)
   return (dropped @ a) @ b * scaling
+
+
+def test_keep_probability_is_quantised_to_sixteen_bits():
+  assert lora.keep_probability(0.05) == 62259 / 65536
+  assert abs(lora.keep_probability(0.05) - 0.95) < 1 / 65536
+  assert lora.keep_probability(0.3) == _keep_words(0.3) / 65536
 
 
 def test_lora_delta_value_and_gradients_equal_autodiff_of_the_dropout_branch():
@@ -166,33 +190,87 @@ def test_lora_delta_value_and_gradients_equal_autodiff_of_the_dropout_branch():
   assert not np.array_equal(dropped, np.asarray(dx_other) == 0)
 
 
-def test_lora_delta_gradients_under_jit_and_remat_equal_eager():
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
-  a, b = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32), jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
-  key = jax.random.key(5)
+def test_forward_and_backward_draw_the_same_mask():
+  # With A and B the identity the branch is scaling * dropout(x): the forward's output is zero exactly
+  # where its mask dropped, and the input gradient exactly where the backward's mask dropped.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.uniform(1.0, 2.0, (4, 64, 32)), jnp.float32)
+  g = jnp.asarray(rng.uniform(1.0, 2.0, (4, 64, 32)), jnp.float32)
+  eye = jnp.eye(32, dtype=jnp.float32)
+  key = jax.random.key(11)
 
-  def loss(x, a, b):
-    return jnp.sum(jnp.tanh(lora.lora_delta(x, a, b, key, 0.5, 0.25)) ** 2)
+  @jax.jit
+  def forward_and_dx(x, g):
+    y, vjp = jax.vjp(lambda x: lora.lora_delta(x, eye, eye, key, 1.0, 0.25), x)
+    return y, vjp(g)[0]
 
-  eager = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
-  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(x, a, b)
-  for got, want in zip(remat, eager):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  y, dx = forward_and_dx(x, g)
+  forward_kept, backward_kept = np.asarray(y) != 0, np.asarray(dx) != 0
+  assert 0.6 < forward_kept.mean() < 0.9
+  np.testing.assert_array_equal(forward_kept, backward_kept)
+  np.testing.assert_array_equal(forward_kept, _reference_keep(key, x.shape, 0.25))
 
 
-def test_linear_applies_the_mask_nnx_dropout_draws_from_its_stream():
+def test_keep_rate_is_within_a_thousandth_of_one_minus_p_over_ten_million_draws():
+  rate = 0.05
+  x = jnp.ones((10, 1000, 1000), jnp.float32)
+  a, b = jnp.ones((1000, 1), jnp.float32), jnp.ones((1, 1), jnp.float32)
+  # Every input feature reaches the output, so the input gradient is non-zero exactly where kept.
+  dx = jax.jit(jax.grad(lambda x: lora.lora_delta(x, a, b, jax.random.key(0), 1.0, rate).sum()))(x)
+  kept = np.asarray(dx) != 0
+  assert kept.size == 10**7
+  assert abs(kept.mean() - (1 - rate)) < 1e-3, kept.mean()
+
+
+def test_each_draw_hashes_half_as_many_counters_as_bernoulli():
+  # A CPU proxy for the mask's cost: the threefry calls in the lowered program, by counters hashed.
+  def counters(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    calls = re.findall(r"call @threefry2x32\(.*?\) : \(tensor<ui32>, tensor<ui32>, tensor<([\dx]+)xui32>", text)
+    return sum(math.prod(int(d) for d in shape.split("x")) for shape in calls)
+
+  shape = (8, 256, 4096)
+  key = jax.random.key(0)
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  a, b = jax.ShapeDtypeStruct((4096, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, 4096), jnp.bfloat16)
+  bernoulli = counters(lambda k: jax.random.bernoulli(k, 0.95, shape), key)
+  forward = counters(lambda x, a, b: lora.lora_delta(x, a, b, key, 2.0, 0.05), x, a, b)
+  forward_and_backward = counters(lambda x, a, b: jax.vjp(lambda *p: lora.lora_delta(*p, key, 2.0, 0.05), x, a, b)[1](
+      jnp.ones(shape, jnp.bfloat16)), x, a, b)
+  assert bernoulli == math.prod(shape)
+  assert forward == bernoulli // 2
+  assert forward_and_backward == 2 * forward  # the backward draws the mask once more, for both its uses
+
+
+def test_linear_draws_its_key_from_the_stream_as_nnx_dropout_does():
   layer = lora.Linear(16, 12, axes=(None, None), rngs=nnx.Rngs(0))
   layer.attach_lora(lora.LoraConfig(rank=4, alpha=8.0, dropout=0.4), nnx.Rngs(1))
   layer.lora_b[...] = jnp.ones_like(layer.lora_b[...]) * 0.1
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 16)), jnp.float32)
   for _ in range(2):  # the stream advances per call, as nnx.Dropout's does
-    dropped = nnx.clone(layer.lora_dropout)(x)  # the module itself, from the stream's current state
+    # The key nnx.Dropout would draw now: the module's own mask is its Bernoulli draw from that key.
+    stream = nnx.clone(layer.lora_dropout)
+    key = nnx.clone(stream).rngs()
+    want_bernoulli = jax.random.bernoulli(key, 0.6, x.shape)
+    np.testing.assert_array_equal(np.asarray(stream(x) != 0), np.asarray(want_bernoulli))
+    keep = _reference_keep(key, x.shape, 0.4)
+    dropped = jnp.where(keep, x, 0.0) / lora.keep_probability(0.4)
     want = x @ layer.kernel[...] + (dropped @ layer.lora_a[...]) @ layer.lora_b[...] * layer.lora_scaling
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-5, atol=1e-5)
   layer.lora_dropout.deterministic = True
   np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(
       x @ layer.kernel[...] + (x @ layer.lora_a[...]) @ layer.lora_b[...] * layer.lora_scaling), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_on_an_odd_number_of_input_features_is_refused():
+  layer = lora.Linear(15, 12, axes=(None, None), rngs=nnx.Rngs(0))
+  try:
+    layer.attach_lora(lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1), nnx.Rngs(1))
+  except ValueError as e:
+    assert "odd" in str(e)
+  else:
+    raise AssertionError("an odd input width was accepted with dropout")
+  layer.attach_lora(lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(1))  # without dropout it is fine
 
 
 def test_lora_config_refuses_a_dropout_outside_zero_to_one():

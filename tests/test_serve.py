@@ -131,6 +131,15 @@ def test_engine_answers_equal_the_chat_path_greedy_and_sampled(service, media, t
                                                 c.top_p, jax.random.fold_in(jax.random.key(s), len(h))))
                  for h, q, f, c, s in cases]
       assert [f.result(timeout=300) for f in futures] == expected
+    # A prompt shape compiles its prefill once: an engine's first prefill, into the cache as
+    # created, runs the program of the later ones (an engine of a size no other test uses).
+    programs = batching._prefill_jit._cache_size()  # pylint: disable=protected-access
+    fresh = batching.Engine(bot, slots=2, context=384)
+    h, q, f, _, _ = cases[0]
+    for _ in range(2):
+      fresh.submit(batching.Request(tuple(bot.prompt_ids(h, q)), f, 2)).result(timeout=300)
+    fresh.close()
+    assert batching._prefill_jit._cache_size() == programs + 1  # pylint: disable=protected-access
   finally:
     small.close()
   assert small.stats.prefills == 12 and small.stats.completed == 12

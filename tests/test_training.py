@@ -1,7 +1,9 @@
 """Training: losses fall in every stage, sharding and accumulation do not change the math, runs
 resume exactly after SIGKILL, one compile per bucket, and the stage-3 merge is the hand-computed one."""
 
+import contextlib
 import gc
+import io
 import json
 import pathlib
 import subprocess
@@ -16,7 +18,7 @@ from flax import nnx
 
 from training_fixtures import make_dataset
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import lora
+from vtimellm_jax.models import llama, lora
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.training import checkpointing, config_loading, model_setup, trainer
 
@@ -93,14 +95,65 @@ def test_remat_with_lora_dropout_changes_no_number(dataset, tmp_path):
   # Sharded, LoRA dropout on: the rematerialised scan recomputes each layer's masks from its own stream.
   common = ["--config.max_steps=3", "--config.epochs=3", "--config.global_batch=16", "--config.micro_batch=4",
             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-  config = _config("stage2", dataset, *common, "--config.model.remat=full")
-  assert config.lora.dropout > 0
-  trainer.train(config, tmp_path / "remat", log=_quiet)
-  trainer.train(_config("stage2", dataset, *common, "--config.model.remat=none"), tmp_path / "plain", log=_quiet)
-  np.testing.assert_allclose(_losses(tmp_path / "remat"), _losses(tmp_path / "plain"), rtol=1e-5)
-  remat, plain = checkpointing.restore_params(tmp_path / "remat"), checkpointing.restore_params(tmp_path / "plain")
-  for x, y in zip(jax.tree.leaves(remat), jax.tree.leaves(plain)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  plain = _config("stage2", dataset, *common, "--config.model.remat=none")
+  assert plain.lora.dropout > 0
+  trainer.train(plain, tmp_path / "none", log=_quiet)
+  want = checkpointing.restore_params(tmp_path / "none")
+  for mode in ("full", "lora"):
+    trainer.train(_config("stage2", dataset, *common, f"--config.model.remat={mode}"), tmp_path / mode, log=_quiet)
+    np.testing.assert_allclose(_losses(tmp_path / mode), _losses(tmp_path / "none"), rtol=1e-5, err_msg=mode)
+    for x, y in zip(jax.tree.leaves(checkpointing.restore_params(tmp_path / mode)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=mode)
+
+
+def _frozen_matmuls_and_saved_values(remat: str):
+  """Returns (x @ W products of frozen kernels in the gradient's jaxpr, saved-residual lines) of one
+  LoRA decoder layer (XLA attention, dropout on) under the policy of `remat`."""
+  config = LlamaConfig.tiny(attention_impl="xla", remat=remat)
+  layer = llama.LlamaDecoderLayer(config, nnx.Rngs(0))
+  lora.attach_lora(layer, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1), nnx.Rngs(1))
+  graphdef, factors, streams, frozen = nnx.split(layer, nnx.LoRAParam, nnx.RngState, ...)
+  b, t = 2, 16
+  cos, sin = llama.rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), config.rotary_dim, config.rope_theta)
+  lengths = jnp.full((b,), t, jnp.int32)
+
+  def loss(x, factors, streams):
+    def body(x, factors, streams):
+      return nnx.merge(graphdef, factors, streams, frozen)(x, cos, sin, lengths)[0]
+    return jax.checkpoint(body, policy=llama.remat_policy(config))(x, factors, streams).sum()
+
+  x = jnp.ones((b, t, config.hidden_size), jnp.float32)
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(x, factors, streams)
+  kernels = {tuple(v.shape) for v in jax.tree.leaves(frozen) if getattr(v, "ndim", 0) == 2}
+  assert kernels == {(64, 64), (64, 176), (176, 64)}
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (_, rhs_contract), _ = eqn.params["dimension_numbers"]
+        n += tuple(eqn.invars[1].aval.shape) in kernels and tuple(rhs_contract) == (0,)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            n += count(getattr(sub, "jaxpr", sub))
+    return n
+
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(loss, x, factors, streams)
+  return count(jaxpr.jaxpr), out.getvalue()
+
+
+def test_lora_remat_policy_saves_every_frozen_matmul_output():
+  forward_only, _ = _frozen_matmuls_and_saved_values("none")
+  assert forward_only == 7  # q, k, v, o, gate, up, down: each x @ W once
+  full, _ = _frozen_matmuls_and_saved_values("full")
+  assert full > forward_only  # full remat recomputes them in the backward pass
+  saved_by_lora, residuals = _frozen_matmuls_and_saved_values("lora")
+  assert saved_by_lora == forward_only, residuals
+  for name in ("query", "key", "value", "attention_out", "post_attention_hidden", "mlp_gate", "mlp_up"):
+    assert f"named '{name}'" in residuals, (name, residuals)
 
 
 def test_lora_dropout_masks_differ_between_layers():

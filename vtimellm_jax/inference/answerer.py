@@ -21,6 +21,7 @@ from flax import nnx
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import generate as generate_lib
 from vtimellm_jax.inference import prompts
+from vtimellm_jax.models import answering, lora
 
 PAD_MULTIPLE = 32
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -69,7 +70,10 @@ class Answerer:
   """Answers questions about videos with a VTimeLLM and the release's prompts."""
 
   def __init__(self, model, encoder):
-    self.model = model
+    """Takes `model` over: its LoRA (if any) is merged, as the release merges it to answer, and its
+    layers are put in the answering layout (`models/answering.py`)."""
+    lora.merge_lora(model)
+    self.model = answering.answering_layout(model)
     self.encoder = encoder
 
   @property

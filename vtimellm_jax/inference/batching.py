@@ -5,14 +5,18 @@ The cache holds `slots` rows of `context` positions. A request is prefilled alon
 its placeholder) and yields its first token; after that every decode step advances all rows at
 once, each writing at its own position (as `generate` does for rows of different lengths). A row
 that reaches its eos or its token budget frees its slot, and the next waiting request is prefilled
-into it before the next step. Slots that are free still run through the step (the shapes stay
-fixed, one compiled decode program); what they write is never read, since a prefill rewrites the
-row and attention only sees positions at or before a row's own.
+into it before the next step. Slots that are free still run through the step (the batch shape
+stays fixed); what they write is never read, since a prefill writes the row from position 0 and
+attention only sees positions at or before a row's own. A decode step reads the cache only up to
+the busiest row's position, rounded up to a power of two (`kv_cache.decode_window`; one compiled
+decode program per such window, each compiled when first needed).
 
-A row's tokens depend on nothing but its own request: the prefill runs the request alone and the
-decode step's shape does not change with how many rows are busy, so an answer is the same whether
-its request came alone or among many. Sampling draws token i of a request with its key folded with
-i, as `generate` does, so a request with the key `chat` uses gets `chat`'s tokens.
+A row's tokens depend on nothing but its own request: the prefill runs the request alone, and in a
+decode step the slots past a row's position weigh exactly zero, so an answer is the same whether
+its request came alone or among many (on CPU bit for bit; on a GPU a wider window may sum the same
+terms in another order, a difference in the last bit of an attention output). Sampling draws token
+i of a request with its key folded with i, as `generate` does, so a request with the key `chat`
+uses gets `chat`'s tokens.
 
 All device work runs on the engine's own thread; `submit` may be called from any thread and returns
 a `concurrent.futures.Future` of the generated token ids.
@@ -33,7 +37,8 @@ from flax import nnx
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import answerer as answerer_lib
 from vtimellm_jax.inference import generate as generate_lib
-from vtimellm_jax.models.llama import KVCache
+from vtimellm_jax.models import kv_cache
+from vtimellm_jax.models.kv_cache import CacheStep
 
 
 class QueueFull(Exception):
@@ -81,28 +86,23 @@ def _prefill(graphdef, state, cache, slot, ids_1t, mask_1t, features_1nf, key_da
   model = nnx.merge(graphdef, state)
   embeds, mask, _ = model.embed_inputs(ids_1t, mask_1t, features_1nf)
   lengths = mask.sum(-1).astype(jnp.int32)
-  t = embeds.shape[1]
-  row = KVCache(*(jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1) for c in cache))
-  hidden, row, _ = model.model(embeds, jnp.arange(t, dtype=jnp.int32)[None], lengths, cache=row,
-                               cache_index_b=jnp.zeros((1,), jnp.int32))
-  logits = model.lm_head(hidden[:, lengths[0] - 1])
+  cache, logits = generate_lib.prefill(model, embeds, lengths, cache, row0=slot)
   token = _pick(logits, key_data_1, jnp.zeros((1,), jnp.int32), temperature_1, top_p_1, nucleus=nucleus)
-  cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1) for c, r in zip(cache, row)))
   return cache, token[0], lengths[0]
 
 
 def _decode(graphdef, state, cache, tokens_s, positions_s, steps_s, key_data_s, temperature_s, top_p_s, *,
-            nucleus: bool):
-  """Returns (cache, int32[S] next tokens): every row's token fed at its own position."""
+            window: int, nucleus: bool):
+  """Returns (cache, int32[S] next tokens): every row's token fed at its own position, reading `window` slots."""
   model = nnx.merge(graphdef, state)
-  h, cache, _ = model.model(model.model.embed(tokens_s[:, None]), positions_s[:, None], positions_s + 1,
-                            cache=cache, cache_index_b=positions_s)
-  return cache, _pick(model.lm_head(h[:, 0]), key_data_s, steps_s, temperature_s, top_p_s, nucleus=nucleus)
+  step = CacheStep(positions_bt=positions_s[:, None], window=window)
+  cache, logits = generate_lib.decode_step(model, cache, tokens_s, step)
+  return cache, _pick(logits, key_data_s, steps_s, temperature_s, top_p_s, nucleus=nucleus)
 
 
-# The cache is donated: each call updates it in place.
+# The cache is donated: each call updates it in place. One decode program per window bucket.
 _prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
-_decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
+_decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("window", "nucleus"), donate_argnums=(2,))
 
 
 @dataclasses.dataclass
@@ -133,7 +133,12 @@ class Engine:
     self.stop_ids = frozenset(bot.stop_ids)
     self.stats = Stats()
     self._graphdef, self._state = nnx.split(bot.model)
-    self._cache = bot.model.init_cache(slots, context)
+    # The cache starts on the model's mesh, as every step returns it, so that the first prefill
+    # compiles the program all later ones run (a cache without the mesh is another input type).
+    sharding = jax.tree.leaves(self._state)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    self._cache = jax.device_put(bot.model.init_cache(slots, context), sharding)
     self._rows: list[_Row | None] = [None] * slots
     self._waiting: collections.deque = collections.deque()
     self._wake = threading.Condition()
@@ -258,8 +263,10 @@ class Engine:
       n = len(row.tokens)
       tokens[slot], positions[slot], steps[slot] = row.tokens[-1], row.length + n - 1, n
       temperature[slot], top_p[slot], key_data[slot] = row.request.temperature, row.request.top_p, row.key_data
+    # Slots at or past the busiest row's position are never read: the window covers the live rows.
+    window = kv_cache.decode_window(int(positions.max()) + 1, self.context)
     self._cache, new = _decode_jit(self._graphdef, self._state, self._cache, tokens, positions, steps, key_data,
-                                   temperature, top_p, nucleus=bool((top_p < 1).any()))
+                                   temperature, top_p, window=window, nucleus=bool((top_p < 1).any()))
     new = np.asarray(new)
     self.stats.decode_steps += 1
     self.stats.busy_slot_steps += len(busy)

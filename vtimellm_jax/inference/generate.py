@@ -1,16 +1,22 @@
-"""Batched autoregressive generation: one jitted prefill + `while_loop` decode over a static KV cache.
+"""Batched autoregressive generation: a jitted prefill, then a `while_loop` decode over a static KV cache.
 
 The prompt arrives as embeddings (`float[B, T, D]`, right-padded, real lengths `int[B]`), so the
 same code serves plain LLaMA ids (`model.model.embed`) and VTimeLLM prompts with spliced frame
-features (`model.embed_inputs`). One compiled program per batch size, prompt length, number of new
-tokens, stop ids and sampling kind (greedy, or sampled with or without top-p and with its top-k);
-the temperature, top-p and the eos and stop ids are traced values:
+features (`model.embed_inputs`). Programs compile per batch size, prompt length, cache length,
+number of new tokens and sampling kind (greedy, or sampled with or without top-p and with its
+top-k); the temperature, top-p and the eos and stop ids are traced values:
 
-  prefill  all T prompt positions of every row are written to a cache of T + max_new_tokens slots;
-           each row's first new token comes from the hidden state at its own last real position.
-  decode   new token i (from 0) of row b is fed back at position lengths[b] + i (overwriting the
-           prompt padding the prefill left there) and attends to the slots at or before it, so rows of different
-           lengths decode together without left padding.
+  prefill  all T prompt positions of every row are written to a cache of at least
+           T + max_new_tokens slots (the prompt attends to itself through the model's attention
+           kernel); each row's first new token comes from the hidden state at its own last real
+           position.
+  decode   new token i (from 0) of row b is fed back at rope position lengths[b] + i and written
+           at cache slot T + i, after the padded prompts (one shared slot per step for all rows);
+           it attends to its row's prompt and the row's tokens before it, never to the prompt
+           padding, so rows of different lengths decode together without left padding. The loop
+           runs in stretches (`decode_segments`), each a compiled while loop reading only the first
+           slots of the cache that its steps can have written, rounded up to a power of two
+           (`kv_cache.decode_window`).
 
 A row stops at its first `eos_id` or `stop_ids` token (ChatGLM3 also stops at `<|user|>`, the turn
 that would follow), which is not part of the answer; the loop ends when every row has stopped or after
@@ -30,6 +36,8 @@ import numpy as np
 from flax import nnx
 
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import kv_cache
+from vtimellm_jax.models.kv_cache import CacheStep, KVCache
 
 EOS_ID = 2
 RELEASE_TEMPERATURE = 0.05  # the release samples with this temperature at inference
@@ -118,49 +126,96 @@ def next_token(logits_bv: jax.Array, keys_b: jax.Array, config: GenerationConfig
                      nucleus=config.top_p < 1, top_k=config.static_top_k)
 
 
-def _generate(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, stop_ids_k, *,
-              max_new_tokens: int, greedy: bool, nucleus: bool, top_k: int):
-  """Returns (tokens int32[B, max_new_tokens] with eos_id after a row stops, steps run)."""
-  stops = lambda token_b: (token_b == eos_id) | jnp.any(token_b[:, None] == stop_ids_k[None], axis=-1)
-  model = nnx.merge(graphdef, state)
-  b, t, _ = embeds_btd.shape
-  n = max_new_tokens
-  rows = jnp.arange(b)
-  step_keys = lambda i: jax.vmap(jax.random.fold_in, (0, None))(keys_b, i)
-  choose = lambda logits, i: _choose(logits, step_keys(i), temperature, top_p, greedy=greedy, nucleus=nucleus,
-                                     top_k=top_k)
+def prefill(model, embeds_btd: jax.Array, lengths_b: jax.Array, cache: KVCache, row0=0):
+  """Returns (cache, float[B, V] logits at each row's last real position) after writing the prompts.
 
-  cache = model.init_cache(b, t + n)
+  Row b of the batch fills cache row row0 + b from position 0; the prompt attends only to itself.
+  """
+  b, t, _ = embeds_btd.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  hidden, cache, _ = model.model(embeds_btd, positions, lengths_b, cache=cache,
-                                 cache_index_b=jnp.zeros((b,), jnp.int32))
+  hidden, cache, _ = model.model(embeds_btd, positions, lengths_b, cache=cache, cache_step=CacheStep(row0=row0))
   # Only each row's last real position is projected to the vocabulary.
-  first = choose(model.lm_head(hidden[rows, lengths_b - 1]), 0)
-  tokens = jnp.full((b, n), eos_id, jnp.int32).at[:, 0].set(first)
-  done = stops(first)
+  return cache, model.lm_head(hidden[jnp.arange(b), lengths_b - 1])
+
+
+def decode_step(model, cache: KVCache, tokens_b: jax.Array, step: CacheStep):
+  """Returns (cache, float[B, V] logits): token b fed at rope position step.positions_bt[b, 0].
+
+  It is written and attends as `step` says (`kv_cache.CacheStep`), reading only the first
+  `step.window` (static) slots of the cache.
+  """
+  positions_bt = step.positions_bt
+  h, cache, _ = model.model(model.model.embed(tokens_b[:, None]), positions_bt, positions_bt[:, 0] + 1, cache=cache,
+                            cache_step=step)
+  return cache, model.lm_head(h[:, 0])
+
+
+def decode_segments(prompt_len: int, max_new_tokens: int, cache_len: int) -> list[tuple[int, int]]:
+  """Returns (end, window) per stretch of the decode loop: iterations up to `end` (exclusive) read `window` slots.
+
+  Iteration i (from 1) writes token i - 1 of every row at slot prompt_len + i - 1, so it reads
+  prompt_len + i slots; each stretch reads the smallest window (`kv_cache.decode_window`) that
+  covers its last iteration.
+  """
+  segments, start = [], 1
+  window = kv_cache.decode_window(prompt_len + 1, cache_len)
+  while start < max_new_tokens:
+    end = min(max_new_tokens, window - prompt_len + 1)
+    segments.append((end, window))
+    start, window = end, kv_cache.decode_window(window + 1, cache_len)
+  return segments
+
+
+def _stops(token_b, eos_id, stop_ids_k):
+  return (token_b == eos_id) | jnp.any(token_b[:, None] == stop_ids_k[None], axis=-1)
+
+
+def _step_keys(keys_b, i):
+  return jax.vmap(jax.random.fold_in, (0, None))(keys_b, i)
+
+
+def _start(graphdef, state, embeds_btd, lengths_b, keys_b, temperature, top_p, eos_id, stop_ids_k, *,
+           cache_len: int, max_new_tokens: int, greedy: bool, nucleus: bool, top_k: int):
+  """Returns (tokens int32[B, max_new_tokens] holding each row's first token, done bool[B], cache)."""
+  model = nnx.merge(graphdef, state)
+  b = embeds_btd.shape[0]
+  cache, logits = prefill(model, embeds_btd, lengths_b, model.init_cache(b, cache_len))
+  first = _choose(logits, _step_keys(keys_b, 0), temperature, top_p, greedy=greedy, nucleus=nucleus, top_k=top_k)
+  tokens = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+  return tokens, _stops(first, eos_id, stop_ids_k), cache
+
+
+def _continue(graphdef, state, cache, tokens, done, i, end, prompt_len, lengths_b, keys_b, temperature, top_p, eos_id,
+              stop_ids_k, *, window: int, greedy: bool, nucleus: bool, top_k: int):
+  """Returns (i, tokens, done, cache) after decode iterations i .. end - 1, or until every row stops."""
+  model = nnx.merge(graphdef, state)
 
   def cond(carry):
     i, _, done, _ = carry
-    return (i < n) & ~jnp.all(done)
+    return (i < end) & ~jnp.all(done)
 
   def body(carry):
     i, tokens, done, cache = carry
-    previous = tokens[:, i - 1]
-    index = lengths_b + i - 1
-    h, cache, _ = model.model(model.model.embed(previous[:, None]), index[:, None], lengths_b,
-                              cache=cache, cache_index_b=index)
-    token = jnp.where(done, eos_id, choose(model.lm_head(h[:, 0]), i))
-    tokens = tokens.at[:, i].set(token)
-    return i + 1, tokens, done | stops(token), cache
+    # Every row writes its token at slot prompt_len + i - 1, past the padded prompts; its rope
+    # position follows its own prompt.
+    step = CacheStep(positions_bt=(lengths_b + i - 1)[:, None], window=window, slot=prompt_len + i - 1,
+                     prompt_lengths_b=lengths_b, prompt_len=prompt_len)
+    cache, logits = decode_step(model, cache, tokens[:, i - 1], step)
+    chosen = _choose(logits, _step_keys(keys_b, i), temperature, top_p, greedy=greedy, nucleus=nucleus, top_k=top_k)
+    token = jnp.where(done, eos_id, chosen)
+    return i + 1, tokens.at[:, i].set(token), done | _stops(token, eos_id, stop_ids_k), cache
 
-  steps, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, done, cache))
-  return tokens, steps
+  return jax.lax.while_loop(cond, body, (i, tokens, done, cache))
 
 
-# One compilation per (model, batch, prompt length, max_new_tokens, number of stop ids, greedy,
-# nucleus, top_k); the temperature, top-p, eos and stop ids are traced values.
-_generate_jit = jax.jit(_generate, static_argnums=(0,),
-                        static_argnames=("max_new_tokens", "greedy", "nucleus", "top_k"))
+_SAMPLING = ("greedy", "nucleus", "top_k")
+# The prefill compiles per (model, batch, prompt length, cache length, max_new_tokens, sampling
+# kind); a stretch of the decode loop per (model, batch, cache length, max_new_tokens, window,
+# sampling kind). The cache length is rounded up (`kv_cache.cache_length`), so prompts of nearby
+# lengths share the decode programs; prompt lengths, temperature, top-p, eos and stop ids are traced.
+_start_jit = jax.jit(_start, static_argnums=(0,), static_argnames=("cache_len", "max_new_tokens") + _SAMPLING)
+_continue_jit = jax.jit(_continue, static_argnums=(0,), static_argnames=("window",) + _SAMPLING,
+                        donate_argnums=(2, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +254,24 @@ def generate(model, embeds_btd: jax.Array, lengths_b: jax.Array | Sequence[int],
   if keys_b is None:
     keys_b = jax.random.split(jax.random.key(seed), b)
   graphdef, state = nnx.split(model)
-  tokens, steps = _generate_jit(graphdef, state, embeds_btd, jnp.asarray(lengths), keys_b,
-                                jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p),
-                                jnp.int32(config.eos_id), jnp.asarray(config.stop_ids, jnp.int32).reshape(-1),
-                                max_new_tokens=config.max_new_tokens,
-                                greedy=config.greedy, nucleus=config.top_p < 1,
-                                top_k=config.static_top_k)
+  n = config.max_new_tokens
+  cache_len = kv_cache.cache_length(t + n)
+  sampling = dict(greedy=config.greedy, nucleus=config.top_p < 1, top_k=config.static_top_k)
+  traced = (keys_b, jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p), jnp.int32(config.eos_id),
+            jnp.asarray(config.stop_ids, jnp.int32).reshape(-1))
+  lengths_b = jnp.asarray(lengths)
+  tokens, done, cache = _start_jit(graphdef, state, embeds_btd, lengths_b, *traced, cache_len=cache_len,
+                                   max_new_tokens=n, **sampling)
+  # The decode loop runs in stretches, each reading the cache up to its own window (a row's step
+  # costs the slots written so far, rounded up, not the whole cache); a stretch is compiled when
+  # first reached, and none runs once every row has stopped.
+  steps = 1
+  for end, window in decode_segments(t, n, cache_len):
+    if bool(jnp.all(done)):
+      break
+    steps, tokens, done, cache = _continue_jit(graphdef, state, cache, tokens, done, jnp.int32(steps), jnp.int32(end),
+                                               jnp.int32(t), lengths_b, *traced, window=window, **sampling)
+    steps = int(steps)
   tokens = np.asarray(tokens)
   stopped = (tokens == config.eos_id) | np.isin(tokens, config.stop_ids)
   answer_lengths = np.where(stopped.any(-1), stopped.argmax(-1), tokens.shape[1]).astype(np.int32)

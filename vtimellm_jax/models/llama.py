@@ -10,10 +10,10 @@ fused q/k/v and gate/up projections) make the same modules the ChatGLM3 family
 
 The decoder layers are one module whose variables are stacked along a leading `layers` axis
 (`model/layers/self_attn/q_proj/kernel` is [L, D, N*H]), created by `nnx.vmap` over the layer
-constructor and run as one `lax.scan` in training, prefill and decode alike: XLA compiles one layer
-body, and nothing restacks weights inside a step. The KV cache is one stacked pair [L, B, S, K, H]
-that the scan carries and writes in place. HF's per-layer names (`model.layers.N.`) live only in
-the conversion tables.
+constructor and run as one `lax.scan`: XLA compiles one layer body, and nothing restacks weights
+inside a step. Answering converts them to one module per layer, run unrolled
+(`models/answering.py`). The KV cache (`models/kv_cache.py`) is carried through the layers and
+written in place. HF's per-layer names (`model.layers.N.`) live only in the conversion tables.
 
 Shapes: L layers, B batch, T query length, S key length, D model width, N query heads, K kv heads,
 H head dim.
@@ -25,21 +25,23 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vtimellm_jax import sharding
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import per_head_attention
+from vtimellm_jax.models import kv_cache, per_head_attention
+from vtimellm_jax.models.kv_cache import CacheStep, KVCache
 from vtimellm_jax.models.lora import Linear
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D] between layers
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "per_head")
-REMAT_MODES = ("none", "full", "save_dots")
+REMAT_MODES = ("none", "full", "save_dots", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute
   param_dtype: str = "float32"  # storage of the (frozen) base weights
   attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel) | per_head (CPU)
-  remat: str = "none"  # none | full | save_dots (applied to the scanned layer body)
+  remat: str = "none"  # none | full | save_dots | lora (`remat_policy`; applied to the scanned layer body)
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
@@ -88,7 +90,7 @@ class LlamaConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
     if self.remat not in REMAT_MODES:
-      raise ValueError(f"remat must be none, full or save_dots, got {self.remat!r}")
+      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
@@ -295,7 +297,8 @@ def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
   mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
   # The mask tables become arrays; built at compile time they are constants, not tracers of one trace.
   with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  residual_checkpoint_name=_SPLASH_RESIDUALS)
 
 
 def splash_attention(q_btnh, k_btkh, v_btkh, lengths_b):
@@ -334,13 +337,6 @@ def splash_attention(q_btnh, k_btkh, v_btkh, lengths_b):
                        out_specs=q_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, lengths_b)
 
 
-class KVCache(NamedTuple):
-  """Keys and values of every layer: float[L, B, S, K, H] each, carried through the layer scan."""
-
-  k: jax.Array
-  v: jax.Array
-
-
 class LlamaAttention(nnx.Module):
   """Causal self-attention with grouped KV heads and an optional (stacked) KV cache."""
 
@@ -369,41 +365,39 @@ class LlamaAttention(nnx.Module):
     return (q.reshape(b, t, cfg.num_heads, cfg.head_size), k.reshape(b, t, cfg.num_kv_heads, cfg.head_size),
             v.reshape(b, t, cfg.num_kv_heads, cfg.head_size))
 
-  def __call__(self, x_btd, cos, sin, lengths_b, cache: KVCache | None = None, layer=None, cache_index_b=None):
+  def __call__(self, x_btd, cos, sin, lengths_b, cache: KVCache | None = None, layer=None,
+               cache_step: CacheStep | None = None):
     """Returns (out float[B, T, D], updated cache or None).
 
     Without a cache: causal attention over the T tokens, keys past each row's length masked
-    (right padding). With the stacked cache and this layer's index `layer`: the T new tokens of
-    row b are written at cache_index_b[b] onward in the layer's slot and attend to cache slots
-    < cache_index_b[b] + t + 1.
+    (right padding). With the stacked cache, this layer's index `layer` and `cache_step`: a prefill
+    (window 0) attends as without a cache and writes the T tokens at positions 0 .. T - 1 of rows
+    row0 onward; a decode step writes the new tokens where `cache_step` says and attends to the
+    slots written at or before them (`kv_cache.decode_attention`).
     """
     cfg = self.config
     b, t, _ = x_btd.shape
     q, k, v = self._qkv(x_btd)
     q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
-    impl = attention_impl(cfg) if cache is None else "xla"
-    if impl == "splash":
-      out, new_cache = splash_attention(q, k, v, lengths_b), None
-    elif impl == "per_head":
-      out, new_cache = per_head_attention.per_head_attention(q, k, v, lengths_b), None
-    elif cache is None:
-      out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, key_value_seq_lengths=lengths_b, implementation=impl
-      )
-      new_cache = None
+    # Named for the "lora" remat policy, which keeps them instead of recomputing their matmuls.
+    q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+    new_cache = None
+    if cache is not None and cache_step.window:
+      out = kv_cache.decode_attention(q, k, v, cache, layer, cache_step)
+      new_cache = kv_cache.write_decode(cache, layer, cache_step, k, v, after=out)
     else:
-      # One scatter per array into the layer's slot of the carried cache, updated in place.
-      query_pos = cache_index_b[:, None] + jnp.arange(t)[None, :]  # [B, T]
-      rows = jnp.arange(b)[:, None]
-      new_cache = KVCache(cache.k.at[layer, rows, query_pos].set(k.astype(cache.k.dtype)),
-                          cache.v.at[layer, rows, query_pos].set(v.astype(cache.v.dtype)))
-      k_all, v_all = new_cache.k[layer], new_cache.v[layer]  # [B, S, K, H]
-      s_len = k_all.shape[1]
-      mask = jnp.arange(s_len)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
-      out = jax.nn.dot_product_attention(
-          q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[:, None], implementation="xla"
-      )
-    return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_size)), new_cache
+      impl = attention_impl(cfg)
+      if impl == "splash":
+        out = splash_attention(q, k, v, lengths_b)
+      elif impl == "per_head":
+        out = per_head_attention.per_head_attention(q, k, v, lengths_b)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths_b,
+                                           implementation=impl)
+      if cache is not None:
+        new_cache = kv_cache.write_prefill(cache, layer, cache_step.row0, k, v)
+    out = checkpoint_name(out.reshape(b, t, cfg.num_heads * cfg.head_size), "attention_out")
+    return self.o_proj(out), new_cache
 
 
 class LlamaMLP(nnx.Module):
@@ -425,6 +419,7 @@ class LlamaMLP(nnx.Module):
       gate, up = jnp.split(self.gate_up_proj(x_btd), 2, axis=-1)
     else:
       gate, up = self.gate_proj(x_btd), self.up_proj(x_btd)
+    gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
@@ -437,17 +432,51 @@ class LlamaDecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.storage_dtype)
     self.mlp = LlamaMLP(config, rngs)
 
-  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, layer=None, cache_index_b=None):
-    h, new_cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, lengths_b, cache, layer, cache_index_b)
-    x_btd = x_btd + h
+  def __call__(self, x_btd, cos, sin, lengths_b, cache=None, layer=None, cache_step=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x_btd), cos, sin, lengths_b, cache, layer, cache_step)
+    # Named for the "lora" remat policy: the norm's backward needs it, and rebuilding it would redo o_proj.
+    x_btd = checkpoint_name(x_btd + h, "post_attention_hidden")
     x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
     return x_btd, new_cache
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# What the "lora" policy keeps of each layer, besides the attention kernel's residuals: the values
+# named with checkpoint_name in the layer's modules (the residual stream after attention, the norm's
+# input, as well, since rebuilding it would redo o_proj).
+_LORA_SAVED = ("query", "key", "value", "post_attention_hidden", "mlp_gate", "mlp_up")
+# The cuDNN attention's forward primitive (jax/_src/cudnn/fused_attention_stablehlo.py): its outputs,
+# the attention output and the softmax statistics, are its custom backward's residuals.
+_CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+# The name splash attention gives its residuals (its output and the scores' log-sum-exp).
+_SPLASH_RESIDUALS = "splash_residuals"
+
+
+def remat_policy(config: LlamaConfig):
+  """Returns the jax.checkpoint policy of `config.remat` for the attention kernel being compiled (None: save nothing).
+
+  "lora" keeps what the backward pass would otherwise recompute with a frozen matmul: q and k after
+  rope, v, the attention output (o_proj's input), the hidden state after attention, and the MLP's
+  gate and up outputs; the backward pass recomputes the norms, rope, LoRA's x @ A (with its dropout
+  mask) and silu(gate) * up. A fused attention kernel keeps its own residuals instead of the
+  attention output: its forward is one primitive whose outputs are not named values, so a policy of
+  names alone would run it again in the backward pass (cuDNN: the policy saves the primitive's
+  outputs; splash: the kernel names them). The XLA and per-head kernels recompute their forward
+  from the saved q, k and v: the XLA kernel's [B, N, T, S] probabilities are not worth keeping.
+  """
+  if config.remat == "none":
+    return jax.checkpoint_policies.everything_saveable
+  if config.remat == "full":
+    return None
+  if config.remat == "save_dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  names = jax.checkpoint_policies.save_only_these_names
+  impl = attention_impl(config)
+  if impl == "cudnn":
+    return jax.checkpoint_policies.save_from_both_policies(
+        names(*_LORA_SAVED), lambda prim, *_, **__: prim.name == _CUDNN_ATTENTION_FORWARD)
+  if impl == "splash":
+    return names(*_LORA_SAVED, _SPLASH_RESIDUALS)
+  return names(*_LORA_SAVED, "attention_out")
 
 
 class LlamaModel(nnx.Module):
@@ -465,16 +494,25 @@ class LlamaModel(nnx.Module):
     ids = jnp.where(input_ids_bt < 0, 0, input_ids_bt)
     return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.config.compute_dtype)
 
-  def __call__(self, inputs_embeds_btd, positions_bt, lengths_b, cache: KVCache | None = None, cache_index_b=None,
-               return_hidden_states=False):
+  def __call__(self, inputs_embeds_btd, positions_bt, lengths_b, cache: KVCache | None = None,
+               cache_step: CacheStep | None = None, return_hidden_states=False):
     """Returns (final hidden float[B, T, D], updated KVCache or None, hidden states tuple or None).
 
-    The layers run as one `lax.scan` over their stacked variables; with a cache the scan carries
-    it and each layer writes its own slot.
+    Stacked layers run as one `lax.scan` over their stacked variables; layers held one module per
+    layer (`models/answering.py`) run one after another, unrolled. With a cache, the layers carry it
+    and each writes its own slot, as `cache_step` says (a prefill by default).
     """
     cfg = self.config
     cos, sin = rope_tables(positions_bt, cfg.rotary_dim, cfg.rope_theta, cfg.rope_interleaved)
     x = sharding.constrain(inputs_embeds_btd.astype(cfg.compute_dtype), ACTIVATION_AXES)
+    if cache is not None and cache_step is None:
+      cache_step = CacheStep()
+    if isinstance(self.layers, nnx.List):
+      per_layer = []
+      for index, layer in enumerate(self.layers):
+        x, cache = layer(x, cos, sin, lengths_b, cache, index, cache_step)
+        per_layer.append(x)
+      return self._finish(inputs_embeds_btd, x, cache, per_layer if return_hidden_states else None)
     graphdef, lora_state, state = nnx.split(self.layers, nnx.LoRAParam, ...)
     # LoRA factors are stored in fp32 and computed in the layer dtype: cast once, before the scan.
     # The layers see the same values, and the scan's stacked gradients of them stay in the compute
@@ -485,22 +523,25 @@ class LlamaModel(nnx.Module):
       x, cache = carry
       layer_state, index = xs
       layer = nnx.merge(graphdef, *layer_state)
-      x, cache = layer(x, cos, sin, lengths_b, cache, index, cache_index_b)
+      x, cache = layer(x, cos, sin, lengths_b, cache, index, cache_step)
       # The carry keeps the batch split over the data axes in every iteration.
       x = sharding.constrain(x, ACTIVATION_AXES)
       # The layer's dropout counters advance; they go back to the stack after the scan.
       return (x, cache), (x if return_hidden_states else None, nnx.state(layer, nnx.RngCount))
 
     if cfg.remat != "none" and cache is None:
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      body = jax.checkpoint(body, policy=remat_policy(cfg), prevent_cse=False)
     (x, cache), (per_layer, counts) = jax.lax.scan(body, (x, cache), ((lora_state, state), jnp.arange(cfg.num_layers)))
     nnx.update(self.layers, counts)
+    return self._finish(inputs_embeds_btd, x, cache, per_layer if return_hidden_states else None)
+
+  def _finish(self, inputs_embeds_btd, x, cache, per_layer):
+    """Returns (final hidden, cache, hidden states or None) from the last layer's output."""
     x = self.norm(x)
-    if not return_hidden_states:
+    if per_layer is None:
       return x, cache, None
     # HF reports the embeddings, each layer's output, and the last one after the final norm.
-    hidden_states = (inputs_embeds_btd.astype(cfg.compute_dtype), *per_layer[:-1], x)
-    return x, cache, hidden_states
+    return x, cache, (inputs_embeds_btd.astype(self.config.compute_dtype), *per_layer[:-1], x)
 
 
 def stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> LlamaDecoderLayer:
@@ -539,8 +580,8 @@ class LlamaForCausalLM(nnx.Module):
     return (logits, states) if return_hidden_states else logits
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Returns the zeroed KV cache of every layer: k, v float[L, B, max_len, K, H]."""
+    """Returns the zeroed KV cache of every layer: k, v float[L, B, K, max_len, H] (one buffer per
+    layer in the answering layout)."""
     cfg = self.config
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size)
-    dtype = dtype or cfg.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return KVCache.zeros(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_size, dtype or cfg.compute_dtype,
+                         per_layer=isinstance(self.model.layers, nnx.List))

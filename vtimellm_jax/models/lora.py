@@ -8,7 +8,13 @@ selected with `BASE_PARAMS` below, never with plain `nnx.Param`.
 y = x @ W + (alpha / r) * dropout(x) @ A @ B, as peft's `lora.Linear` computes it (peft stores
 A as [r, in] and B as [out, r]; conversion transposes). The branch is `lora_delta`, whose backward
 redraws the dropout mask instead of keeping it. The `nnx.Dropout` a LoRA layer holds supplies the
-rate, the train/eval switch and the key stream; its masks are drawn from that stream here.
+rate, the train/eval switch and the key stream; the key is drawn from that stream as `nnx.Dropout`
+draws it, but the mask is not its Bernoulli draw: each element gets a 16-bit random word, half of
+one 32-bit word (`_keep_pairs`), and is kept when the word is below round((1 - rate) * 65536).
+The keep probability is therefore a multiple of 1/65536: for the recipe's rate 0.05 it is
+62259/65536 = 0.9499969 instead of 0.95 (3.1e-6 less), and kept elements are scaled by
+65536/62259, the inverse of that probability, so the branch stays unbiased. Dropout needs an even
+number of input features (every LLaMA and ChatGLM projection has one).
 
 A `Linear` inside the LLaMA decoder's stacked layers holds every layer's weights at once: kernel
 [L, in, out], lora_a [L, in, r], lora_b [L, r, out], each dropout stream one key per layer.
@@ -108,7 +114,7 @@ class Linear(nnx.Module):
     if self.lora_a is not None:
       dropout = self.lora_dropout
       rate = 0.0 if dropout is None or dropout.deterministic else dropout.rate
-      # The key is drawn from the layer's stream as nnx.Dropout draws it: the same masks it would apply.
+      # The key is drawn from the layer's stream as nnx.Dropout draws it; the mask is `_keep_pairs`'.
       key = dropout.rngs() if rate > 0.0 else None
       # LoRA factors are kept in fp32 for the optimizer and computed in the layer dtype.
       y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), key,
@@ -126,6 +132,8 @@ class Linear(nnx.Module):
     """
     if self.has_lora:
       raise ValueError("this layer already has LoRA factors; merge them first")
+    if config.dropout > 0 and self.in_features % 2:
+      raise ValueError(f"LoRA dropout pairs the input features; this layer has an odd number ({self.in_features})")
     lead, lead_axes = self.stack_shape, self.stack_axes
     # peft initialises A with kaiming_uniform(a=sqrt(5)) on [r, in]: bound = 1 / sqrt(in).
     bound = 1.0 / (self.in_features**0.5)
@@ -157,17 +165,61 @@ class Linear(nnx.Module):
     self.lora_scaling = 0.0
 
 
-def _dropped(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
-  """x with the elements a Bernoulli(1 - rate) draw from `key` drops set to zero (x itself for no key)."""
-  if key is None:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape, out_sharding=jax.typeof(x).sharding)
+# Dropout masks draw 16-bit words: keep probabilities are multiples of 1 / 65536.
+_WORD_VALUES = 1 << 16
+
+
+def _keep_threshold(rate: float) -> int:
+  """Returns the 16-bit words an element is kept below: round((1 - rate) * 65536), at least 1."""
+  return max(1, round((1.0 - rate) * _WORD_VALUES))
+
+
+def keep_probability(rate: float) -> float:
+  """Returns the probability that LoRA dropout at `rate` keeps an element (a multiple of 1/65536)."""
+  return _keep_threshold(rate) / _WORD_VALUES
+
+
+def _pairs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Returns (even, odd): elements 2j and 2j + 1 along `axis`, which must have even length."""
+  axis %= x.ndim
+  if x.shape[axis] % 2:
+    raise ValueError(f"LoRA dropout pairs the input features; {x.shape[axis]} is odd")
+  pairs = x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
+  return (jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False),
+          jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False))
+
+
+def _join_pairs(even: jax.Array, odd: jax.Array, axis: int = -1) -> jax.Array:
+  """Returns the array whose `_pairs` are (even, odd)."""
+  axis %= even.ndim
+  return jnp.stack([even, odd], axis=axis + 1).reshape(*even.shape[:axis], -1, *even.shape[axis + 1:])
+
+
+def _keep_pairs(key: jax.Array, half: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
+  """Returns the masks (bool, `half`'s shape and sharding) of the even and odd input features.
+
+  Feature pair j takes 32-bit random word j: the even feature its low 16 bits, the odd one its high
+  16 bits (NumPy's little-endian `view(np.uint16)` of the words); an element is kept when its word
+  is below `_keep_threshold(rate)`. Not `jax.random.bits(key, shape, jnp.uint16)`: with
+  `jax_threefry_partitionable` (on by default) threefry hashes one counter per output element
+  whatever its width and truncates the result (`_threefry_random_bits_partitionable`,
+  jax/_src/random/threefry2x32.py), so 16-bit words would cost what `jax.random.bernoulli`'s
+  32-bit ones do. Here the hash runs on half as many counters. The two masks are applied to the two
+  halves apart (`_pairs`), never as one interleaved mask: each output element of an XLA fusion is
+  computed on its own, so an interleaved mask hashes every word twice or stores the words.
+  """
+  words = jax.random.bits(key, half.shape, jnp.uint32, out_sharding=jax.typeof(half).sharding)
+  threshold = jnp.uint32(_keep_threshold(rate))
+  return (words & jnp.uint32(0xFFFF)) < threshold, (words >> jnp.uint32(16)) < threshold
+
+
+def _kept(keep: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
 def _delta_scaling(scaling: float, rate: float, key: jax.Array | None) -> float:
-  # Inverted dropout's 1 / keep, folded into the LoRA scaling.
-  return scaling / (1.0 - rate) if key is not None else scaling
+  # Inverted dropout's 1 / keep probability (the quantised one), folded into the LoRA scaling.
+  return scaling / keep_probability(rate) if key is not None else scaling
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -175,30 +227,47 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array | None, 
                rate: float) -> jax.Array:
   """The LoRA branch: scaling * dropout(x) @ a @ b for x [..., in], a [in, r], b [r, out].
 
-  `key` draws the dropout mask (None: no dropout). The backward draws the same mask again from the
-  key rather than keeping it: automatic differentiation of `dropout(x) @ a` keeps the mask and a
-  dropped copy of x for each projection until the layer's backward pass. Redrawing lowers the 7B
-  stage-2 step's compiled memory by 0.62 GiB on one H100 and 0.69 GiB on v5e-16, and costs one more
-  pass of the random bit generator: 3.5-3.7% of the step on one H200 (docs/performance.md).
+  `key` draws the dropout mask (None: no dropout; `_keep_pairs` says how). The backward draws the
+  same mask again from the key rather than keeping it: automatic differentiation of
+  `dropout(x) @ a` keeps the mask and a dropped copy of x for each projection until the layer's
+  backward pass. Redrawing lowers the 7B stage-2 step's compiled memory by 0.62 GiB on one H100 and
+  0.69 GiB on v5e-16, and cost one more pass of the random bit generator: 3.5-3.7% of the step on
+  one H200 with one 32-bit hash per element (docs/performance.md). The even and odd input features
+  go through the matmuls with `a`'s even and odd rows apart, so each mask word is hashed once.
   """
   return _lora_delta_fwd(x, a, b, key, scaling, rate)[0]
 
 
 def _lora_delta_fwd(x, a, b, key, scaling, rate):
-  z = (_dropped(x, key, rate) @ a) * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
+  if key is None:
+    z = x @ a
+  else:
+    (x_even, x_odd), (a_even, a_odd) = _pairs(x), _pairs(a, 0)
+    keep_even, keep_odd = _keep_pairs(key, x_even, rate)
+    z = _kept(keep_even, x_even) @ a_even + _kept(keep_odd, x_odd) @ a_odd
+  z = z * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
   return z @ b, (x, a, b, key, z)
 
 
 def _lora_delta_bwd(scaling, rate, residuals, g):
   x, a, b, key, z = residuals
-  if key is not None:
+  rows = tuple(range(g.ndim - 1))
+  contract_rows = ((rows, rows), ((), ()))
+  dz = (g @ b.T) * jnp.asarray(_delta_scaling(scaling, rate, key), g.dtype)
+  db = jax.lax.dot_general(z, g, contract_rows)
+  if key is None:
+    da, dx = jax.lax.dot_general(x, dz, contract_rows), dz @ a.T
+  else:
     # Without the barrier XLA merges this draw with the forward's and keeps that mask alive.
     key = jax.lax.optimization_barrier(key)
-  rows = tuple(range(g.ndim - 1))
-  dz = (g @ b.T) * jnp.asarray(_delta_scaling(scaling, rate, key), g.dtype)
-  db = jax.lax.dot_general(z, g, ((rows, rows), ((), ())))
-  da = jax.lax.dot_general(_dropped(x, key, rate), dz, ((rows, rows), ((), ())))
-  dx = _dropped(dz @ a.T, key, rate)
+    (x_even, x_odd), (a_even, a_odd) = _pairs(x), _pairs(a, 0)
+    keep_even, keep_odd = _keep_pairs(key, x_even, rate)
+    da = _join_pairs(jax.lax.dot_general(_kept(keep_even, x_even), dz, contract_rows),
+                     jax.lax.dot_general(_kept(keep_odd, x_odd), dz, contract_rows), axis=0)
+    # Both halves are masked before they are joined: masking the joined array would hash each word
+    # twice, which XLA avoids by storing the words (+1.5 GiB in the 7B stage-2 step's 1xH100 AOT figure).
+    dx_even, dx_odd = jax.lax.optimization_barrier((_kept(keep_even, dz @ a_even.T), _kept(keep_odd, dz @ a_odd.T)))
+    dx = _join_pairs(dx_even, dx_odd)
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
 
