@@ -4,7 +4,7 @@ import json
 import math
 
 from vtimellm_jax import cli
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models.llama import REMAT_MODES, LlamaConfig
 from vtimellm_jax.training.step import training_flops_per_token
 
 
@@ -20,6 +20,16 @@ def test_bench_train_smoke(capsys):
   remat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert remat["remat"] == "full" and result["remat"] == "none"
   assert math.isclose(remat["loss"], result["loss"], rel_tol=1e-5)
+  assert cli.main([*args, "--remat", "lora"]) == 0
+  lora_remat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert lora_remat["remat"] == "lora" and math.isclose(lora_remat["loss"], result["loss"], rel_tol=1e-5)
+  assert "xla_flags" in result  # the environment's XLA_FLAGS, which an A/B of flags varies per process
+
+
+def test_every_remat_mode_is_a_choice():
+  from vtimellm_jax.bench import train
+  for mode in REMAT_MODES:
+    assert train._parse_args(["--remat", mode]).remat == mode  # pylint: disable=protected-access
 
 
 def test_flops_count_matches_the_baselines_formula():
@@ -32,13 +42,3 @@ def test_flops_count_matches_the_baselines_formula():
   frozen_matmul = all_params - c.vocab_size * c.hidden_size - norms
   want = 4 * frozen_matmul + 3 * 4 * 256 * c.hidden_size * c.num_layers
   assert training_flops_per_token(c, 256) == want
-
-
-def test_peak_tflops_by_device_kind():
-  from types import SimpleNamespace
-  from vtimellm_jax.training.step import peak_tflops
-  h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
-  v5e = SimpleNamespace(device_kind="TPU v5 lite")
-  assert peak_tflops([h100, h100]) == 2 * 989.0
-  assert peak_tflops([v5e]) == 197.0
-  assert peak_tflops([SimpleNamespace(device_kind="cpu")]) == 0.0  # unknown: no MFU rather than a wrong one

@@ -63,8 +63,8 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   _probe_wheel(wheels, "1.2.3")
   # A relative --out is taken from the caller's folder, not from the repo root the suite runs in; a required
   # module that only a carried wheel has is installed from it before the check.
-  proc = _run("--size", "tiny", "--out", "results/suite.jsonl", "--budget-s", "600", "--wheels", "wheels",
-              tmp_path=tmp_path, extra_env={"VTIMELLM_SUITE_EXTRA_MODULES": "vtimellm_suite_probe"})
+  proc = _run("--size", "tiny", "--out", "results/suite.jsonl", "--budget-s", "900", "--wheels", "wheels",
+              tmp_path=tmp_path, extra_env={"VTIMELLM_SUITE_EXTRA_MODULES": "vtimellm_suite_probe"}, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _lines(out)
   header = lines[0]
@@ -79,23 +79,47 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
     by_step.setdefault(record["step"], []).append(record)
   errors = [r for r in lines if "error" in r]
   assert not errors, errors
-  train = by_step["train_none"] + by_step["train_full"] + by_step["train_2048"]
-  assert [r["remat"] for r in train] == ["none", "full", "full"]
+  # Every step ran, in the order of priority, each line with its step's wall time.
+  assert list(by_step) == ["deps", "train_none", "train_full", "train_lora", "torch_train_ckpt", "torch_nockpt_static",
+                           "decode", "eval_1024", "clip", "torch_clip_compiled", "serve", "eval", "train_none_cublas",
+                           "train_none_dbuf", "decode_stacked", "decode_no_cmdbuf", "decode_triton", "clip_cublas",
+                           "train_2048", "trace_train", "trace_decode", "end"]
+  assert all(r["step_wall_s"] >= 0 for step in list(by_step)[1:-1] if "skipped" not in by_step[step][0]
+             for r in by_step[step])
+  train = [by_step[s][0] for s in ("train_none", "train_full", "train_lora", "train_2048", "train_none_cublas",
+                                    "train_none_dbuf")]
+  assert [r["remat"] for r in train] == ["none", "full", "lora", "full", "none", "none"]
   assert all(r["what"] == "jax_lora_train" and r["size"] == "tiny" and r["temp_gib"] >= 0 for r in train)
   assert by_step["train_2048"][0]["L"] == 40 - 1 + 100 and by_step["train_2048"][0]["loss_chunk"] == 16
   assert [r["what"] for r in by_step["decode"]] == ["jax_decode"]
   assert [r["what"] for r in by_step["decode_triton"]] == ["jax_decode"]
+  assert [(r["layout"], by_step["decode"][0]["layout"]) for r in by_step["decode_stacked"]] == [("stacked", "answering")]
+  assert "--xla_gpu_enable_command_buffer=" in by_step["decode_no_cmdbuf"][0]["xla_flags"].split()
   # decode runs with the answering commands' flags; decode_triton with the user's explicit setting kept.
   assert "--xla_gpu_enable_triton_gemm=false" in by_step["decode"][0]["xla_flags"].split()
   assert by_step["decode_triton"][0]["xla_flags"].split() == ["--xla_gpu_enable_triton_gemm=true"]
   assert [(r["what"], r.get("batch")) for r in by_step["eval"]] == [
       ("jax_grounding_eval", 1), ("jax_grounding_eval", 2), ("jax_grounding_eval_speedup", 2)]
+  # The release's budget shape: a few queries alone, the rest batched, every answer the whole budget.
+  assert [(r["what"], r.get("batch"), r.get("queries")) for r in by_step["eval_1024"]] == [
+      ("jax_grounding_eval", 1, 1), ("jax_grounding_eval", 4, 4), ("jax_grounding_eval_speedup", 4, 4)]
+  assert by_step["eval_1024"][0]["answer_tokens"] == [32]
+  assert [r.get("mode") for r in by_step["serve"]] == ["one_at_a_time", "concurrent", None]
+  assert by_step["serve"][-1]["identical"] and by_step["serve"][0]["size"] == "tiny"
+  assert "--xla_gpu_enable_triton_gemm=false" in by_step["train_none_cublas"][0]["xla_flags"].split()
+  assert "--xla_gpu_enable_while_loop_double_buffering=true" in by_step["train_none_dbuf"][0]["xla_flags"].split()
+  # One trace file pair per traced step, flat beside the output file (what a device run brings back).
+  traces = out.parent / "suite_traces"
+  assert sorted(p.name for p in traces.iterdir()) == ["decode.perfetto.json.gz", "decode.xplane.pb",
+                                                      "train.perfetto.json.gz", "train.xplane.pb"]
+  assert by_step["trace_train"][0]["trace_files"][0] == str(traces / "train.xplane.pb")
+  assert by_step["trace_decode"][0]["trace_files"][0] == str(traces / "decode.xplane.pb")
   assert [r["batch"] for r in by_step["clip"]] == [8, 32]
   assert [r["batch"] for r in by_step["clip_cublas"]] == [8, 32]
   assert "--xla_gpu_enable_triton_gemm=false" in by_step["clip_cublas"][0]["xla_flags"].split()
-  for step in ("torch_train_ckpt", "torch_train_nockpt", "torch_clip"):
+  for step in ("torch_train_ckpt", "torch_nockpt_static", "torch_clip_compiled"):
     assert len(by_step[step]) == 1 and by_step[step][0]["skipped"], by_step[step]
-  assert lines[-1]["step"] == "end" and lines[-1]["budget_s"] == 600
+  assert lines[-1]["step"] == "end" and lines[-1]["budget_s"] == 900
   # The JSON lines are echoed on stdout too (the end of a device run's output shows them).
   assert [json.loads(line) for line in proc.stdout.splitlines()] == lines
 
@@ -134,3 +158,17 @@ def test_missing_module_is_reported_before_measuring(tmp_path):
   assert len(checks) == 1
   assert checks[0]["missing"] == ["vtimellm_no_such_module"] and "json" in checks[0]["checked"]
   assert "vtimellm_no_such_module" in lines[-1]["error"] and f"not among the wheels in {wheels}" in lines[-1]["error"]
+
+
+def test_steps_runs_only_the_named_steps(tmp_path):
+  out = tmp_path / "suite.jsonl"
+  proc = _run("--size", "tiny", "--out", str(out), "--steps", "decode,torch_train_ckpt", tmp_path=tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _lines(out)
+  assert [r["step"] for r in lines] == ["header", "deps", "torch_train_ckpt", "decode", "end"]
+  assert lines[2]["skipped"] and lines[3]["what"] == "jax_decode"
+
+
+def test_an_unknown_step_is_refused(tmp_path):
+  proc = _run("--size", "tiny", "--steps", "decode,no_such_step", tmp_path=tmp_path, timeout=60)
+  assert proc.returncode == 2 and "no step named no_such_step" in proc.stderr and "train_none" in proc.stderr

@@ -126,7 +126,8 @@ def _annotations(path):
 
 def _eval(tiny, data, features, out, capsys, *extra):
   return _run(["eval", "--model", tiny.model_dir, "--data", data, "--features", features, "--out", out,
-               "--temperature", "0", "--max-new-tokens", "4", "--no-progress", *extra], capsys)
+               "--temperature", "0", "--max-new-tokens", "4", "--grounding-max-new-tokens", "4", "--no-progress",
+               *extra], capsys)
 
 
 def _release_iou(answer, start, end, duration):
@@ -143,6 +144,8 @@ def test_eval_is_resumable_and_writes_the_release_log(tiny_vtimellm, feats, tmp_
   full, resumed = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl"
   code, _, err = _eval(tiny_vtimellm, tmp_path / "ann.json", folder, full, capsys, "--batch-size", "4")
   assert code == 0, err
+  assert "eval: batch size 4 (--batch-size)" in err
+  assert re.search(r"8 answered now, 0 already logged, 0 left of 8; \d answer\(s\) cut at their token budget", err)
   # Stop after one batch, tear the last line as a kill mid-write would, then rerun.
   code, _, err = _eval(tiny_vtimellm, tmp_path / "ann.json", folder, resumed, capsys, "--batch-size", "3",
                        "--max-batches", "1")
@@ -190,3 +193,107 @@ def test_eval_missing_features(tiny_vtimellm, feats, tmp_path, capsys):
   assert code == 0 and "skipped 1 video" in err
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert [(r["video_id"], r["info"]["sentence_id"]) for r in records] == [("v1", 0), ("v1", 1), ("v2", 0)]
+
+
+def test_eval_budget_per_task_and_auto_batch_on_cpu(tiny_vtimellm, feats, tmp_path, capsys):
+  """Grounding answers stop at their own budget; on a CPU auto keeps the batch of 8."""
+  folder, arrays = feats
+  _annotations(tmp_path / "ann.json")
+  out = tmp_path / "log.jsonl"
+  code, _, err = _run(["eval", "--model", tiny_vtimellm.model_dir, "--data", tmp_path / "ann.json", "--features",
+                       folder, "--out", out, "--temperature", "0", "--max-new-tokens", "4",
+                       "--grounding-max-new-tokens", "2", "--no-progress"], capsys)
+  assert code == 0, err
+  assert "eval: batch size auto: captioning 8, the default where the device reports no free memory; grounding 8" in err
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  decode = lambda ids: tokenizer_lib.load_tokenizer(tiny_vtimellm.model_dir).decode(ids, skip_special_tokens=True).strip()
+  grounding = tiny_vtimellm.hf_greedy(_v1(("<video>\n" + GROUNDING_Q.format("a man walks into the kitchen"), None)),
+                                      arrays["v1"], 2)
+  assert records[1]["answer"] == decode(grounding)
+  caption = tiny_vtimellm.hf_greedy(_v1(("<video>\n " + CAPTIONING_Q, None)), arrays["v1"], 4)
+  assert records[0]["answer"] == decode(caption)
+
+
+def test_eval_batch_size_flag_takes_auto_or_a_number(capsys):
+  for value, message in (("0", "must be >= 1, got 0"), ("many", "expected auto or an integer, got 'many'")):
+    with pytest.raises(SystemExit):
+      cli.main(["eval", "--model", "m", "--data", "d", "--out", "o", "--batch-size", value])
+    assert f"argument --batch-size: {message}" in capsys.readouterr().err
+
+
+class _FakeAnswerer:
+  """Answers with as many tokens as the question asks ('long': the whole budget), recording every call."""
+
+  def __init__(self):
+    self.calls = []
+
+  def answer(self, conversations, features, config, keys, batch_size):
+    from vtimellm_jax.inference.answerer import Answer
+    self.calls.append(([q for _, q in conversations], config.max_new_tokens, batch_size, keys))
+    return [Answer(q[-12:], (5,) * (config.max_new_tokens if "long" in q else 1)) for _, q in conversations]
+
+
+class _FakeSource:
+  def locate(self, video_id):
+    return video_id
+
+  def __call__(self, video_id):
+    return np.zeros((100, 768), np.float32)
+
+
+def test_run_eval_batches_one_task_at_its_budget_and_counts_cut_answers(tmp_path):
+  import jax
+  from vtimellm_jax.evaluation.annotations import read_annotations
+  from vtimellm_jax.inference import evaluate, generate
+
+  (tmp_path / "ann.json").write_text(json.dumps({
+      "v1": {"duration": 40.0, "timestamps": [[0.0, 10.0], [12.5, 40.0]], "sentences": ["a long walk", "a dog"]},
+      "v2": {"duration": 20.0, "timestamps": [[5.0, 15.0], [1.0, 2.0]], "sentences": ["long money", "long runs"]}}))
+  annotations = read_annotations(tmp_path / "ann.json")
+  bot, log = _FakeAnswerer(), tmp_path / "log.jsonl"
+  summary = evaluate.run_eval(bot, annotations, _FakeSource(), "all", log, generate.GenerationConfig(max_new_tokens=9),
+                              batch_size={"captioning": 2, "grounding": 3}, max_new_tokens={"grounding": 3},
+                              progress=False)
+  queries = evaluate.build_queries(annotations, "all")
+  # Captioning first (its first query comes first), then grounding; each batch one task, at its budget.
+  grouped = [q for q in queries if q.task == "captioning"] + [q for q in queries if q.task == "grounding"]
+  assert [(questions, budget, size) for questions, budget, size, _ in bot.calls] == [
+      ([q.question for q in grouped[:2]], 9, 2), ([q.question for q in grouped[2:5]], 3, 3),
+      ([grouped[5].question], 3, 3)]
+  # Every query keeps its own sampling key, from its place in the full list.
+  keys = np.concatenate([jax.random.key_data(keys) for *_, keys in bot.calls])
+  want = np.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(0), q.index)) for q in grouped])
+  np.testing.assert_array_equal(keys, want)
+  assert summary.answered == 6 and summary.remaining == 0 and summary.truncated == {"grounding": 3}
+  # Written task by task, the finished log is in the release's order.
+  logged = [json.loads(line) for line in log.read_text().splitlines()]
+  assert [(r["video_id"], r["task"], r.get("info", {}).get("sentence_id")) for r in logged] == [
+      (q.video_id, q.task, q.sentence_id) for q in queries]
+  assert summary.log_reordered
+
+
+def test_auto_batch_size_is_the_largest_power_of_two_that_fits():
+  from types import SimpleNamespace
+  from vtimellm_jax.inference import evaluate
+  from vtimellm_jax.models.llama import LlamaConfig
+
+  assert evaluate.auto_batch_size(None, LlamaConfig.tiny(), 200, 128)[0] == 8  # a CPU reports no memory figures
+  gib = 2**30
+  # 7B in bfloat16 keeps 0.5 MiB of KV cache per position per row.
+  vicuna = LlamaConfig.vicuna_7b(dtype="bfloat16", param_dtype="bfloat16")
+  h100 = {"bytes_limit": 60 * gib, "bytes_in_use": 14 * gib}  # after the 13.5 GB model
+  size, why = evaluate.auto_batch_size(h100, vicuna, 224, 128)
+  assert size == 64 and "KV cache of 224 + 128 positions in 512 slots, 256 MiB" in why and "46.0 GiB free" in why
+  assert evaluate.auto_batch_size({"bytes_limit": 24 * gib, "bytes_in_use": 14 * gib}, vicuna, 224, 1024)[0] == 8
+  size, why = evaluate.auto_batch_size({"bytes_limit": 15 * gib, "bytes_in_use": 14 * gib}, vicuna, 224, 1024)
+  assert size == 1 and "not even one row fits" in why
+  # The exact arithmetic: a row is 2 layers x (k, v) x 256 slots (10 positions, rounded up as generate
+  # allocates them) x 2 kv heads x 4 dims x 4 bytes of cache + 6 prompt positions x (2 heads x 6 x 4
+  # bytes of scores + 2 x 8 x 4 bytes of MLP) of prefill.
+  toy = SimpleNamespace(num_layers=2, num_kv_heads=2, head_size=4, num_heads=2, intermediate_size=8,
+                        compute_dtype=np.float32)
+  row = 2 * 2 * 256 * 2 * 4 * 4 + 6 * (2 * 6 * 4 + 2 * 8 * 4)
+  stats = lambda free: {"bytes_limit": free + gib + 100, "bytes_in_use": 100}  # noqa: E731  1 GiB kept back
+  assert evaluate.auto_batch_size(stats(4 * row), toy, 6, 4)[0] == 4
+  assert evaluate.auto_batch_size(stats(4 * row - 1), toy, 6, 4)[0] == 2
+  assert evaluate.auto_batch_size(stats(1000 * row), toy, 6, 4, cap=16)[0] == 16

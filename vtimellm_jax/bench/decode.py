@@ -9,9 +9,13 @@ every run generates exactly --new-tokens tokens. The default shapes are those of
 (a prompt of 160 embeddings: 100 frame features + 60 text tokens; 128 new tokens, greedy), whose
 `tokens_per_s` is new tokens over the whole `generate` call; `tokens_per_s` here is the same ratio.
 `decode_tokens_per_s` leaves out the prefill: (new_tokens - 1) / (t(new_tokens) - t(1)), and
-`weight_gb_per_s` is the parameter bytes read per second at that rate, to compare with the
-device's memory bandwidth (decode at batch 1 is bound by reading every weight once per token).
-One JSON line on stdout per batch size.
+`weight_gb_per_s` is the parameter bytes read per second at that rate. Decode at batch 1 is bound
+by reading every weight once per token: `read_gb_per_s` adds each row's KV cache up to its
+position (`decode_bytes`), and `hbm_fraction` is that over the device's HBM bandwidth where its
+kind is known (`device_peaks`). One JSON line on stdout per batch size.
+
+`--profile-dir DIR` then traces one call of the prefill and one decode step (2 new tokens, compiled
+before the trace) with jax.profiler into DIR/decode.{xplane.pb,perfetto.json.gz}.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 
 import numpy as np
 
-from vtimellm_jax import cli_types, xla_flags
+from vtimellm_jax import cli_types, device_peaks, xla_flags
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -38,6 +42,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: %(default)s)")
   parser.add_argument("--temperature", type=cli_types.number_in(0), default=0.0, help="0: greedy (default); the release samples at 0.05")
   parser.add_argument("--repeats", type=cli_types.int_at_least(1), default=3, help="timed runs; the best is reported")
+  parser.add_argument("--layout", default="answering", choices=("answering", "stacked"),
+                      help="the answering layout every answering command runs (one module per layer, fused "
+                           "projections; docs/models.md), or the stacked layers training runs, for an A/B")
+  parser.add_argument("--profile-dir", metavar="DIR",
+                      help="trace the prefill and one decode step with jax.profiler into "
+                           "DIR/decode.{xplane.pb,perfetto.json.gz}")
   return parser.parse_args(argv)
 
 
@@ -49,15 +59,27 @@ def _dtype(name: str) -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def random_model(size: str, dtype: str):
-  """Returns a LLaMA of preset `size` with random weights created on the device."""
+def random_model(size: str, dtype: str, layout: str = "answering"):
+  """Returns a LLaMA of preset `size` with random weights created on the device, in `layout`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import answering, load  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
 
   config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
-  # A jitted init builds the weights on the device, without a host copy of 13 GB.
-  return load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")
+  # A jitted init builds the weights on the device, without a host copy of 13 GB; then the layers
+  # are held one array per layer, as every answering command holds them.
+  model = load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")
+  return answering.answering_layout(model) if layout == "answering" else model
+
+
+def decode_bytes(weight_bytes: int, kv_bytes_per_position: int, batch: int, prompt_len: int, new_tokens: int) -> int:
+  """Returns the bytes a generate call reads at least: every weight once per token, each row's cache up to its position.
+
+  The prefill and each of the new_tokens - 1 decode steps read the weights; decode step i (from 1)
+  reads each row's keys and values of prompt_len + i positions.
+  """
+  steps = new_tokens - 1
+  return new_tokens * weight_bytes + batch * kv_bytes_per_position * (steps * prompt_len + steps * (steps + 1) // 2)
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -69,11 +91,13 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
-def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: float, repeats: int) -> dict:
+def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: float, repeats: int,
+          profile_dir: str | None = None) -> dict:
   """Returns the timings of generating `new_tokens` after random prompts of `prompt_len` embeddings."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import kv_cache  # pylint: disable=g-import-not-at-top
 
   cfg = model.config
   ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len))
@@ -93,21 +117,33 @@ def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: floa
   prefill = _best_time(lambda: run(1), repeats)
   decode_rate = (new_tokens - 1) / max(full - prefill, 1e-9)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  # Bytes of the decode steps alone (the prefill's left out, as decode_rate leaves out its time).
+  step_bytes = (decode_bytes(weight_bytes, kv_cache.bytes_per_position(cfg), batch, prompt_len, new_tokens)
+                - weight_bytes) / max(new_tokens - 1, 1)
+  traced = {}
+  if profile_dir:
+    from vtimellm_jax.bench import trace  # pylint: disable=g-import-not-at-top
+
+    run(2)  # compiles the two-token program outside the trace
+    traced = trace.trace_one_call(lambda: run(2), profile_dir, "decode")
   return dict(what="jax_decode", size=None, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
               dtype=cfg.dtype, temperature=temperature, s=round(full, 4), prefill_s=round(prefill, 4),
               tokens_per_s=round(batch * new_tokens / full, 1),
               decode_tokens_per_s=round(batch * decode_rate, 1),
-              weight_gb_per_s=round(weight_bytes * decode_rate / 1e9, 1), compile_s=round(compile_s, 1),
-              device=str(jax.devices()[0].device_kind))
+              weight_gb_per_s=round(weight_bytes * decode_rate / 1e9, 1),
+              read_gb_per_s=round(step_bytes * decode_rate / 1e9, 1),
+              **device_peaks.fractions(jax.devices()[0], bytes_per_s=step_bytes * decode_rate),
+              compile_s=round(compile_s, 1), device=str(jax.devices()[0].device_kind), **traced)
 
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
   xla_flags.use_answering_flags()  # what chat and eval run with
-  model = random_model(args.size, _dtype(args.dtype))
+  model = random_model(args.size, _dtype(args.dtype), args.layout)
   for batch in [int(b) for b in args.batch_sizes.split(",")]:
-    record = bench(model, batch, args.prompt_len, args.new_tokens, args.temperature, args.repeats)
-    record["size"] = args.size
+    record = bench(model, batch, args.prompt_len, args.new_tokens, args.temperature, args.repeats,
+                   args.profile_dir if batch == int(args.batch_sizes.split(",")[0]) else None)
+    record["size"], record["layout"] = args.size, args.layout
     record["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     print(json.dumps(record), flush=True)
   return 0

@@ -1,16 +1,19 @@
 """Serving under load: requests answered one after another against all at once, over HTTP on localhost.
 
   vtimellm-jax bench serve --size tiny                         # CPU: 64 requests on 16 slots
-  vtimellm-jax bench serve --size 7b --slots 32 --requests 256  # GPU
+  vtimellm-jax bench serve --size 7b --requests 64 --slots 64   # GPU: random Vicuna-7B in bfloat16, no files
   vtimellm-jax bench serve --model quickstart                   # the quickstart's trained model
 
 Starts `serve`'s app (server.create_app) on 127.0.0.1, sends `--requests` chat completions with
 grounding questions of mixed lengths (some with an earlier round) about random float16 [100, 768]
 feature files, each with its own max_tokens, greedily. First one at a time, then all at once from
-as many client threads; every program is compiled by a warm-up request per prompt shape before
-either. A random model hardly ever emits </s>, so its answers are max_tokens long. One JSON line per
-mode (total seconds, requests/s, p50 and p99 latency), then one with the speedup and whether every
-concurrent answer equals its one-at-a-time answer.
+as many client threads; every program is compiled by warm-up requests before either (per prompt
+shape its shortest and longest prompt, with the largest max_tokens, so that every decode program
+a request reaches is compiled too). A random model hardly ever emits </s>, so its answers are max_tokens long. One JSON
+line per mode (total seconds, requests/s, p50 and p99 latency, decode steps, and `weight_gb_per_s`:
+the weights every decode step reads, per second, with `hbm_fraction`, that over the device's HBM
+bandwidth where its kind is known, a lower bound on what the steps read), then one with the speedup
+and whether every concurrent answer equals its one-at-a-time answer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import urllib.request
 
 import numpy as np
 
-from vtimellm_jax import cli_types, xla_flags
+from vtimellm_jax import cli_types, device_peaks, xla_flags
 
 _WORDS = "the a man woman dog person walks runs jumps into pool kitchen cooking counting money red blue".split()
 
@@ -75,16 +78,21 @@ def _post(url: str, body: dict) -> tuple[float, str]:
   return time.perf_counter() - start, reply["choices"][0]["message"]["content"]
 
 
-def _summary(mode: str, latencies: list[float], total: float) -> dict:
+def _summary(mode: str, latencies: list[float], total: float, decode_steps: int, weight_bytes: int, device) -> dict:
+  weights_per_s = decode_steps * weight_bytes / total
   return {"bench": "serve", "mode": mode, "requests": len(latencies), "total_s": round(total, 3),
           "requests_per_s": round(len(latencies) / total, 3),
-          "p50_s": round(float(np.percentile(latencies, 50)), 4), "p99_s": round(float(np.percentile(latencies, 99)), 4)}
+          "p50_s": round(float(np.percentile(latencies, 50)), 4),
+          "p99_s": round(float(np.percentile(latencies, 99)), 4),
+          "decode_steps": decode_steps, "weight_gb_per_s": round(weights_per_s / 1e9, 1),
+          **device_peaks.fractions(device, bytes_per_s=weights_per_s)}
 
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
   xla_flags.use_answering_flags()  # what serve runs with
   import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from vtimellm_jax.bench import eval as eval_bench  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import answerer, batching, served, server  # pylint: disable=g-import-not-at-top
@@ -109,24 +117,35 @@ def main(argv=None) -> int:
     running = server.RunningServer(server.create_app(service))
     try:
       bodies = _bodies(args, media)
-      # One warm-up request per prompt shape compiles every prefill program, and the decode step.
+      # Warm-up requests compile every prefill program (one per prompt shape) and every decode program
+      # (one per window of cache positions a step reads, which grows with the rows' positions): per
+      # shape, its shortest and its longest prompt with the largest max_tokens reach every window a
+      # request of that shape reaches.
       shapes = {}
       for body in bodies:
         parsed = server.parse_chat_request(body)
         ids = bot.prompt_ids(parsed.history, parsed.question)
-        shapes.setdefault(engine.prompt_positions(ids, 100), body)
-      for body in shapes.values():
-        _post(running.url, body | {"max_tokens": 2})
+        shapes.setdefault(engine.prompt_positions(ids, 100), {})[len(ids)] = body
+      warm_ups = [by_length[n] for by_length in shapes.values() for n in {min(by_length), max(by_length)}]
+      for body in warm_ups:
+        _post(running.url, body | {"max_tokens": args.max_tokens})
+      device = jax.devices()[0]
+      weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(bot.model, nnx.Param)))
+      about = {"slots": args.slots, "size": None if args.model else args.size, "dtype": bot.model.config.dtype,
+               "device": device.device_kind}
+      steps = engine.stats.decode_steps
       start = time.perf_counter()
       alone = [_post(running.url, body) for body in bodies]
       alone_total = time.perf_counter() - start
-      print(json.dumps(_summary("one_at_a_time", [t for t, _ in alone], alone_total)
-                       | {"slots": args.slots, "device": jax.devices()[0].device_kind}), flush=True)
+      print(json.dumps(_summary("one_at_a_time", [t for t, _ in alone], alone_total, engine.stats.decode_steps - steps,
+                                weight_bytes, device) | about), flush=True)
+      steps = engine.stats.decode_steps
       start = time.perf_counter()
       with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda body: _post(running.url, body), bodies))
       total = time.perf_counter() - start
-      print(json.dumps(_summary("concurrent", [t for t, _ in together], total) | {"slots": args.slots}), flush=True)
+      print(json.dumps(_summary("concurrent", [t for t, _ in together], total, engine.stats.decode_steps - steps,
+                                weight_bytes, device) | about), flush=True)
       print(json.dumps({"bench": "serve", "speedup": round(alone_total / total, 2),
                         "identical": [a for _, a in alone] == [a for _, a in together],
                         "decode_steps": engine.stats.decode_steps, "prompt_shapes": len(shapes)}), flush=True)

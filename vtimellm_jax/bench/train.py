@@ -2,21 +2,25 @@
 
   python -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none
   python -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 28 --iters 2   # CPU smoke test
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m vtimellm_jax.bench.train --size 7b --remat lora
 
 The step is the trainer's own (`training.step.make_train_step`), so what is measured is what
 trains. Shapes follow `shared/bench/torch_peft_baseline.py`: B rows of 100 video features + T_TEXT
 text tokens, labels on the text after the first 60 answer-free positions, and useful FLOPs counted
 the same way (4 x frozen matmul parameters + 3 x attention per token), so the JSON lines of both
-scripts compare directly.
+scripts compare directly. XLA_FLAGS is taken from the environment as it is (training adds no flags
+of its own, unlike the answering commands of vtimellm_jax/xla_flags.py) and recorded in each line,
+so flags are compared one process per setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
-from vtimellm_jax import cli_types
+from vtimellm_jax import cli_types, device_peaks
 from vtimellm_jax.errors import UserError
 
 NUM_FEATURES = 100
@@ -28,7 +32,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch", type=cli_types.int_at_least(1), default=8)
   # 157 text ids incl. the placeholder -> 256 positions, the baseline's L (156 text + 100 video).
   parser.add_argument("--text-len", type=cli_types.int_at_least(2), default=157, help="text ids per row incl. the placeholder (L = text + 99)")
-  parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+  # models/llama.py's REMAT_MODES, spelled out so that --help starts no JAX.
+  parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots", "lora"))
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash", "per_head"),
                       help="attention kernel; auto: cuDNN on GPU, splash on TPU (16-bit), per_head on CPU, else XLA")
@@ -37,6 +42,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lora-rank", type=cli_types.int_at_least(1), default=64)
   parser.add_argument("--warmup", type=cli_types.int_at_least(0), default=2)
   parser.add_argument("--iters", type=cli_types.int_at_least(1), default=10)
+  parser.add_argument("--profile-dir", metavar="DIR",
+                      help="after timing, trace one more step with jax.profiler into "
+                           "DIR/train.{xplane.pb,perfetto.json.gz}")
   return parser.parse_args(argv)
 
 
@@ -102,13 +110,25 @@ def run_bench(args: argparse.Namespace) -> dict:
   seconds = (time.perf_counter() - t0) / args.iters
   seq = t - 1 + NUM_FEATURES
   tokens_per_s = b * seq / seconds
+  traced = {}
+  if args.profile_dir:
+    from vtimellm_jax.bench import trace  # pylint: disable=g-import-not-at-top
+
+    def one_step():
+      nonlocal trainable, opt_state
+      trainable, opt_state, step_metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(args.iters), key)
+      jax.block_until_ready(step_metrics)
+
+    traced = trace.trace_one_call(one_step, args.profile_dir, "train")
+  useful_flops = step_lib.training_flops_per_token(config, seq) * tokens_per_s
   stats = jax.devices()[0].memory_stats() or {}
   return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
               attention=args.attention, loss_chunk=args.loss_chunk,
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
-              useful_tflops=round(step_lib.training_flops_per_token(config, seq) * tokens_per_s / 1e12, 2),
+              useful_tflops=round(useful_flops / 1e12, 2),
+              **device_peaks.fractions(jax.devices()[0], flops_per_s=useful_flops),
               peak_mem_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), compile_s=round(t_compile, 1),
-              loss=loss, **_analysis_gib(analysis))
+              loss=loss, **_analysis_gib(analysis), **traced)
 
 
 def _analysis_gib(analysis) -> dict:
@@ -120,7 +140,7 @@ def _analysis_gib(analysis) -> dict:
 
 
 def main(argv=None) -> int:
-  print(json.dumps(run_bench(_parse_args(argv))), flush=True)
+  print(json.dumps(run_bench(_parse_args(argv)) | {"xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
   return 0
 
 
