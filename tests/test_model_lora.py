@@ -148,12 +148,12 @@ def _keep_words(rate):
 
 
 def _reference_keep(key, shape, rate):
-  """The mask rule, written independently: element i of the last axis takes 16-bit word i of the
-  key's 32-bit words read as little-endian uint16 pairs, and is kept when that word is below
+  """The mask rule, written independently: elements j and j + width/2 of the last axis take the low
+  and the high 16 bits of the key's 32-bit word j, and are kept when that half is below
   round((1 - rate) * 65536)."""
   *lead, width = shape
-  words = np.asarray(jax.random.bits(key, (*lead, width // 2), jnp.uint32)).astype("<u4")
-  return words.view("<u2") < _keep_words(rate)
+  words = np.asarray(jax.random.bits(key, (*lead, width // 2), jnp.uint32)).astype(np.uint64)
+  return np.concatenate([words % 65536, words // 65536], axis=-1) < _keep_words(rate)
 
 
 def _dropout_branch_reference(x, a, b, key, scaling, rate):

@@ -7,8 +7,8 @@
 The log has the release's format and order, so `metrics` (or the release's metric.py) scores it.
 Queries are batched, one task per batch (--batch-size per generate call; auto: as many as the
 device's free memory holds); the run is resumable: rerun the same command and it skips the queries
-already logged. A grounding answer is cut at --grounding-max-new-tokens, a captioning one at
---max-new-tokens; the summary counts the answers cut. Features are `{--features}/{id}.npy`, else
+already logged. An answer is cut at --max-new-tokens, a grounding one at --grounding-max-new-tokens
+(by default the smaller of 128 and --max-new-tokens); the summary counts the answers cut. Features are `{--features}/{id}.npy`, else
 CLIP is run on `{--videos}/{id}.{mp4,mkv,webm}` (the release's lookup order). A video with neither
 is an error naming it, or skipped and counted with --skip-missing (the release skips it silently).
 """
@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"{evaluate.MAX_AUTO_BATCH_SIZE} whose KV cache fits the device's free memory, "
                            f"{evaluate.CPU_BATCH_SIZE} on a CPU")
   parser.add_argument("--max-new-tokens", type=cli_types.int_at_least(1), default=generate.RELEASE_MAX_NEW_TOKENS,
-                      help="most tokens per captioning answer (default: the release's %(default)s)")
-  parser.add_argument("--grounding-max-new-tokens", type=cli_types.int_at_least(1), default=GROUNDING_MAX_NEW_TOKENS,
-                      help="most tokens per grounding answer (default: %(default)s; the release's 1024 for both "
-                           "tasks). An answer cut here changes the metric only if its first 'NN to NN' comes later")
+                      help="most tokens per answer (default: the release's %(default)s)")
+  parser.add_argument("--grounding-max-new-tokens", type=cli_types.int_at_least(1),
+                      help=f"most tokens per grounding answer (default: the smaller of {GROUNDING_MAX_NEW_TOKENS} and "
+                           "--max-new-tokens; the release gives every query 1024). An answer cut here changes the "
+                           "metric only if its first 'NN to NN' comes later")
   parser.add_argument("--temperature", type=cli_types.number_in(0), default=generate.RELEASE_TEMPERATURE,
                       help="sampling temperature, 0 = greedy (default: the release's %(default)s)")
   parser.add_argument("--top-p", type=cli_types.number_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"--max-batches must be at least 1, got {args.max_batches}")
   config = generate.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k)
-  budgets = {"grounding": args.grounding_max_new_tokens, "captioning": args.max_new_tokens}
+  grounding = args.grounding_max_new_tokens or min(GROUNDING_MAX_NEW_TOKENS, args.max_new_tokens)
+  budgets = {"grounding": grounding, "captioning": args.max_new_tokens}
   annotations = annotations_lib.read_annotations(args.data, args.durations)
   bot = answerer.load_answerer(args.model, args.dtype)
   # Read after the model is loaded: what is free is what the answers' KV caches can take.

@@ -10,7 +10,8 @@ A as [r, in] and B as [out, r]; conversion transposes). The branch is `lora_delt
 redraws the dropout mask instead of keeping it. The `nnx.Dropout` a LoRA layer holds supplies the
 rate, the train/eval switch and the key stream; the key is drawn from that stream as `nnx.Dropout`
 draws it, but the mask is not its Bernoulli draw: each element gets a 16-bit random word, half of
-one 32-bit word (`_keep_pairs`), and is kept when the word is below round((1 - rate) * 65536).
+one 32-bit word shared with the element half the width away (`_keep_pairs`), and is kept when the
+word is below round((1 - rate) * 65536).
 The keep probability is therefore a multiple of 1/65536: for the recipe's rate 0.05 it is
 62259/65536 = 0.9499969 instead of 0.95 (3.1e-6 less), and kept elements are scaled by
 65536/62259, the inverse of that probability, so the branch stays unbiased. Dropout needs an even
@@ -180,33 +181,35 @@ def keep_probability(rate: float) -> float:
 
 
 def _pairs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
-  """Returns (even, odd): elements 2j and 2j + 1 along `axis`, which must have even length."""
+  """Returns (first, second): the two halves of `x` along `axis`, which must have even length.
+
+  Halves, not even and odd elements: a split into a size-2 axis would be the minor axis of the
+  intermediate, which TPUs pad to 128 lanes.
+  """
   axis %= x.ndim
   if x.shape[axis] % 2:
     raise ValueError(f"LoRA dropout pairs the input features; {x.shape[axis]} is odd")
-  pairs = x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
-  return (jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False),
-          jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False))
+  half = x.shape[axis] // 2
+  return jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
 
 
-def _join_pairs(even: jax.Array, odd: jax.Array, axis: int = -1) -> jax.Array:
-  """Returns the array whose `_pairs` are (even, odd)."""
-  axis %= even.ndim
-  return jnp.stack([even, odd], axis=axis + 1).reshape(*even.shape[:axis], -1, *even.shape[axis + 1:])
+def _join_pairs(first: jax.Array, second: jax.Array, axis: int = -1) -> jax.Array:
+  """Returns the array whose `_pairs` are (first, second)."""
+  return jnp.concatenate([first, second], axis=axis)
 
 
 def _keep_pairs(key: jax.Array, half: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
-  """Returns the masks (bool, `half`'s shape and sharding) of the even and odd input features.
+  """Returns the masks (bool, `half`'s shape and sharding) of the first and second half of the input features.
 
-  Feature pair j takes 32-bit random word j: the even feature its low 16 bits, the odd one its high
-  16 bits (NumPy's little-endian `view(np.uint16)` of the words); an element is kept when its word
-  is below `_keep_threshold(rate)`. Not `jax.random.bits(key, shape, jnp.uint16)`: with
-  `jax_threefry_partitionable` (on by default) threefry hashes one counter per output element
-  whatever its width and truncates the result (`_threefry_random_bits_partitionable`,
-  jax/_src/random/threefry2x32.py), so 16-bit words would cost what `jax.random.bernoulli`'s
-  32-bit ones do. Here the hash runs on half as many counters. The two masks are applied to the two
-  halves apart (`_pairs`), never as one interleaved mask: each output element of an XLA fusion is
-  computed on its own, so an interleaved mask hashes every word twice or stores the words.
+  Features j and j + in/2 take 32-bit random word j: the first its low 16 bits, the second its high
+  16 bits; an element is kept when its word is below `_keep_threshold(rate)`. Not
+  `jax.random.bits(key, shape, jnp.uint16)`: with `jax_threefry_partitionable` (on by default)
+  threefry hashes one counter per output element whatever its width and truncates the result
+  (`_threefry_random_bits_partitionable`, jax/_src/random/threefry2x32.py), so 16-bit words would
+  cost what `jax.random.bernoulli`'s 32-bit ones do. Here the hash runs on half as many counters.
+  The two masks are applied to the two halves apart (`_pairs`), never as one mask over the whole
+  width: each output element of an XLA fusion is computed on its own, so one mask over both halves
+  hashes every word twice or stores the words.
   """
   words = jax.random.bits(key, half.shape, jnp.uint32, out_sharding=jax.typeof(half).sharding)
   threshold = jnp.uint32(_keep_threshold(rate))
@@ -232,8 +235,9 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array | None, 
   `dropout(x) @ a` keeps the mask and a dropped copy of x for each projection until the layer's
   backward pass. Redrawing lowers the 7B stage-2 step's compiled memory by 0.62 GiB on one H100 and
   0.69 GiB on v5e-16, and cost one more pass of the random bit generator: 3.5-3.7% of the step on
-  one H200 with one 32-bit hash per element (docs/performance.md). The even and odd input features
-  go through the matmuls with `a`'s even and odd rows apart, so each mask word is hashed once.
+  one H200 with one 32-bit hash per element (docs/performance.md). The two halves of the input
+  features go through the matmuls with the two halves of `a`'s rows apart, so each mask word is
+  hashed once.
   """
   return _lora_delta_fwd(x, a, b, key, scaling, rate)[0]
 
@@ -242,9 +246,9 @@ def _lora_delta_fwd(x, a, b, key, scaling, rate):
   if key is None:
     z = x @ a
   else:
-    (x_even, x_odd), (a_even, a_odd) = _pairs(x), _pairs(a, 0)
-    keep_even, keep_odd = _keep_pairs(key, x_even, rate)
-    z = _kept(keep_even, x_even) @ a_even + _kept(keep_odd, x_odd) @ a_odd
+    (x_first, x_second), (a_first, a_second) = _pairs(x), _pairs(a, 0)
+    keep_first, keep_second = _keep_pairs(key, x_first, rate)
+    z = _kept(keep_first, x_first) @ a_first + _kept(keep_second, x_second) @ a_second
   z = z * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
   return z @ b, (x, a, b, key, z)
 
@@ -260,14 +264,14 @@ def _lora_delta_bwd(scaling, rate, residuals, g):
   else:
     # Without the barrier XLA merges this draw with the forward's and keeps that mask alive.
     key = jax.lax.optimization_barrier(key)
-    (x_even, x_odd), (a_even, a_odd) = _pairs(x), _pairs(a, 0)
-    keep_even, keep_odd = _keep_pairs(key, x_even, rate)
-    da = _join_pairs(jax.lax.dot_general(_kept(keep_even, x_even), dz, contract_rows),
-                     jax.lax.dot_general(_kept(keep_odd, x_odd), dz, contract_rows), axis=0)
+    (x_first, x_second), (a_first, a_second) = _pairs(x), _pairs(a, 0)
+    keep_first, keep_second = _keep_pairs(key, x_first, rate)
+    da = _join_pairs(jax.lax.dot_general(_kept(keep_first, x_first), dz, contract_rows),
+                     jax.lax.dot_general(_kept(keep_second, x_second), dz, contract_rows), axis=0)
     # Both halves are masked before they are joined: masking the joined array would hash each word
     # twice, which XLA avoids by storing the words (+1.5 GiB in the 7B stage-2 step's 1xH100 AOT figure).
-    dx_even, dx_odd = jax.lax.optimization_barrier((_kept(keep_even, dz @ a_even.T), _kept(keep_odd, dz @ a_odd.T)))
-    dx = _join_pairs(dx_even, dx_odd)
+    dx_first, dx_second = jax.lax.optimization_barrier((_kept(keep_first, dz @ a_first.T), _kept(keep_second, dz @ a_second.T)))
+    dx = _join_pairs(dx_first, dx_second)
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
 
