@@ -9,13 +9,10 @@ y = x @ W + (alpha / r) * dropout(x) @ A @ B, as peft's `lora.Linear` computes i
 A as [r, in] and B as [out, r]; conversion transposes). The branch is `lora_delta`, whose backward
 redraws the dropout mask instead of keeping it. The `nnx.Dropout` a LoRA layer holds supplies the
 rate, the train/eval switch and the key stream; the key is drawn from that stream as `nnx.Dropout`
-draws it, but the mask is not its Bernoulli draw: each element gets a 16-bit random word, half of
-one 32-bit word shared with the element half the width away (`_keep_pairs`), and is kept when the
-word is below round((1 - rate) * 65536).
-The keep probability is therefore a multiple of 1/65536: for the recipe's rate 0.05 it is
-62259/65536 = 0.9499969 instead of 0.95 (3.1e-6 less), and kept elements are scaled by
-65536/62259, the inverse of that probability, so the branch stays unbiased. Dropout needs an even
-number of input features (every LLaMA and ChatGLM projection has one).
+draws it, but the mask is not its Bernoulli draw: an element is kept when a 32-bit hash of the key
+and the element's index (`_keep`) is below round((1 - rate) * 2^32), a hash far cheaper than the
+threefry of `jax.random`. The keep probability is a multiple of 2^-32 (for the recipe's rate 0.05,
+0.95 less 5e-11), and kept elements are scaled by its inverse.
 
 A `Linear` inside the LLaMA decoder's stacked layers holds every layer's weights at once: kernel
 [L, in, out], lora_a [L, in, r], lora_b [L, r, out], each dropout stream one key per layer.
@@ -115,7 +112,7 @@ class Linear(nnx.Module):
     if self.lora_a is not None:
       dropout = self.lora_dropout
       rate = 0.0 if dropout is None or dropout.deterministic else dropout.rate
-      # The key is drawn from the layer's stream as nnx.Dropout draws it; the mask is `_keep_pairs`'.
+      # The key is drawn from the layer's stream as nnx.Dropout draws it; the mask is `_keep`'s.
       key = dropout.rngs() if rate > 0.0 else None
       # LoRA factors are kept in fp32 for the optimizer and computed in the layer dtype.
       y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), key,
@@ -133,8 +130,6 @@ class Linear(nnx.Module):
     """
     if self.has_lora:
       raise ValueError("this layer already has LoRA factors; merge them first")
-    if config.dropout > 0 and self.in_features % 2:
-      raise ValueError(f"LoRA dropout pairs the input features; this layer has an odd number ({self.in_features})")
     lead, lead_axes = self.stack_shape, self.stack_axes
     # peft initialises A with kaiming_uniform(a=sqrt(5)) on [r, in]: bound = 1 / sqrt(in).
     bound = 1.0 / (self.in_features**0.5)
@@ -166,58 +161,62 @@ class Linear(nnx.Module):
     self.lora_scaling = 0.0
 
 
-# Dropout masks draw 16-bit words: keep probabilities are multiples of 1 / 65536.
-_WORD_VALUES = 1 << 16
+# Dropout keeps an element when its 32-bit hash is below a threshold: keep probabilities are
+# multiples of 2^-32.
+_HASH_VALUES = 1 << 32
 
 
 def _keep_threshold(rate: float) -> int:
-  """Returns the 16-bit words an element is kept below: round((1 - rate) * 65536), at least 1."""
-  return max(1, round((1.0 - rate) * _WORD_VALUES))
+  """Returns the hashes an element is kept below: round((1 - rate) * 2^32), within [1, 2^32 - 1]."""
+  return min(max(1, round((1.0 - rate) * _HASH_VALUES)), _HASH_VALUES - 1)
 
 
 def keep_probability(rate: float) -> float:
-  """Returns the probability that LoRA dropout at `rate` keeps an element (a multiple of 1/65536)."""
-  return _keep_threshold(rate) / _WORD_VALUES
+  """Returns the probability that LoRA dropout at `rate` keeps an element (a multiple of 2^-32)."""
+  return _keep_threshold(rate) / _HASH_VALUES
 
 
-def _pairs(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
-  """Returns (first, second): the two halves of `x` along `axis`, which must have even length.
+def _mix32(h: jax.Array) -> jax.Array:
+  """Returns a 32-bit integer hash of uint32 `h` (the "lowbias32" mixer: xor-shifts and two odd
+  multiplies; a bijection in which every input bit flips each output bit with probability ~1/2)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
 
-  Halves, not even and odd elements: a split into a size-2 axis would be the minor axis of the
-  intermediate, which TPUs pad to 128 lanes.
+
+def _keep(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+  """Returns the dropout mask (bool, x's shape and sharding): the elements `key` keeps at `rate`.
+
+  Element (row, j) of x [..., in] (row: the leading indices flattened) is kept when
+  mix(mix(row * 0x9E3779B9 + k0) ^ mix(j * 0x85EBCA6B + k1)) < round((1 - rate) * 2^32), k0 and k1
+  being the key's two 32-bit words and mix `_mix32`: a counter-based hash of the element's index.
+  The inner mixes run once per row and once per column; each element costs one xor, one mix and a
+  compare, computed where the mask is used (XLA fuses it into the matmul's operand): a small part
+  of the integer work of `jax.random.bernoulli`'s threefry, nothing stored, and the same mask on
+  every platform and under any sharding (the index is the element's global one). The backward
+  recomputes it from the key alone.
   """
-  axis %= x.ndim
-  if x.shape[axis] % 2:
-    raise ValueError(f"LoRA dropout pairs the input features; {x.shape[axis]} is odd")
-  half = x.shape[axis] // 2
-  return jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
+  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  sharding = jax.typeof(x).sharding
+  row = jnp.uint32(0)
+  for dim in range(x.ndim - 1):  # [..., 1]: one value per row
+    index = jax.lax.broadcasted_iota(jnp.uint32, (*x.shape[:-1], 1), dim)
+    row = row * jnp.uint32(x.shape[dim]) + index
+  column = jax.lax.iota(jnp.uint32, x.shape[-1])  # [in]
+  per_row = _mix32(row * jnp.uint32(0x9E3779B9) + words[0])
+  per_column = _mix32(column * jnp.uint32(0x85EBCA6B) + words[1])
+  per_row = jax.lax.broadcast_in_dim(per_row, x.shape, tuple(range(x.ndim)), out_sharding=sharding)
+  h = _mix32(per_row ^ per_column)
+  return h < jnp.uint32(_keep_threshold(rate))
 
 
-def _join_pairs(first: jax.Array, second: jax.Array, axis: int = -1) -> jax.Array:
-  """Returns the array whose `_pairs` are (first, second)."""
-  return jnp.concatenate([first, second], axis=axis)
-
-
-def _keep_pairs(key: jax.Array, half: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
-  """Returns the masks (bool, `half`'s shape and sharding) of the first and second half of the input features.
-
-  Features j and j + in/2 take 32-bit random word j: the first its low 16 bits, the second its high
-  16 bits; an element is kept when its word is below `_keep_threshold(rate)`. Not
-  `jax.random.bits(key, shape, jnp.uint16)`: with `jax_threefry_partitionable` (on by default)
-  threefry hashes one counter per output element whatever its width and truncates the result
-  (`_threefry_random_bits_partitionable`, jax/_src/random/threefry2x32.py), so 16-bit words would
-  cost what `jax.random.bernoulli`'s 32-bit ones do. Here the hash runs on half as many counters.
-  The two masks are applied to the two halves apart (`_pairs`), never as one mask over the whole
-  width: each output element of an XLA fusion is computed on its own, so one mask over both halves
-  hashes every word twice or stores the words.
-  """
-  words = jax.random.bits(key, half.shape, jnp.uint32, out_sharding=jax.typeof(half).sharding)
-  threshold = jnp.uint32(_keep_threshold(rate))
-  return (words & jnp.uint32(0xFFFF)) < threshold, (words >> jnp.uint32(16)) < threshold
-
-
-def _kept(keep: jax.Array, x: jax.Array) -> jax.Array:
-  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+def _dropped(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+  """x with the elements `_keep` drops set to zero (x itself for no key)."""
+  if key is None:
+    return x
+  return jnp.where(_keep(key, x, rate), x, jnp.zeros((), x.dtype))
 
 
 def _delta_scaling(scaling: float, rate: float, key: jax.Array | None) -> float:
@@ -230,48 +229,30 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array | None, 
                rate: float) -> jax.Array:
   """The LoRA branch: scaling * dropout(x) @ a @ b for x [..., in], a [in, r], b [r, out].
 
-  `key` draws the dropout mask (None: no dropout; `_keep_pairs` says how). The backward draws the
-  same mask again from the key rather than keeping it: automatic differentiation of
-  `dropout(x) @ a` keeps the mask and a dropped copy of x for each projection until the layer's
-  backward pass. Redrawing lowers the 7B stage-2 step's compiled memory by 0.62 GiB on one H100 and
-  0.69 GiB on v5e-16, and cost one more pass of the random bit generator: 3.5-3.7% of the step on
-  one H200 with one 32-bit hash per element (docs/performance.md). The two halves of the input
-  features go through the matmuls with the two halves of `a`'s rows apart, so each mask word is
-  hashed once.
+  `key` draws the dropout mask (None: no dropout; `_keep` says how). The backward draws the same
+  mask again from the key rather than keeping it: automatic differentiation of `dropout(x) @ a`
+  keeps the mask and a dropped copy of x for each projection until the layer's backward pass.
+  Redrawing lowers the 7B stage-2 step's compiled memory on one H100 and on v5e-16
+  (docs/performance.md, "Step memory").
   """
   return _lora_delta_fwd(x, a, b, key, scaling, rate)[0]
 
 
 def _lora_delta_fwd(x, a, b, key, scaling, rate):
-  if key is None:
-    z = x @ a
-  else:
-    (x_first, x_second), (a_first, a_second) = _pairs(x), _pairs(a, 0)
-    keep_first, keep_second = _keep_pairs(key, x_first, rate)
-    z = _kept(keep_first, x_first) @ a_first + _kept(keep_second, x_second) @ a_second
-  z = z * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
+  z = (_dropped(x, key, rate) @ a) * jnp.asarray(_delta_scaling(scaling, rate, key), x.dtype)
   return z @ b, (x, a, b, key, z)
 
 
 def _lora_delta_bwd(scaling, rate, residuals, g):
   x, a, b, key, z = residuals
-  rows = tuple(range(g.ndim - 1))
-  contract_rows = ((rows, rows), ((), ()))
-  dz = (g @ b.T) * jnp.asarray(_delta_scaling(scaling, rate, key), g.dtype)
-  db = jax.lax.dot_general(z, g, contract_rows)
-  if key is None:
-    da, dx = jax.lax.dot_general(x, dz, contract_rows), dz @ a.T
-  else:
+  if key is not None:
     # Without the barrier XLA merges this draw with the forward's and keeps that mask alive.
     key = jax.lax.optimization_barrier(key)
-    (x_first, x_second), (a_first, a_second) = _pairs(x), _pairs(a, 0)
-    keep_first, keep_second = _keep_pairs(key, x_first, rate)
-    da = _join_pairs(jax.lax.dot_general(_kept(keep_first, x_first), dz, contract_rows),
-                     jax.lax.dot_general(_kept(keep_second, x_second), dz, contract_rows), axis=0)
-    # Both halves are masked before they are joined: masking the joined array would hash each word
-    # twice, which XLA avoids by storing the words (+1.5 GiB in the 7B stage-2 step's 1xH100 AOT figure).
-    dx_first, dx_second = jax.lax.optimization_barrier((_kept(keep_first, dz @ a_first.T), _kept(keep_second, dz @ a_second.T)))
-    dx = _join_pairs(dx_first, dx_second)
+  rows = tuple(range(g.ndim - 1))
+  dz = (g @ b.T) * jnp.asarray(_delta_scaling(scaling, rate, key), g.dtype)
+  db = jax.lax.dot_general(z, g, ((rows, rows), ((), ())))
+  da = jax.lax.dot_general(_dropped(x, key, rate), dz, ((rows, rows), ((), ())))
+  dx = _dropped(dz @ a.T, key, rate)
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
 
