@@ -39,18 +39,19 @@
 #   decode_no_cmdbuf       100   45    30*  A/B: decode with XLA's command buffers (CUDA graphs) off
 #                                           (--xla_gpu_enable_command_buffer=)
 #   decode_triton          100   45    30   A/B: decode with XLA's default Triton GEMMs
+#   clip_xla                90   40    30*  A/B: clip with XLA's attention instead of cuDNN's (--attention xla)
 #   clip_cublas             90   40    30   A/B: clip with its GEMMs on cuBLAS
 #   train_2048             150   70    35   the stage-2 recipe's shape: B=8 at 2048 positions, full remat,
 #                                           loss 512 positions at a time
 #   trace_train            120   60    45*  jax.profiler trace of one train_none step
 #   trace_decode            90   45    30*  jax.profiler trace of one decode call (prefill + one step)
 #
-# Expected: about 1,030 s for every step, 15 s of them the header and module check. The default budget
+# Expected: about 1,060 s for every step, 15 s of them the header and module check. The default budget
 # of 540 s (a 15-minute device session less a cold start) runs the figures through eval_1024 and clip,
 # skips torch_clip_compiled (150 s needed), then runs what still fits of serve and eval. The rest is a
 # second session, with the baselines its A/Bs are measured against on that same machine:
 #   bench/device_suite.sh ... --steps torch_clip_compiled,train_none,train_none_cublas,train_none_dbuf,decode,\
-#     decode_stacked,decode_no_cmdbuf,decode_triton,clip,clip_cublas,train_2048,trace_train,trace_decode
+#     decode_stacked,decode_no_cmdbuf,decode_triton,clip,clip_xla,clip_cublas,train_2048,trace_train,trace_decode
 # Traces: DIR/train.{xplane.pb,perfetto.json.gz} and DIR/decode.{...}, DIR being the output file's name with
 # _traces for .jsonl ($OUT/device_suite_traces/ on the device: one level down, so they come back);
 # xprof / TensorBoard open the .xplane.pb, https://ui.perfetto.dev the .perfetto.json.gz.
@@ -132,7 +133,7 @@ done
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget-s must be a whole number of seconds, got $BUDGET"
 KNOWN_STEPS=(train_none train_none_xla train_full train_lora torch_train_ckpt torch_nockpt_static decode eval_1024 clip
   torch_clip_compiled serve eval train_none_cublas train_none_dbuf decode_stacked decode_no_cmdbuf decode_triton
-  clip_cublas train_2048 trace_train
+  clip_xla clip_cublas train_2048 trace_train
   trace_decode)
 for step in ${STEPS//,/ }; do
   [[ " ${KNOWN_STEPS[*]} " == *" $step "* ]] || die "--steps: no step named $step (the steps: ${KNOWN_STEPS[*]})"
@@ -377,6 +378,7 @@ run_step train_none_dbuf 150 60 env XLA_FLAGS="$(flags --xla_gpu_enable_while_lo
 run_step decode_stacked 120 45 "${decode[@]}" --layout stacked
 run_step decode_no_cmdbuf 100 45 env XLA_FLAGS="$(flags --xla_gpu_enable_command_buffer=)" "${decode[@]}"
 run_step decode_triton 100 45 env XLA_FLAGS="$(flags --xla_gpu_enable_triton_gemm=true)" "${decode[@]}"
+run_step clip_xla 90 40 "${clip[@]}" --attention xla
 run_step clip_cublas 90 40 env XLA_FLAGS="$(flags --xla_gpu_enable_triton_gemm=false)" "${clip[@]}"
 run_step train_2048 150 70 "${train[@]}" "${train_2048[@]}"
 # Traces of one step each, kept beside the output file (on the device under $OUT, so they come back).

@@ -82,8 +82,8 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   # Every step ran, in the order of priority, each line with its step's wall time.
   assert list(by_step) == ["deps", "train_none", "train_full", "train_lora", "torch_train_ckpt", "torch_nockpt_static",
                            "decode", "eval_1024", "clip", "torch_clip_compiled", "serve", "eval", "train_none_cublas",
-                           "train_none_dbuf", "decode_stacked", "decode_no_cmdbuf", "decode_triton", "clip_cublas",
-                           "train_2048", "trace_train", "trace_decode", "end"]
+                           "train_none_dbuf", "decode_stacked", "decode_no_cmdbuf", "decode_triton", "clip_xla",
+                           "clip_cublas", "train_2048", "trace_train", "trace_decode", "end"]
   assert all(r["step_wall_s"] >= 0 for step in list(by_step)[1:-1] if "skipped" not in by_step[step][0]
              for r in by_step[step])
   train = [by_step[s][0] for s in ("train_none", "train_full", "train_lora", "train_2048", "train_none_cublas",
@@ -95,6 +95,7 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert [r["what"] for r in by_step["decode_triton"]] == ["jax_decode"]
   assert [(r["layout"], by_step["decode"][0]["layout"]) for r in by_step["decode_stacked"]] == [("stacked", "answering")]
   assert "--xla_gpu_enable_command_buffer=" in by_step["decode_no_cmdbuf"][0]["xla_flags"].split()
+  assert {r["attention_kernel"] for r in by_step["clip_xla"]} == {"xla"}
   # decode runs with the answering commands' flags; decode_triton with the user's explicit setting kept.
   assert "--xla_gpu_enable_triton_gemm=false" in by_step["decode"][0]["xla_flags"].split()
   assert by_step["decode_triton"][0]["xla_flags"].split() == ["--xla_gpu_enable_triton_gemm=true"]
