@@ -48,8 +48,8 @@
 #
 # Expected: about 1,060 s for every step, 15 s of them the header and module check. The default budget
 # of 540 s (a 15-minute device session less a cold start) runs the figures through eval_1024 and clip,
-# skips torch_clip_compiled (150 s needed), then runs what still fits of serve and eval. The rest is a
-# second session, with the baselines its A/Bs are measured against on that same machine:
+# skips torch_clip_compiled (150 s needed), then runs what still fits of serve and eval. The rest is one more
+# device call, with the baselines its A/Bs are measured against on that same machine:
 #   bench/device_suite.sh ... --steps torch_clip_compiled,train_none,train_none_cublas,train_none_dbuf,decode,\
 #     decode_stacked,decode_no_cmdbuf,decode_triton,clip,clip_xla,clip_cublas,train_2048,trace_train,trace_decode
 # Traces: DIR/train.{xplane.pb,perfetto.json.gz} and DIR/decode.{...}, DIR being the output file's name with
