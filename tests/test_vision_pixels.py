@@ -57,11 +57,11 @@ def _check(frames, size):
 
 def test_demo_video_equals_the_numpy_path(official_fixtures):
   item = extract.Item("demo", official_fixtures / "demo.mp4")
-  window = extract.load_video(item, None, 100)
+  window = extract.load_video(item, None, 100).window
   # The host decodes and slices; it does not resize: uint8 source pixels, at most the frame's size.
   assert window.frames.dtype == np.uint8 and window.frames.shape[0] == 100
   assert window.frames.shape[1:] == (408, 406, 3)  # 720x406 portrait: the crop reads a near-square
-  frames, _ = decode.read_frames(item.path, None, 100)
+  frames = decode.read_frames(item.path, None, 100).frames
   top = next(t for t in range(720 - 408 + 1) if np.array_equal(window.frames[:3], frames[:3, t:t + 408]))
   np.testing.assert_array_equal(window.frames, frames[:, top:top + 408])
   # The rows left out are the ones the release's resize and crop do not read.

@@ -74,7 +74,8 @@ def demo(official_fixtures):
 @pytest.mark.parametrize("split", [None, [3.3, 7.9], [0.0, 100.0], [14.0, 14.9]])
 def test_demo_indices_and_frames_follow_the_release_rule(demo, split):
   path, all_frames, fps = demo
-  frames, indices = decode.read_frames(path, split)
+  sampled = decode.read_frames(path, split)
+  frames, indices = sampled.frames, sampled.indices
   expected = release_indices(len(all_frames), fps, split)
   np.testing.assert_array_equal(indices, expected)
   np.testing.assert_array_equal(frames, all_frames[expected])
@@ -86,13 +87,14 @@ def test_demo_matches_decord_when_available(demo):
   reader = decord.VideoReader(str(path))
   index = decode.probe(path)
   assert index.total_frames == len(reader) and index.fps == pytest.approx(reader.get_avg_fps())
-  frames, indices = decode.read_frames(path, [2.0, 9.5])
+  sampled = decode.read_frames(path, [2.0, 9.5])
+  frames, indices = sampled.frames, sampled.indices
   np.testing.assert_array_equal(frames, reader.get_batch(indices).asnumpy())
 
 
 def test_demo_pixels_match_torchvision_resize(demo):
   path, _, _ = demo
-  frames, _ = decode.read_frames(path)
+  frames = decode.read_frames(path).frames
   ours = preprocess.to_pixels(frames)
   reference = torch_reference(frames)
   assert ours.shape == (100, 224, 224, 3) and ours.dtype == np.float32
@@ -139,7 +141,8 @@ def test_seeking_decode_equals_full_decode(tmp_path, split):
   path = tmp_path / "gop.mp4"
   make_video(path, frames=90, gop=6, b_frames=2)
   all_frames, fps = full_decode(path)
-  frames, indices = decode.read_frames(path, split, num_frames=17)
+  sampled = decode.read_frames(path, split, num_frames=17)
+  frames, indices = sampled.frames, sampled.indices
   expected = release_indices(len(all_frames), fps, split, n=17)
   np.testing.assert_array_equal(indices, expected)
   np.testing.assert_array_equal(frames, all_frames[expected])
@@ -171,7 +174,7 @@ def test_frames_nothing_needs_are_not_decoded(tmp_path, monkeypatch):
       yield frame
 
   monkeypatch.setattr(decode, "_frames", counting)
-  frames, _ = decode.read_frames(path, None, num_frames=30, threads=1)
+  frames = decode.read_frames(path, None, num_frames=30, threads=1).frames
   np.testing.assert_array_equal(frames, all_frames[release_indices(len(all_frames), fps, None, n=30)])
   # Decoding everything up to the last sample would give ~120 frames.
   assert len(decoded) < 0.75 * len(all_frames), (len(decoded), len(all_frames))

@@ -90,7 +90,7 @@ def bench_end_to_end(model, videos: str, workers: int, batch_size: int) -> dict:
   # Compile the first video's bucket before the clock starts, so the rate is nearer the steady
   # state (other buckets still compile on the clock).
   if items:
-    encoder([extract.load_video(items[0], None, sampling.NUM_FRAMES, model.cfg.image_size)])()
+    encoder([extract.load_video(items[0], None, sampling.NUM_FRAMES, model.cfg.image_size).window])()
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
     summary = extract.extract(items, failures, model_io.storage_path(out), encoder, images=False, workers=workers,

@@ -45,7 +45,7 @@ def _cpu_s() -> float:
 def _ours_host(path, size: int):
   from vtimellm_jax.video import decode, preprocess, sampling
 
-  frames, _ = decode.read_frames(path, None, sampling.NUM_FRAMES, threads=1)
+  frames = decode.read_frames(path, None, sampling.NUM_FRAMES, threads=1).frames
   return preprocess.pack([preprocess.source_window(frames, size)], 1)
 
 

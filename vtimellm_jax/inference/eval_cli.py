@@ -8,9 +8,10 @@ The log has the release's format and order, so `metrics` (or the release's metri
 Queries are batched, one task per batch (--batch-size per generate call; auto: as many as the
 device's free memory holds); the run is resumable: rerun the same command and it skips the queries
 already logged. An answer is cut at --max-new-tokens, a grounding one at --grounding-max-new-tokens
-(by default the smaller of 128 and --max-new-tokens); the summary counts the answers cut. Features are `{--features}/{id}.npy`, else
-CLIP is run on `{--videos}/{id}.{mp4,mkv,webm}` (the release's lookup order). A video with neither
-is an error naming it, or skipped and counted with --skip-missing (the release skips it silently).
+(by default the smaller of 128 and --max-new-tokens); the summary counts the answers cut. Features
+are `{--features}/{id}.npy`, else CLIP is run on `{--videos}/{id}.{mp4,mkv,webm,...}` (the release's
+lookup order, then the other extensions extraction reads). A video with neither is an error naming
+it, or skipped and counted with --skip-missing (the release skips it silently).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "Charades-STA .txt with --durations")
   parser.add_argument("--durations", help="video durations for a Charades-STA --data (CSV or JSON)")
   parser.add_argument("--features", help="folder of {video_id}.npy features (float16 [100, 768])")
-  parser.add_argument("--videos", help="folder of {video_id}.mp4/.mkv/.webm, used when a .npy is missing")
+  parser.add_argument("--videos", help="folder of {video_id}.mp4/.mkv/.webm (or another video extension), used when a .npy is missing")
   parser.add_argument("--clip", help="CLIP model directory (with --videos), a source `convert clip --src` "
                                      "accepts, or 'tiny-random' (random tiny CLIP, smoke tests)")
   parser.add_argument("--task", choices=("grounding", "captioning", "all"), default="all",

@@ -16,14 +16,11 @@ import numpy as np
 
 from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
-
-VIDEO_EXTENSIONS = ("mp4", "mkv", "webm")  # the extensions the release's eval.py looks for, in its order
+from vtimellm_jax.video import decode
 
 
 def video_duration(path: str | os.PathLike) -> float:
   """Returns a video's length in seconds: its frame count over its average frame rate."""
-  from vtimellm_jax.video import decode  # pylint: disable=g-import-not-at-top
-
   try:
     index = decode.probe(path)
   except (OSError, decode.DecodeError) as e:
@@ -58,7 +55,7 @@ class ClipFeaturizer:
 
   def __call__(self, video_path: str | os.PathLike) -> np.ndarray:
     """Returns float32[100, 768] features of a video file (values rounded through float16, as stored)."""
-    from vtimellm_jax.video import decode, extract, sampling, standardize  # pylint: disable=g-import-not-at-top
+    from vtimellm_jax.video import extract, sampling, standardize  # pylint: disable=g-import-not-at-top
 
     path = pathlib.Path(video_path)
     if not path.is_file():
@@ -66,7 +63,8 @@ class ClipFeaturizer:
     if self._encode is None:
       self._load()
     try:
-      window = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES, self._encode.image_size)
+      window = extract.load_video(extract.Item(path.stem, path), None, sampling.NUM_FRAMES,
+                                  self._encode.image_size).window
     except (OSError, decode.DecodeError) as e:
       raise UserError(f"{path}: cannot decode the video ({e})") from None
     features = self._encode([window])()[0].astype(np.float16)  # as extract-features stores them
@@ -76,9 +74,10 @@ class ClipFeaturizer:
 
 
 class FeatureSource:
-  """Finds a video's features: `{features_dir}/{id}.npy` first, else `{videos_dir}/{id}.{mp4,mkv,webm}` + CLIP.
+  """Finds a video's features: `{features_dir}/{id}.npy` first, else `{videos_dir}/{id}.{mp4,mkv,webm,...}` + CLIP.
 
-  This is the release's lookup order in its eval.py. Recently used videos stay in memory, because
+  This is the release's lookup order in its eval.py (which stops at webm; `decode.VIDEO_EXTENSIONS`
+  goes on with every other extension extraction reads). Recently used videos stay in memory, because
   an evaluation asks many queries about each video in a row.
   """
 
@@ -105,8 +104,8 @@ class FeatureSource:
       if path.is_file():
         return path
     if self.videos_dir is not None:
-      for ext in VIDEO_EXTENSIONS:
-        path = self.videos_dir / f"{video_id}.{ext}"
+      for ext in decode.VIDEO_EXTENSIONS:
+        path = self.videos_dir / f"{video_id}{ext}"
         if path.is_file():
           return path
     return None
@@ -117,7 +116,7 @@ class FeatureSource:
     if self.features_dir is not None:
       tried.append(str(self.features_dir / f"{video_id}.npy"))
     if self.videos_dir is not None:
-      tried.append(str(self.videos_dir / f"{video_id}.{{{','.join(VIDEO_EXTENSIONS)}}}"))
+      tried.append(str(self.videos_dir / f"{video_id}.{{{','.join(e.lstrip('.') for e in decode.VIDEO_EXTENSIONS)}}}"))
     return " or ".join(tried)
 
   def __call__(self, video_id: str) -> np.ndarray:

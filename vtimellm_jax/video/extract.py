@@ -31,7 +31,6 @@ from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.video import decode, preprocess, sampling
 
-VIDEO_EXTENSIONS = frozenset(".mp4 .mkv .webm .avi .mov .m4v .flv .mpg .mpeg .wmv .3gp .ts .ogv".split())
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .webp .gif .tif .tiff".split())
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 FAILURES = "failures.jsonl"
@@ -57,7 +56,7 @@ def list_inputs(spec: str | pathlib.Path, images: bool) -> tuple[list[Item], lis
   Paths in a list file are relative to the list file's folder.
   """
   spec = pathlib.Path(spec)
-  extensions = IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS
+  extensions = IMAGE_EXTENSIONS if images else frozenset(decode.VIDEO_EXTENSIONS)
   if spec.is_dir():
     paths = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in extensions
                    and not p.name.startswith("."))
@@ -201,19 +200,27 @@ class BatchEncoder:
     return lambda: np.asarray(out)[:n]
 
 
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """An input read for the encoder."""
+
+  window: preprocess.Window
+  front_to_back: str | None = None  # why a video had to be decoded front to back (logged), None if not
+
+
 def load_video(item: Item, split, num_frames: int, size: int = preprocess.SIZE, limits: dict | None = None
-               ) -> preprocess.Window:
+               ) -> Loaded:
   """Returns the uint8 window of a video's sampled frames that the release's resize and crop read.
 
   `limits`: `decode.read_frames`'s time_limit and max_bytes.
   """
-  frames, _ = decode.read_frames(item.path, split, num_frames, **(limits or {}))
-  return preprocess.source_window(frames, size)
+  sampled = decode.read_frames(item.path, split, num_frames, **(limits or {}))
+  return Loaded(preprocess.source_window(sampled.frames, size), sampled.front_to_back)
 
 
-def load_image(item: Item, size: int = preprocess.SIZE) -> preprocess.Window:
+def load_image(item: Item, size: int = preprocess.SIZE) -> Loaded:
   """Returns one image, resized and cropped on the host (PIL) as uint8[1, size, size, 3]."""
-  return preprocess.source_window(preprocess.read_image(item.path, size)[None], size)
+  return Loaded(preprocess.source_window(preprocess.read_image(item.path, size)[None], size))
 
 
 @dataclasses.dataclass
@@ -222,6 +229,7 @@ class Summary:
   skipped: int = 0
   failed: int = 0
   replaced: int = 0  # of `done`: outputs that existed but were unreadable or of another shape
+  front_to_back: int = 0  # of `done`: videos that had to be decoded front to back (each logged)
 
 
 def complete_output(path: epath.Path, shape: tuple[int, ...]) -> bool:
@@ -243,9 +251,9 @@ def complete_output(path: epath.Path, shape: tuple[int, ...]) -> bool:
           and path.stat().length == data_start + nbytes)
 
 
-def _loaded(items: list[Item], load: Callable[[Item], preprocess.Window], workers: int
-            ) -> Iterator[tuple[Item, preprocess.Window | None, str | None]]:
-  """Yields (item, window or None, failure reason or None) in input order, decoding `workers` at a time."""
+def _loaded(items: list[Item], load: Callable[[Item], Loaded], workers: int
+            ) -> Iterator[tuple[Item, Loaded | None, str | None]]:
+  """Yields (item, what was read or None, failure reason or None) in input order, decoding `workers` at a time."""
   with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
     window: collections.deque = collections.deque()
     pending = iter(items)
@@ -325,13 +333,16 @@ def extract(items: list[Item], prior_failures: list[Failure], out_dir: epath.Pat
     batch_items: list[Item] = []
     batch_windows: list[preprocess.Window] = []
     in_flight = None  # (items, result): encoding on the device while the next batch is packed
-    for item, window, reason in _loaded(todo, load, workers):
+    for item, loaded, reason in _loaded(todo, load, workers):
       if reason is not None:
         fail(Failure(item.id, str(item.path), reason))
         bar.update(1)
         continue
+      if loaded.front_to_back:
+        summary.front_to_back += 1
+        bar.write(f"{item.path}: decoded front to back, since {loaded.front_to_back}", file=sys.stderr)
       batch_items.append(item)
-      batch_windows.append(window)
+      batch_windows.append(loaded.window)
       if len(batch_items) == videos_per_batch:
         started = (batch_items, encoder(batch_windows))
         if in_flight is not None:

@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
   total = len(items) + len(failures)
   of_shard = "" if shard is None else f" of shard {shard[0]}/{shard[1]}"
   replaced = f" ({summary.replaced} replacing unreadable or wrong-shaped files)" if summary.replaced else ""
+  if summary.front_to_back:
+    replaced += f" ({summary.front_to_back} decoded front to back, as logged above)"
   print(f"{summary.done} extracted{replaced}, {summary.skipped} already done, {summary.failed} failed, of {total} "
         f"input(s){of_shard} -> {out_dir}", file=sys.stderr)
   if args.shard is None and shard is not None:  # split by process: one merged report
