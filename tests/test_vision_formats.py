@@ -182,15 +182,21 @@ def test_same_frames_as_decord(corpus, name):
 
 
 def test_where_decord_is_wrong(corpus):
-  """decord's frames of MPEG-TS files are later frames than the index asked for, and it counts the
-  packets an edit list hides as frames: the release's features of such files came from other frames
-  than its rule names. We give the true ones (the tests above)."""
+  """decord's frames of MPEG-TS files, and of open-GOP H.264 read from mid-video, are other frames
+  than the index asked for, and it counts the packets an edit list hides as frames: the release's
+  features of such files came from other frames than its rule names. We give the true ones."""
   decord = pytest.importorskip("decord")
   for name in ("mpeg2.ts", "h264.ts"):
     reader = decord.VideoReader(str(corpus / name))
     got = [number(f) for f in reader.get_batch(list(range(0, FRAMES, 12))).asnumpy()]
     assert got != list(range(0, FRAMES, 12)), name
   assert len(decord.VideoReader(str(corpus / "cut.mp4"))) > FRAMES - 30
+  # Open-GOP H.264 (frames after a keyframe predicted from the GOP before it): decord's frames of a
+  # split that starts mid-video are other frames.
+  ours = decode.read_frames(corpus / "opengop.mp4", [0.5, 2.9])
+  theirs = decord.VideoReader(str(corpus / "opengop.mp4")).get_batch(ours.indices).asnumpy()
+  assert [number(f) for f in ours.frames] == ours.indices.tolist()
+  assert sum(number(f) != i for f, i in zip(theirs, ours.indices.tolist())) > 0
 
 
 class _ZeroEncoder:
