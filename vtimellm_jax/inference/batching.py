@@ -19,7 +19,9 @@ i of a request with its key folded with i, as `generate` does, so a request with
 uses gets `chat`'s tokens.
 
 All device work runs on the engine's own thread; `submit` may be called from any thread and returns
-a `concurrent.futures.Future` of the generated token ids.
+a `concurrent.futures.Future` of the generated token ids. A request may also name a listener that
+the engine hands each new token as soon as its step has decoded it (streaming), and `cancel` frees a
+request's slot before the next step (a client that went away stops costing a row).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,10 @@ class QueueFull(Exception):
   """Raised by `submit` when `max_waiting` requests already wait for a slot."""
 
 
+class Cancelled(Exception):
+  """The outcome of a request stopped by `Engine.cancel` before its answer was complete."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One prompt to answer: token ids with one placeholder, its features, and its decoding settings."""
@@ -57,6 +64,11 @@ class Request:
   key: jax.Array | None = None  # a typed PRNG key (sampling); token i draws with fold_in(key, i)
 
 
+# Called on the engine thread with a request's newly decoded token ids (eos never among them); it must
+# return at once (hand the ids to another thread or loop), and an exception it raises fails its request.
+TokenListener = Callable[[list[int]], None]
+
+
 @dataclasses.dataclass
 class _Row:
   """A busy slot: its request, its future, where its next token goes, and what it has generated."""
@@ -66,6 +78,7 @@ class _Row:
   length: int  # prompt positions (features spliced in)
   key_data: np.ndarray  # uint32 data of the request's key
   tokens: list
+  listener: TokenListener | None
 
 
 def _pick(logits_bv, key_data_b, steps_b, temperature_b, top_p_b, *, nucleus: bool):
@@ -110,6 +123,7 @@ class Stats:
   """Counters of an engine's work (read by /health and the benchmark)."""
 
   completed: int = 0
+  cancelled: int = 0  # requests stopped by `cancel`, waiting or running
   decode_steps: int = 0
   prefills: int = 0
   busy_slot_steps: int = 0  # sum over decode steps of the rows that were busy
@@ -140,7 +154,8 @@ class Engine:
       sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     self._cache = jax.device_put(bot.model.init_cache(slots, context), sharding)
     self._rows: list[_Row | None] = [None] * slots
-    self._waiting: collections.deque = collections.deque()
+    self._waiting: collections.deque = collections.deque()  # (request, future, listener)
+    self._cancelled: set[concurrent.futures.Future] = set()  # running requests to stop before the next step
     self._wake = threading.Condition()
     self._stopping = False
     self._thread = threading.Thread(target=self._loop, name="vtimellm-engine", daemon=True)
@@ -150,10 +165,11 @@ class Engine:
     """Returns the cache positions a prompt takes: its padded text with the placeholder replaced by frames."""
     return -(-len(prompt_ids) // answerer_lib.PAD_MULTIPLE) * answerer_lib.PAD_MULTIPLE - 1 + num_frames
 
-  def submit(self, request: Request) -> concurrent.futures.Future:
+  def submit(self, request: Request, listener: TokenListener | None = None) -> concurrent.futures.Future:
     """Queues a request; returns the Future of its generated ids (eos excluded).
 
-    Raises UserError if the prompt and its token budget do not fit the context, QueueFull if
+    `listener`, if given, receives the ids as they are decoded, all of them before the Future is
+    done. Raises UserError if the prompt and its token budget do not fit the context, QueueFull if
     `max_waiting` requests already wait.
     """
     positions = self.prompt_positions(request.prompt_ids, request.features.shape[0])
@@ -166,9 +182,25 @@ class Engine:
         raise QueueFull("the server is shutting down")
       if len(self._waiting) >= self.max_waiting:
         raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-      self._waiting.append((request, future))
+      self._waiting.append((request, future, listener))
       self._wake.notify()
     return future
+
+  def cancel(self, future: concurrent.futures.Future) -> None:
+    """Stops the request of `future` (from `submit`); its Future fails with `Cancelled`.
+
+    A waiting request leaves the queue now; a running one's slot is freed before the next decode
+    step, so the row stops costing the others at once. A request already done is left as it is.
+    """
+    with self._wake:
+      for entry in self._waiting:
+        if entry[1] is future:
+          self._waiting.remove(entry)
+          self.stats.cancelled += 1
+          future.set_exception(Cancelled("the request was cancelled while it waited for a slot"))
+          return
+      if not future.done():
+        self._cancelled.add(future)
 
   @property
   def waiting(self) -> int:
@@ -193,6 +225,7 @@ class Engine:
             self._wake.wait()
           if self._stopping:
             break
+        self._drop_cancelled()
         self._admit()
         if self.busy:
           self._step()
@@ -205,12 +238,27 @@ class Engine:
   def _fail_all(self, error: Exception) -> None:
     with self._wake:
       self._stopping = True
-      pending = [future for _, future in self._waiting] + [row.future for row in self._rows if row]
+      pending = [future for _, future, _ in self._waiting] + [row.future for row in self._rows if row]
       self._waiting.clear()
       self._rows = [None] * self.slots
     for future in pending:
       if not future.done():
         future.set_exception(error)
+
+  def _drop_cancelled(self) -> None:
+    """Frees the slots of the running requests `cancel` named."""
+    # The set only names requests that had left the queue: each is in a row now, or already done
+    # (admission pops and prefills on this thread, so none is in between).
+    dropped = []
+    with self._wake:
+      for slot, row in enumerate(self._rows):
+        if row is not None and row.future in self._cancelled:
+          self._rows[slot] = None
+          self.stats.cancelled += 1
+          dropped.append(row)
+      self._cancelled.clear()
+    for row in dropped:
+      row.future.set_exception(Cancelled(f"the request was cancelled after {len(row.tokens)} tokens"))
 
   def _admit(self) -> None:
     """Prefills waiting requests into free slots."""
@@ -220,15 +268,16 @@ class Engine:
       with self._wake:
         if not self._waiting:
           return
-        request, future = self._waiting.popleft()
+        request, future, listener = self._waiting.popleft()
       if not future.set_running_or_notify_cancel():
         continue
       try:
-        self._prefill(slot, request, future)
+        self._prefill(slot, request, future, listener)
       except Exception as e:  # pylint: disable=broad-except
         future.set_exception(e)  # this request fails; the others go on
 
-  def _prefill(self, slot: int, request: Request, future: concurrent.futures.Future) -> None:
+  def _prefill(self, slot: int, request: Request, future: concurrent.futures.Future,
+               listener: TokenListener | None) -> None:
     ids, lengths = generate_lib.pad_right([request.prompt_ids], self.bot.encoder.pad_id, answerer_lib.PAD_MULTIPLE)
     mask = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
     key_data = np.asarray(jax.random.key_data(request.key if request.key is not None else jax.random.key(0)))
@@ -238,13 +287,21 @@ class Engine:
         jnp.asarray([request.temperature], jnp.float32), jnp.asarray([request.top_p], jnp.float32),
         nucleus=request.top_p < 1)
     self.stats.prefills += 1
-    row = _Row(request, future, int(length), key_data, [int(token)])
-    self._rows[slot] = row
-    self._finish_if_done(slot)
+    self._rows[slot] = _Row(request, future, int(length), key_data, [], listener)
+    self._take(slot, int(token))
 
-  def _finish_if_done(self, slot: int) -> None:
+  def _take(self, slot: int, token: int) -> None:
+    """Appends a row's new token, hands it to the row's listener, and frees the slot once the row is done."""
     row = self._rows[slot]
-    stopped = row.tokens[-1] in self.stop_ids
+    row.tokens.append(token)
+    stopped = token in self.stop_ids
+    if row.listener is not None and not stopped:
+      try:
+        row.listener([token])
+      except Exception as e:  # pylint: disable=broad-except
+        self._rows[slot] = None  # the listener's request fails; the others go on
+        row.future.set_exception(e)
+        return
     if stopped or len(row.tokens) >= row.request.max_new_tokens:
       tokens = row.tokens[:-1] if stopped else row.tokens
       self._rows[slot] = None
@@ -271,5 +328,4 @@ class Engine:
     self.stats.decode_steps += 1
     self.stats.busy_slot_steps += len(busy)
     for slot in busy:
-      self._rows[slot].tokens.append(int(new[slot]))
-      self._finish_if_done(slot)
+      self._take(slot, int(new[slot]))

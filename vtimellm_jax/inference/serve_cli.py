@@ -9,8 +9,10 @@
     "temperature": 0}'
 
 The answer is an OpenAI chat completion plus "moments" (every "from SS to EE" of the answer, in
-frames and seconds). --slots requests decode together (continuous batching: a finished answer's
-slot goes to the next waiting request at once); each slot holds a KV cache of --context positions.
+frames and seconds); with "stream": true it comes as OpenAI's server-sent events, token by token,
+and GET /v1/models lists the served model, so the `openai` client works as it is. --slots
+requests decode together (continuous batching: a finished answer's slot goes to the next waiting
+request at once); each slot holds a KV cache of --context positions.
 It binds 127.0.0.1 unless --host says otherwise, reads media only under --media-root folders, and
 with --api-key (or VTIMELLM_API_KEY) every /v1 request needs "Authorization: Bearer <key>".
 docs/serving.md has the request format and the figures of `vtimellm-jax bench serve`.
@@ -82,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
                                 media_roots=args.media_root, max_new_tokens=args.max_new_tokens,
                                 max_waiting=args.max_waiting, dtype=args.dtype)
   app = server.create_app(service, api_key)
-  uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+  uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=server.http_protocol())
   return 0

@@ -3,7 +3,8 @@
   POST /v1/chat/completions  {"messages": [{"role": "user", "content": [
                                  {"type": "video_url", "video_url": {"url": "file:///videos/x.mp4"}},
                                  {"type": "text", "text": "During which frames can we see ...?"}]}],
-                              "temperature": 0, "max_tokens": 256, "seed": 0}
+                              "temperature": 0, "max_tokens": 256, "seed": 0, "stream": false}
+  GET  /v1/models            {"object": "list", "data": [{"id": <model>, "object": "model", ...}]}
   GET  /health               {"status": "ok", "slots", "busy", "waiting", "completed"}
 
 A conversation is the release's: alternating user and assistant messages ending with a user one,
@@ -13,6 +14,15 @@ a `system` message is refused. The answer comes back as an OpenAI chat completio
 every "from SS to EE" of the answer, in frames and, when the video's length is known, in seconds.
 Turn k of a conversation (k earlier answers) samples with `fold_in(key(seed), k)`, as `chat` does,
 so a conversation gets `chat`'s answers; temperature 0 is greedy.
+
+With `"stream": true` the answer comes as OpenAI's server-sent events: `chat.completion.chunk`s
+whose text deltas leave as the engine decodes their tokens, a last chunk with the finish reason and
+the whole answer's `moments`, the usage when `stream_options.include_usage` asks for it, then
+`data: [DONE]`. A client that goes away, streaming or not, frees its slot before the next step.
+
+Every request is checked whole before any work: a body that is not UTF-8 JSON, nests deeper than
+`MAX_JSON_DEPTH`, or holds a number JSON cannot carry (NaN, Infinity, 1e999), and every field out
+of its range get a 400 with the error JSON every refusal has (uvicorn's own refusals included).
 
 Who may read what: the server binds 127.0.0.1 unless told otherwise; with an API key every
 /v1 request needs `Authorization: Bearer <key>` (401 without it); media are read only under the
@@ -27,8 +37,11 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
+import math
 import os
 import pathlib
+import re
 import time
 import urllib.parse
 import uuid
@@ -36,12 +49,19 @@ import uuid
 import jax
 import numpy as np
 
-from vtimellm_jax.data import records
+from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.inference import batching, features as features_lib, generate, moments, prompts
+from vtimellm_jax.inference import batching, generate, moments, prompts
+from vtimellm_jax.video import decode
 
 MAX_BODY_BYTES = 1 << 20  # a chat request is text and a path: a megabyte is generous
+MAX_JSON_DEPTH = 32  # a chat request nests 6 deep; the bound keeps the parser's recursion shallow
+MAX_TEMPERATURE = 2.0  # OpenAI's range, and the release demo's slider
+MAX_DURATION_S = 1e6  # eleven days: any video; the bound keeps the moments' seconds ordinary numbers
 FEATURE_SUFFIX = ".npy"
+OWNER = "vtimellm-jax"
+
+_log = logging.getLogger(__name__)
 
 
 class HTTPError(Exception):
@@ -50,6 +70,10 @@ class HTTPError(Exception):
   def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
     super().__init__(message)
     self.status, self.message, self.kind = status, message, kind
+
+  def json(self) -> dict:
+    """Returns the body every refusal has: {"error": {"message", "type", "code"}}."""
+    return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +88,76 @@ class ChatRequest:
   top_p: float
   max_tokens: int | None
   seed: int
+  stream: bool = False
+  include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float | None = None, integer: bool = False):
-  value = body.get(name, default)
-  if value is None:
-    return default
+# Strings (an unterminated one runs to the end) and brackets: what nesting depth is made of. The
+# match never fails once it starts, so the scan is linear whatever the body holds.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+_OPENING, _CLOSING = frozenset(b"[{"), frozenset(b"]}")
+
+
+def _json_depth_within(raw: bytes, limit: int) -> bool:
+  """Returns whether arrays and objects in a JSON text nest at most `limit` deep (strings skipped)."""
+  depth = 0
+  for match in _JSON_TOKENS.finditer(raw):
+    first = raw[match.start()]
+    if first in _OPENING:
+      depth += 1
+      if depth > limit:
+        return False
+    elif first in _CLOSING:
+      depth -= 1
+  return True
+
+
+def _refuse_constant(name: str):
+  raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError(f"{text} is out of the range of a double")
+  return value
+
+
+def parse_json(raw: bytes):
+  """Returns the value of a request body; HTTPError 400 if it is not UTF-8 JSON of finite numbers and bounded depth.
+
+  The depth is checked before parsing, so a deeply nested body never reaches the recursive parser;
+  NaN, Infinity and numbers beyond a double (which Python's json would take) are refused while parsing.
+  """
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise HTTPError(400, f"the body is not UTF-8 JSON: {e}") from None
+  if not _json_depth_within(raw, MAX_JSON_DEPTH):
+    raise HTTPError(400, f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH}")
+  try:
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+  except ValueError as e:
+    raise HTTPError(400, f"the body is not JSON: {e}") from None
+
+
+def _number(value, name: str, lo: float, hi: float | None = None, *, integer: bool = False,
+            lo_open: bool = False):
+  """Returns `value` if it is a finite number (an integer if asked) in its range; HTTPError 400 otherwise."""
   kinds = (int,) if integer else (int, float)
-  if isinstance(value, bool) or not isinstance(value, kinds) or value < lo or (hi is not None and value > hi):
-    bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+  ok = not isinstance(value, bool) and isinstance(value, kinds) and (integer or math.isfinite(value))
+  ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+  if not ok:
+    low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (lo, hi))
+    bound = f"in {'(' if lo_open else '['}{low}, {high}]" if hi is not None else f"{'>' if lo_open else '>='} {low}"
     raise HTTPError(400, f"{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
   return value
+
+
+def _option(body: dict, name: str, default, *args, **kwargs):
+  """Returns the checked number `body[name]`, or `default` when it is absent or null."""
+  value = body.get(name)
+  return default if value is None else _number(value, name, *args, **kwargs)
 
 
 def _message_parts(message: dict, index: int) -> tuple[str, list[dict]]:
@@ -96,14 +179,31 @@ def _message_parts(message: dict, index: int) -> tuple[str, list[dict]]:
   return "\n".join(texts), videos
 
 
+def _stream_options(body: dict) -> tuple[bool, bool]:
+  """Returns (stream, include_usage) of a request; HTTPError 400 for values OpenAI would refuse too."""
+  stream, options = body.get("stream"), body.get("stream_options")
+  if stream is not None and not isinstance(stream, bool):
+    raise HTTPError(400, f"stream must be true or false, got {stream!r}")
+  if options is None:
+    return bool(stream), False
+  if not stream:
+    raise HTTPError(400, "stream_options is only taken with stream: true")
+  usage = options.get("include_usage") if isinstance(options, dict) else None
+  if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
+    raise HTTPError(400, f"stream_options must be an object with a true or false include_usage, got {options!r}")
+  return True, bool(usage)
+
+
 def parse_chat_request(body) -> ChatRequest:
   """Returns the ChatRequest of a decoded JSON body; HTTPError 400 naming what is wrong."""
   if not isinstance(body, dict):
     raise HTTPError(400, "the body must be a JSON object")
-  if body.get("stream"):
-    raise HTTPError(400, "stream is not supported; the answer comes whole")
-  if body.get("n", 1) != 1:
-    raise HTTPError(400, "n must be 1")
+  stream, include_usage = _stream_options(body)
+  _option(body, "n", 1, 1, 1, integer=True)
+  for name in ("presence_penalty", "frequency_penalty"):  # some clients send 0; another value would go unheeded
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or value != 0):
+      raise HTTPError(400, f"{name} is not supported: 0 or absent, got {value!r}")
   messages = body.get("messages")
   if not isinstance(messages, list) or not messages:
     raise HTTPError(400, "messages must be a non-empty list")
@@ -133,17 +233,17 @@ def parse_chat_request(body) -> ChatRequest:
   if len(messages) % 2 == 0:
     raise HTTPError(400, "the last message must be the user's")
   duration = video.get("duration")
-  if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0):
-    raise HTTPError(400, f"video_url.duration must be a number of seconds > 0, got {duration!r}")
+  if duration is not None:
+    duration = float(_number(duration, "video_url.duration (seconds)", 0, MAX_DURATION_S, lo_open=True))
   texts[0] = prompts.chat_question(texts[0])
   history = tuple(zip(texts[0:-1:2], texts[1:-1:2]))
-  max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+  tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
   return ChatRequest(history, texts[-1], video["url"], duration,
-                     temperature=float(_number(body, "temperature", generate.RELEASE_TEMPERATURE, 0)),
-                     top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
-                     max_tokens=None if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", None, 1,
-                                                                        integer=True),
-                     seed=_number(body, "seed", 0, 0, 2**31 - 1, integer=True))
+                     temperature=float(_option(body, "temperature", generate.RELEASE_TEMPERATURE, 0, MAX_TEMPERATURE)),
+                     top_p=float(_option(body, "top_p", 1.0, 0, 1, lo_open=True)),
+                     max_tokens=_option(body, tokens_name, None, 1, integer=True),
+                     seed=_option(body, "seed", 0, 0, 2**31 - 1, integer=True),
+                     stream=stream, include_usage=include_usage)
 
 
 class MediaRoots:
@@ -179,6 +279,94 @@ class MediaRoots:
     return pathlib.Path(real)
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback pieces
+
+
+def _settled(text: str) -> str:
+  """Returns the part of a running answer's text that no later token can change.
+
+  Held back: a U+FFFD tail (the first bytes of a character whose rest is still to come), whitespace
+  (the whole answer is stripped) and a beginning of the stop string (the whole answer loses one).
+  """
+  while True:
+    cut = text.rstrip().rstrip("\ufffd")
+    cut = next((cut[:-k] for k in range(len(templates.SEP2), 0, -1) if cut.endswith(templates.SEP2[:k])), cut)
+    if cut == text:
+      return text
+    text = cut
+
+
+class TextDeltas:
+  """Hands out a growing answer's text as deltas whose concatenation is the whole answer's text.
+
+  Each push decodes the ids so far and hands out what the settled text gained: a token decoded
+  alone would lose the space SentencePiece gives it from its neighbours and split a multi-byte
+  character across tokens. A trailing run of byte-fallback tokens is left out until a text token
+  closes it, because the tokenizer decodes such a run as one byte string: a byte that cannot end
+  a character turns every byte of its run into U+FFFD, the ones already decoded included.
+  """
+
+  def __init__(self, decode, is_byte):
+    self._decode = decode  # ids -> text, as the whole answer is decoded
+    self._is_byte = is_byte  # id -> whether it is a byte-fallback token
+    self._seen = 0  # ids looked at so far
+    self._run = None  # where the trailing run of byte tokens starts, if the ids end with one
+    self.sent = ""
+
+  def push(self, ids) -> str:
+    """Returns the text the answer so far adds to what was sent ("" while its tail may still change)."""
+    for i in range(self._seen, len(ids)):
+      if not self._is_byte(ids[i]):
+        self._run = None
+      elif self._run is None:
+        self._run = i
+    self._seen = len(ids)
+    text = _settled(self._decode(ids[:self._run]))
+    if len(text) <= len(self.sent) or not text.startswith(self.sent):
+      return ""
+    delta, self.sent = text[len(self.sent):], text
+    return delta
+
+  def finish(self, text: str) -> str:
+    """Returns the last delta, given the whole answer's text."""
+    if not text.startswith(self.sent):  # a tokenizer whose decoding rewrites settled text (none served here)
+      _log.warning("streamed text %r is not a prefix of the answer %r", self.sent, text)
+      return ""
+    delta, self.sent = text[len(self.sent):], text
+    return delta
+
+
+class TokenFeed:
+  """An engine listener that hands a request's new token ids to the asyncio loop that serves it.
+
+  The engine calls it on its own thread; `next` waits on the loop for the ids handed out since its
+  last call, and returns None once the request's Future is done (after every id it handed out).
+  """
+
+  def __init__(self):
+    self._loop = asyncio.get_running_loop()
+    self._queue: asyncio.Queue = asyncio.Queue()
+
+  def __call__(self, ids: list[int]) -> None:
+    self._loop.call_soon_threadsafe(self._queue.put_nowait, ids)
+
+  def close(self, _future=None) -> None:
+    """Marks the end (a Future's done-callback); a loop already closed has no reader left."""
+    with contextlib.suppress(RuntimeError):
+      self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+  async def next(self) -> list[int] | None:
+    """Returns the ids handed out since the last call (waiting for one), or None at the end."""
+    ids = await self._queue.get()
+    while ids is not None and not self._queue.empty():
+      more = self._queue.get_nowait()
+      if more is None:
+        self._queue.put_nowait(None)  # the end comes on the next call
+        break
+      ids = ids + more
+    return ids
+
+
 class ChatService:
   """Turns parsed requests into engine requests and answers; shared by the HTTP app and tests."""
 
@@ -188,25 +376,33 @@ class ChatService:
     self.media = media
     self.max_new_tokens = max_new_tokens
     self.model_name = model_name
+    self.created = int(time.time())
+
+  def model_card(self) -> dict:
+    """Returns the served model as OpenAI's /v1/models lists one."""
+    return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": OWNER}
 
   def inputs(self, request: ChatRequest) -> tuple[np.ndarray, float | None]:
     """Returns (float32[N, D] features, duration or None) of the request's media (may run CLIP)."""
+    if request.max_tokens is not None and request.max_tokens >= self.engine.context:
+      raise HTTPError(400, f"max_tokens {request.max_tokens} leaves no positions of the server's "
+                           f"{self.engine.context} for the conversation")
     path = self.media.resolve(request.media_url)
     try:
       if path.suffix == FEATURE_SUFFIX:
         return records.read_features(path, self.engine.bot.feature_dim), request.duration
-      if path.suffix.lstrip(".").lower() not in features_lib.VIDEO_EXTENSIONS:
-        raise HTTPError(400, f"{request.media_url}: not a video ({', '.join(features_lib.VIDEO_EXTENSIONS)}) "
+      if path.suffix.lower() not in decode.VIDEO_EXTENSIONS:
+        raise HTTPError(400, f"{request.media_url}: not a video ({' '.join(decode.VIDEO_EXTENSIONS)}) "
                              f"nor a features {FEATURE_SUFFIX}")
       if not self.videos.can_encode:
         raise HTTPError(400, "this server was started without --clip: send features (.npy), not videos")
       feats, measured = self.videos(path)
     except UserError as e:
-      raise HTTPError(400, f"{request.media_url}: {e}") from None
+      raise HTTPError(400, str(e)) from None  # the readers' messages begin with the file's path
     return feats, request.duration or measured
 
-  def submit(self, request: ChatRequest, feats: np.ndarray):
-    """Returns (the engine's Future, prompt positions, max new tokens)."""
+  def submit(self, request: ChatRequest, feats: np.ndarray, listener: batching.TokenListener | None = None):
+    """Returns (the engine's Future, prompt positions, max new tokens); `listener` gets the ids as decoded."""
     bot = self.engine.bot
     try:
       ids = tuple(bot.prompt_ids(request.history, request.question))
@@ -220,29 +416,118 @@ class ChatService:
                            f"{max(room, 0)} are left for the answer, {max_new} asked (max_tokens)")
     key = jax.random.fold_in(jax.random.key(request.seed), len(request.history))
     try:
-      future = self.engine.submit(batching.Request(ids, feats, max_new, request.temperature, request.top_p, key))
+      future = self.engine.submit(batching.Request(ids, feats, max_new, request.temperature, request.top_p, key),
+                                  listener)
     except batching.QueueFull as e:
       raise HTTPError(503, f"the server is full ({e}); retry later", "server_busy") from None
     return future, positions, max_new
 
-  def completion(self, tokens: list[int], positions: int, max_new: int, duration: float | None) -> dict:
-    """Returns the chat-completion JSON of generated ids."""
-    text = prompts.decode_answer(self.engine.bot.encoder, tokens)
+  def decode(self, tokens) -> str:
+    """Returns the answer text of generated ids."""
+    return prompts.decode_answer(self.engine.bot.encoder, tokens)
+
+  def text_deltas(self) -> TextDeltas:
+    """Returns a TextDeltas of this model's tokenizer, for one streamed answer."""
+    encoder = self.engine.bot.encoder
+    return TextDeltas(self.decode, lambda i: _BYTE_PIECE.fullmatch(encoder.pieces([i])[0]) is not None)
+
+  def answer_fields(self, tokens: list[int], positions: int, max_new: int, duration: float | None) -> dict:
+    """Returns what both reply forms say of an answer: its text, finish reason, usage, moments and duration."""
+    text = self.decode(tokens)
     found = moments.find_moments(text)
     spans = [m.seconds(duration) if duration else (None, None) for m in found]
+    return {
+        "text": text,
+        "finish_reason": "length" if len(tokens) >= max_new else "stop",
+        "usage": {"prompt_tokens": positions, "completion_tokens": len(tokens), "total_tokens": positions + len(tokens)},
+        "moments": [{"start": None if s is None else round(s, 2), "end": None if e is None else round(e, 2),
+                     "start_frame": m.start, "end_frame": m.end} for m, (s, e) in zip(found, spans)],
+        "duration": duration,
+    }
+
+  def completion(self, tokens: list[int], positions: int, max_new: int, duration: float | None) -> dict:
+    """Returns the chat-completion JSON of generated ids."""
+    fields = self.answer_fields(tokens, positions, max_new, duration)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": self.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "length" if len(tokens) >= max_new else "stop"}],
-        "usage": {"prompt_tokens": positions, "completion_tokens": len(tokens),
-                  "total_tokens": positions + len(tokens)},
-        "moments": [{"start": None if s is None else round(s, 2), "end": None if e is None else round(e, 2),
-                     "start_frame": m.start, "end_frame": m.end} for m, (s, e) in zip(found, spans)],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": fields["text"]},
+                     "finish_reason": fields["finish_reason"]}],
+        "usage": fields["usage"],
+        "moments": fields["moments"],
         "duration": duration,
     }
+
+  async def chunks(self, request: ChatRequest, future, feed: TokenFeed, positions: int, max_new: int,
+                   duration: float | None):
+    """Yields the `chat.completion.chunk` JSON of a streamed answer as its tokens are decoded.
+
+    The first chunk gives the role, each later one the text its tokens settled; the last choice
+    chunk carries the finish reason with the whole answer's moments, and a chunk without choices
+    the usage if asked. An engine failure ends the stream with an error event, as OpenAI's does.
+    """
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": self.model_name}
+    if request.include_usage:
+      head["usage"] = None  # OpenAI names the field in every chunk, null until the last
+
+    def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+      return head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]} | extra
+
+    yield chunk({"role": "assistant", "content": ""})
+    deltas, ids = self.text_deltas(), []
+    while (new := await feed.next()) is not None:
+      ids += new
+      if text := deltas.push(ids):
+        yield chunk({"content": text})
+    try:
+      tokens = future.result()
+    except Exception as e:  # pylint: disable=broad-except
+      yield HTTPError(500, f"generation failed: {e}", "server_error").json()
+      return
+    fields = self.answer_fields(tokens, positions, max_new, duration)
+    if text := deltas.finish(fields["text"]):
+      yield chunk({"content": text})
+    yield chunk({}, fields["finish_reason"], moments=fields["moments"], duration=duration)
+    if request.include_usage:
+      yield head | {"choices": [], "usage": fields["usage"]}
+
+
+async def _call_on_disconnect(receive, callback) -> None:
+  """Calls `callback` when the client's connection closes (after the body, `receive` waits for that)."""
+  while (await receive())["type"] != "http.disconnect":
+    pass
+  callback()
+
+
+class EventStream:
+  """An ASGI response of server-sent events: each JSON event as `data: ...`, then `data: [DONE]`.
+
+  `on_disconnect` runs as soon as the client goes away, even while no event is due, so a stream
+  waiting on the engine stops its request at once.
+  """
+
+  def __init__(self, events, on_disconnect):
+    self.events = events  # an async iterator of JSON-able events
+    self.on_disconnect = on_disconnect
+
+  async def __call__(self, scope, receive, send) -> None:
+    del scope
+    watcher = asyncio.ensure_future(_call_on_disconnect(receive, self.on_disconnect))
+    try:
+      await send({"type": "http.response.start", "status": 200,
+                  "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                              (b"x-accel-buffering", b"no")]})
+      async for event in self.events:
+        data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+      await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    finally:
+      watcher.cancel()
+      self.on_disconnect()  # a stream that ended early (a failed send) stops its request too
+      await self.events.aclose()
 
 
 def create_app(service: ChatService, api_key: str | None = None, max_body: int = MAX_BODY_BYTES):
@@ -254,7 +539,7 @@ def create_app(service: ChatService, api_key: str | None = None, max_body: int =
   from starlette.routing import Route  # pylint: disable=g-import-not-at-top
 
   def error(e: HTTPError):
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, status_code=e.status)
+    return JSONResponse(e.json(), status_code=e.status)
 
   def authorize(request):
     if api_key is None:
@@ -266,31 +551,64 @@ def create_app(service: ChatService, api_key: str | None = None, max_body: int =
 
   async def read_json(request):
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+    if declared is not None and not declared.isdigit():
+      raise HTTPError(400, f"Content-Length {declared!r} is not a number of bytes")
+    if declared is not None and int(declared) > max_body:
       raise HTTPError(413, f"the body is over {max_body} bytes")
     body = bytearray()
     async for chunk in request.stream():
       body += chunk
       if len(body) > max_body:
         raise HTTPError(413, f"the body is over {max_body} bytes")
+    return parse_json(bytes(body))
+
+  async def answer(request, parsed: ChatRequest, feats, duration):
+    """Returns the whole answer's JSON; the request stops if its client goes away first."""
+    future, positions, max_new = service.submit(parsed, feats)
+    watcher = asyncio.ensure_future(_call_on_disconnect(request.receive, lambda: service.engine.cancel(future)))
     try:
-      return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-      raise HTTPError(400, f"the body is not JSON: {e}") from None
+      tokens = await asyncio.wrap_future(future)
+    except Exception as e:  # pylint: disable=broad-except
+      raise HTTPError(500, f"generation failed: {e}", "server_error") from None
+    finally:
+      watcher.cancel()
+    return JSONResponse(service.completion(tokens, positions, max_new, duration))
+
+  def stream(parsed: ChatRequest, feats, duration):
+    """Returns the event stream of an answer; its chunks leave as the engine decodes their tokens."""
+    feed = TokenFeed()
+    future, positions, max_new = service.submit(parsed, feats, feed)
+    future.add_done_callback(feed.close)
+    events = service.chunks(parsed, future, feed, positions, max_new, duration)
+    return EventStream(events, lambda: service.engine.cancel(future))
 
   async def chat_completions(request):
     try:
       authorize(request)
       parsed = parse_chat_request(await read_json(request))
       feats, duration = await run_in_threadpool(service.inputs, parsed)
-      future, positions, max_new = service.submit(parsed, feats)
-      try:
-        tokens = await asyncio.wrap_future(future)
-      except Exception as e:  # pylint: disable=broad-except
-        raise HTTPError(500, f"generation failed: {e}", "server_error") from None
-      return JSONResponse(service.completion(tokens, positions, max_new, duration))
+      if parsed.stream:
+        return stream(parsed, feats, duration)
+      return await answer(request, parsed, feats, duration)
     except HTTPError as e:
       return error(e)
+
+  async def models(request):
+    try:
+      authorize(request)
+    except HTTPError as e:
+      return error(e)
+    return JSONResponse({"object": "list", "data": [service.model_card()]})
+
+  async def model(request):
+    try:
+      authorize(request)
+      if request.path_params["model"] != service.model_name:
+        raise HTTPError(404, f"no model {request.path_params['model']!r}; this server serves "
+                             f"{service.model_name!r}", "not_found_error")
+    except HTTPError as e:
+      return error(e)
+    return JSONResponse(service.model_card())
 
   async def health(_):
     engine = service.engine
@@ -311,8 +629,34 @@ def create_app(service: ChatService, api_key: str | None = None, max_body: int =
     service.engine.close()
 
   return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                           Route("/v1/models", models, methods=["GET"]),
+                           Route("/v1/models/{model:path}", model, methods=["GET"]),
                            Route("/health", health, methods=["GET"])],
                    exception_handlers={StarletteHTTPException: refused, 500: internal}, lifespan=lifespan)
+
+
+def http_protocol():
+  """Returns uvicorn's HTTP protocol class, refusing a request it cannot parse with the server's error JSON.
+
+  uvicorn answers a request that is not valid HTTP (`Content-Length: abc`, a malformed request
+  line or header) itself, before the app sees it, in plain text; this subclass of the protocol
+  uvicorn would pick writes that 400 as every other refusal of the server.
+  """
+  from uvicorn.protocols.http.auto import AutoHTTPProtocol  # pylint: disable=g-import-not-at-top
+
+  class JSONRefusalProtocol(AutoHTTPProtocol):  # pylint: disable=abstract-method
+
+    def send_400_response(self, msg: str) -> None:
+      del msg  # uvicorn's "Invalid HTTP request received."
+      refusal = HTTPError(400, "not a valid HTTP request: a malformed request line or header (such as a "
+                               "Content-Length that is not a number of bytes)")
+      body = json.dumps(refusal.json()).encode()
+      head = (f"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+              f"connection: close\r\n\r\n").encode()
+      self.transport.write(head + body)
+      self.transport.close()
+
+  return JSONRefusalProtocol
 
 
 def load_service(model: str, clip: str | None, *, slots: int, context: int | None, media_roots, max_new_tokens: int,
@@ -334,7 +678,8 @@ class RunningServer:
     import threading  # pylint: disable=g-import-not-at-top
     import uvicorn  # pylint: disable=g-import-not-at-top
 
-    self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", http=http_protocol())
+    self._server = uvicorn.Server(config)
     self._thread = threading.Thread(target=self._server.run, name="vtimellm-http", daemon=True)
     self._thread.start()
     deadline = time.monotonic() + 60
