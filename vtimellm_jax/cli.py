@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from vtimellm_jax import errors
+from vtimellm_jax import errors, quiet
 
 # command path -> (module, one-line help)
 _COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -57,6 +57,7 @@ def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  quiet.setup()  # before any command imports the libraries it quiets
   argv = list(sys.argv[1:] if argv is None else argv)
   parser, _ = _build_parser(argv)
   args, extra = parser.parse_known_args(argv)

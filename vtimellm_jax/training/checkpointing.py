@@ -67,14 +67,17 @@ class TrainCheckpointer:
 
 
 def latest_step(workdir: str | pathlib.Path) -> int | None:
-  """Returns the newest checkpoint step of a workdir, or None when it has none."""
-  if not (workdir_path(workdir) / CHECKPOINT_DIR).is_dir():
+  """Returns the newest checkpoint step of a workdir, or None when it has none.
+
+  Read from the directory listing as the training manager reads it (finished saves only), without
+  a manager: a read-only one warns about each option it overrides and about being read-only, on
+  every resume, export and stage that reads an earlier one.
+  """
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
     return None
-  manager = _manager(workdir, read_only=True)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  latest = ocp.step.latest_step_metadata(directory, ocp.step.standard_name_format())
+  return None if latest is None else latest.step
 
 
 def params_source(workdir: str | pathlib.Path, step: int | None = None, keep=lambda path: True,

@@ -161,8 +161,7 @@ def _restore_newest_readable(ckpt, workdir, state: TrainState, log) -> tuple[int
     except CheckpointMismatch:
       raise
     except Exception as e:  # pylint: disable=broad-except  # a torn file: orbax, tensorstore, json each raise their own
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-      log(f"checkpoint {workdir / checkpointing.CHECKPOINT_DIR / str(step)} is unreadable ({reason}); "
+      log(f"checkpoint {workdir / checkpointing.CHECKPOINT_DIR / str(step)} is unreadable ({_first_cause(e)}); "
           "trying an older one")
       unreadable.append(step)
       continue
@@ -181,6 +180,14 @@ def _restore_newest_readable(ckpt, workdir, state: TrainState, log) -> tuple[int
     raise UserError(f"{workdir}: no checkpoint is readable (steps {unreadable}); move {checkpointing.CHECKPOINT_DIR}/ "
                     "away to start over")
   return None
+
+
+def _first_cause(error: BaseException) -> str:
+  """Returns the first line of the innermost cause of `error` (what was torn: orbax's own message
+  only names the array index, then dumps the TensorStore spec)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _abstract(tree, shardings):
