@@ -6,7 +6,9 @@ ChatGLM's fields) as sharded `.bin` and as safetensors, and in HF's layout. The 
 set (mm_projector.bin, stage-2 and stage-3 peft folders) is made with peft on the HF Glm rewired to
 one fused `query_key_value` Linear per layer, as the release's ChatGLM has; its saved keys and
 target_modules are renamed to the release's names. The reference merges the stages with peft as the
-release's loader does.
+release's loader does. A folder with `multi_query_attention: false` holds query_key_value per head,
+as ChatGLM's modeling code reads it then (tests/release_env/check_chatglm_export.py checks that
+layout against the release's own code).
 """
 
 import json
@@ -24,6 +26,7 @@ import transformers
 from hf_reference import fuse_glm_qkv, hf_glm, hf_greedy, random_batch, rel_err
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.convert import chatglm as chatglm_convert
+from vtimellm_jax.convert import release as release_convert
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm
@@ -56,36 +59,46 @@ def _rename(name: str) -> str:
   raise KeyError(name)
 
 
-def original_state(hf) -> dict[str, torch.Tensor]:
-  """Returns the HF Glm model's weights in ChatGLM3's names: q/k/v fused into query_key_value, plus the rope buffer."""
+def original_state(hf, config=CONFIG, per_head: bool = False) -> dict[str, torch.Tensor]:
+  """Returns the HF Glm model's weights in ChatGLM3's names: q/k/v fused into query_key_value, plus the rope buffer.
+
+  query_key_value is [q | k | v], or with `per_head` (ChatGLM without multi-query attention, one
+  key/value head per head) each head's q, k and v rows side by side, as ChatGLM's modeling code
+  splits them then: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...].
+  """
   sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
   out = {}
-  for i in range(CONFIG.num_layers):
+  for i in range(config.num_layers):
     for kind in ("weight", "bias"):
       parts = [sd.pop(f"model.layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
-      out[f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"] = torch.cat(parts)
+      if per_head:  # [N * H, ...] each -> [N, 3, H, ...] -> rows
+        fused = torch.stack([p.reshape(config.num_heads, config.head_size, *p.shape[1:]) for p in parts], dim=1)
+        fused = fused.reshape(-1, *parts[0].shape[1:])
+      else:
+        fused = torch.cat(parts)
+      out[f"transformer.encoder.layers.{i}.self_attention.query_key_value.{kind}"] = fused
   out.update({_rename(k): v for k, v in sd.items()})
-  half = CONFIG.head_size // 2
+  half = config.head_size // 2
   out["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
   return out
 
 
-def original_config() -> dict:
-  """Returns ChatGLM3's config.json (its configuration_chatglm.py fields) of CONFIG."""
-  return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": CONFIG.num_layers,
-          "padded_vocab_size": CONFIG.vocab_size, "hidden_size": CONFIG.hidden_size,
-          "ffn_hidden_size": CONFIG.intermediate_size, "kv_channels": CONFIG.head_size,
-          "num_attention_heads": CONFIG.num_heads, "multi_query_attention": True,
-          "multi_query_group_num": CONFIG.num_kv_heads, "seq_length": CONFIG.max_position_embeddings,
-          "layernorm_epsilon": CONFIG.rms_norm_eps, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
+def original_config(config=CONFIG, multi_query: bool = True) -> dict:
+  """Returns ChatGLM3's config.json (its configuration_chatglm.py fields) of `config`."""
+  return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": config.num_layers,
+          "padded_vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+          "ffn_hidden_size": config.intermediate_size, "kv_channels": config.head_size,
+          "num_attention_heads": config.num_heads, "multi_query_attention": multi_query,
+          "multi_query_group_num": config.num_kv_heads, "seq_length": config.max_position_embeddings,
+          "layernorm_epsilon": config.rms_norm_eps, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
           "post_layer_norm": True, "apply_residual_connection_post_layernorm": False, "original_rope": True,
           "torch_dtype": "float32", "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"}}
 
 
-def write_original(state: dict, directory, fmt: str, shards: int = 2):
+def write_original(state: dict, directory, fmt: str, shards: int = 2, config_json: dict | None = None):
   """Writes `state` as a ChatGLM3 directory: .bin shards + index, or one model.safetensors; tokenizer files too."""
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / "config.json").write_text(json.dumps(original_config()))
+  (directory / "config.json").write_text(json.dumps(config_json or original_config()))
   for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py", "modeling_chatglm.py"):
     (directory / name).write_text(f"stand-in {name}\n")
   if fmt == "safetensors":
@@ -104,9 +117,9 @@ def _convert(src, out, *extra) -> None:
   assert cli.main(["convert", "chatglm", "--src", str(src), "--out", str(out), "--dtype", "float32", *extra]) == 0
 
 
-def _check_logits(model_dir, hf) -> None:
+def _check_logits(model_dir, hf, config=CONFIG) -> None:
   ours = load_model(model_dir)
-  ids, mask = random_batch(CONFIG.vocab_size, 3, 12, [12, 9, 4])
+  ids, mask = random_batch(config.vocab_size, 3, 12, [12, 9, 4])
   with torch.no_grad():
     ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   assert rel_err(ours(jnp.asarray(ids), jnp.asarray(mask)), ref, mask.astype(bool)) < 1e-4
@@ -167,6 +180,41 @@ def test_export_round_trips_in_both_layouts(hf, converted, tmp_path):
     ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
     got = loaded(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
   torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+PER_HEAD = chatglm.tiny(vocab_size=128, num_layers=2, num_kv_heads=4)  # every head its own key/value head
+
+
+def test_per_head_query_key_value_converts_regroups_and_exports_as_multi_query(tmp_path):
+  # ChatGLM's config without multi-query attention: its modeling code reads query_key_value per head.
+  hf = hf_glm(PER_HEAD, seed=3)
+  config_json = original_config(PER_HEAD, multi_query=False)
+  write_original(original_state(hf, PER_HEAD, per_head=True), tmp_path / "glm", "safetensors", config_json=config_json)
+  _convert(tmp_path / "glm", tmp_path / "ours")
+  assert model_io.read_model_json(tmp_path / "ours")["config"]["num_kv_heads"] == 4
+  _check_logits(tmp_path / "ours", hf, PER_HEAD)
+  # The export says multi-query with one group per head, which reads [q | k | v]: the same weights come back.
+  assert cli.main(["export", "--model", str(tmp_path / "ours"), "--format", "chatglm", "--out",
+                   str(tmp_path / "chatglm-out")]) == 0
+  exported = json.loads((tmp_path / "chatglm-out" / "config.json").read_text())
+  assert exported["multi_query_attention"] is True and exported["multi_query_group_num"] == 4
+  written = safetensors.torch.load_file(tmp_path / "chatglm-out" / "model.safetensors")
+  for name, value in original_state(hf, PER_HEAD).items():
+    torch.testing.assert_close(written[name], value, rtol=0, atol=0, msg=name)
+  _convert(tmp_path / "chatglm-out", tmp_path / "again")
+  _check_logits(tmp_path / "again", hf, PER_HEAD)
+
+
+def test_release_refuses_a_per_head_base(tmp_path):
+  # The release's LoRA folders of such a model would change query_key_value's rows per head too.
+  hf = hf_glm(PER_HEAD, seed=3)
+  base = write_original(original_state(hf, PER_HEAD, per_head=True), tmp_path / "glm", "safetensors",
+                        config_json={**original_config(PER_HEAD), "multi_query_attention": False})
+  torch.save({"transformer.mm_projector.weight": torch.zeros(PER_HEAD.hidden_size, 768),
+              "transformer.mm_projector.bias": torch.zeros(PER_HEAD.hidden_size)}, tmp_path / "mm_projector.bin")
+  with pytest.raises(UserError, match=r"glm/config\.json: multi_query_attention is False, so query_key_value holds "
+                                      r"q, k and v per head"):
+    release_convert.convert_release(base, tmp_path / "mm_projector.bin", tmp_path / "out", dtype="float32")
 
 
 # --- the release's ChatGLM set ---------------------------------------------------------------------
@@ -362,10 +410,10 @@ def test_unknown_layout_and_unsupported_config_are_refused(hf, tmp_path):
 def test_export_chatglm_format_refuses_a_llama_model(tmp_path, capsys):
   from flax import nnx
 
-  from vtimellm_jax.models import load
-  from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  from vtimellm_jax.models import llama, load
+  from vtimellm_jax.models.llama import LlamaForCausalLM
 
-  load.save_model(LlamaForCausalLM(LlamaConfig.tiny(num_layers=1), nnx.Rngs(0)), tmp_path / "llama")
+  load.save_model(LlamaForCausalLM(llama.tiny(num_layers=1), nnx.Rngs(0)), tmp_path / "llama")
   argv = ["export", "--model", str(tmp_path / "llama"), "--format", "chatglm", "--out", str(tmp_path / "o")]
   assert cli.main(argv) == 2
   assert "--format chatglm writes ChatGLM3's names; this is a LLaMA model" in capsys.readouterr().err

@@ -11,6 +11,17 @@ The original names are the working names: `CHATGLM_TABLE` maps them to ours (mod
 holds the full name table), HF tensors are renamed into them on the way in (q, k and v of a layer
 fused once all three arrived) and out of them on export. The release's LoRA folders and
 non_lora_trainables use the original names too, so `convert release` merges in them.
+
+query_key_value's rows are [q | k | v] when config.json says `multi_query_attention: true` (every
+ChatGLM2/3 checkpoint); with `false` (the default of ChatGLM's configuration class) its
+modeling_chatglm.py reads them per head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], and `convert chatglm`
+regroups them (`regroup_qkv`). Exports always write `multi_query_attention: true` with one group
+per key/value head, which reads [q | k | v] whatever the grouping.
+
+ChatGLM3's tokenizer and model classes are remote code: .py files beside the weights, named by the
+`auto_map` of config.json and tokenizer_config.json. The project ships none of them; an export
+copies the user's own from the ChatGLM3 folder the model was converted from (`code_source`,
+`copy_remote_code`), or says which files to copy from where.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 
 import jax
@@ -60,6 +72,18 @@ IGNORED = (r"transformer\.rotary_pos_emb\.inv_freq", r".*rotary_emb\.inv_freq")
 LAYOUTS = ("original", "hf")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 _ORIGINAL_TYPES = ("chatglm", "VTimeLLM_ChatGLM")
+# The remote-code classes THUDM's ChatGLM3-6B config.json names (module.Class, module = file name).
+AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+}
+# What `AutoTokenizer.from_pretrained(..., trust_remote_code=True)` (the release's loader) imports,
+# whether or not the folder's tokenizer_config.json names it.
+TOKENIZER_CODE = "tokenization_chatglm.py"
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\s", re.MULTILINE)
 
 
 def load_config_json(src: pathlib.Path) -> tuple[dict, pathlib.Path]:
@@ -87,6 +111,15 @@ def layout_of(hf: dict, source: str = "config.json") -> str:
     return "hf"
   raise UserError(f"{source}: model_type {model_type!r} is not a ChatGLM3 checkpoint: expected 'chatglm' "
                   "(its original names, transformer.encoder.layers.N...) or 'glm' (HF GlmForCausalLM)")
+
+
+def qkv_per_head(hf: dict) -> bool:
+  """Returns whether an original-layout config.json's query_key_value rows are grouped per head.
+
+  ChatGLM's modeling code splits [q | k | v] only under `multi_query_attention` (absent means
+  false, its configuration class's default); otherwise it reads each head's q, k and v side by side.
+  """
+  return not hf.get("multi_query_attention", False)
 
 
 def _original_config(hf: dict, source: str, **overrides) -> LlamaConfig:
@@ -148,21 +181,34 @@ def read_config(src: str | pathlib.Path, **overrides) -> tuple[LlamaConfig, str]
 
 
 def to_original_dict(config: LlamaConfig) -> dict:
-  """Returns ChatGLM3's own config.json dict (original names) of a ChatGLM-family config."""
+  """Returns ChatGLM3's own config.json dict (original names) of a ChatGLM-family config.
+
+  Every field THUDM's ChatGLM3-6B config.json has, plus the rest of the fields its configuration
+  class reads, so ChatGLM's modeling code finds each attribute it asks for (its forward reads
+  `use_cache` from the config). Values are this model's; the switches are ChatGLM3's (RMSNorm,
+  pre-norm, bias on query_key_value only, no prefix tuning or quantization). `multi_query_attention`
+  is always true, with one group per key/value head: with false ChatGLM would read query_key_value
+  per head, which is not how these weights are laid out. `torch_dtype` is the writer's
+  (`export_formats.write_hf_dir`); `_name_or_path` and `transformers_version`, which
+  transformers' `save_pretrained` adds about itself, are left out.
+  """
   if not (config.fused_projections and config.rope_interleaved and config.partial_rotary_factor == 0.5):
     raise ValueError("not a ChatGLM3 architecture (fused projections, interleaved rope on half of each head)")
   if config.rope_theta != 10000.0:
     raise ValueError(f"ChatGLM3's config has no rope base; this model's is {config.rope_theta}, not 10000")
   return {
-      "architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": config.num_layers,
-      "padded_vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+      "architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": dict(AUTO_MAP),
+      "num_layers": config.num_layers, "padded_vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
       "ffn_hidden_size": config.intermediate_size, "kv_channels": config.head_size,
-      "num_attention_heads": config.num_heads, "multi_query_attention": config.num_kv_heads != config.num_heads,
+      "num_attention_heads": config.num_heads, "multi_query_attention": True,
       "multi_query_group_num": config.num_kv_heads, "seq_length": config.max_position_embeddings,
       "layernorm_epsilon": config.rms_norm_eps, "rmsnorm": True, "post_layer_norm": True,
       "apply_residual_connection_post_layernorm": False, "add_bias_linear": False,
       "add_qkv_bias": config.qkv_bias, "original_rope": True, "tie_word_embeddings": False,
-      "hidden_dropout": 0.0, "attention_dropout": 0.0, "eos_token_id": 2, "pad_token_id": 0,
+      "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": None,
+      "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True, "bias_dropout_fusion": True,
+      "fp32_residual_connection": False, "quantization_bit": 0, "pre_seq_len": None, "prefix_projection": False,
+      "use_cache": True, "eos_token_id": 2, "pad_token_id": 0,
   }
 
 
@@ -227,11 +273,42 @@ def original_to_hf(tensors: Iterable[tuple[str, np.ndarray]], config: LlamaConfi
     yield hf[0][0], array
 
 
-def iter_original(src: str | pathlib.Path, config: LlamaConfig, layout: str,
-                  problems: list[str]) -> Iterator[tuple[str, str, np.ndarray]]:
-  """Yields (file, original name, array) of every tensor of a ChatGLM3 directory in either layout."""
+def regroup_qkv(tensors: Iterable[tuple[str, str, np.ndarray]],
+                config: LlamaConfig) -> Iterator[tuple[str, str, np.ndarray]]:
+  """Yields the (file, original name, array) triples with each query_key_value regrouped from per head to [q | k | v].
+
+  Per head, rows are [q_h, k_h, v_h] of `head_size` each (ChatGLM without multi-query attention,
+  every head its own key/value head); a tensor of another row count passes unchanged, for the
+  converter to report its shape.
+  """
+  heads, size = config.num_heads, config.head_size
+  for file_name, name, array in tensors:
+    if _QKV.fullmatch(name) and array.shape[0] == 3 * heads * size:
+      rest = array.shape[1:]
+      array = np.ascontiguousarray(array.reshape(heads, 3, size, *rest).swapaxes(0, 1)).reshape(3 * heads * size, *rest)
+    yield file_name, name, array
+
+
+def iter_original(src: str | pathlib.Path, config: LlamaConfig, layout: str, problems: list[str],
+                  regroup_per_head: bool = False) -> Iterator[tuple[str, str, np.ndarray]]:
+  """Yields (file, original name, array) of every tensor of a ChatGLM3 directory in either layout.
+
+  query_key_value comes as [q | k | v]. A checkpoint whose config.json lays it out per head
+  (`qkv_per_head`) is regrouped when `regroup_per_head`, else refused: a caller that also reads
+  LoRA folders of that model (`convert release`) would add their deltas in the other order.
+  """
   tensors = ((str(file), name, array) for file, name, array in torch_files.iter_checkpoint(src))
-  return tensors if layout == "original" else hf_to_original(tensors, config, problems)
+  if layout != "original":
+    return hf_to_original(tensors, config, problems)
+  hf, path = load_config_json(pathlib.Path(src))
+  if not qkv_per_head(hf):
+    return tensors
+  if not regroup_per_head:
+    raise UserError(f"{path}: multi_query_attention is {hf.get('multi_query_attention', 'absent')!r}, so "
+                    "query_key_value holds q, k and v per head, and the LoRA folders of such a model would too; "
+                    "only multi-query ChatGLM3 checkpoints (multi_query_attention: true, as THUDM's) are read "
+                    "here (`vtimellm-jax convert chatglm` converts the model alone)")
+  return regroup_qkv(tensors, config)
 
 
 def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
@@ -244,7 +321,7 @@ def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
   expected = llama.abstract_params(config)
   problems: list[str] = []
   try:
-    flat = llama.convert_tensors(iter_original(src, config, layout, problems), expected,
+    flat = llama.convert_tensors(iter_original(src, config, layout, problems, regroup_per_head=True), expected,
                                  jax.numpy.dtype(config.storage_dtype), str(src), rules=CHATGLM_TABLE, ignored=IGNORED)
   except ConversionError as e:
     raise ConversionError(str(src), problems + e.problems) from None
@@ -259,3 +336,71 @@ def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
 def copy_tokenizer(src: str | pathlib.Path, out: str | pathlib.Path) -> list[str]:
   """Copies ChatGLM3's tokenizer data files present in `src` (never its .py code) to `out`; returns their names."""
   return llama.copy_tokenizer(src, out, names=TOKENIZER_FILES)
+
+
+def code_source(model_dir: str | pathlib.Path) -> pathlib.Path | None:
+  """Returns the ChatGLM3 folder a model directory was converted from, as its model.json records it, or None.
+
+  `convert chatglm` records the folder (`source`), `convert release` its `--base` (`source.base`),
+  which may be a `convert chatglm` output: followed until a folder without model.json. The folder
+  is returned even if it is gone, so a message can name it. None: nothing recorded (a run's
+  export, a random model).
+  """
+  path, seen = pathlib.Path(model_dir), set()
+  while (path / model_io.MODEL_JSON).is_file():
+    if path.resolve() in seen:
+      return None
+    seen.add(path.resolve())
+    try:
+      source = json.loads((path / model_io.MODEL_JSON).read_text()).get("source")
+    except json.JSONDecodeError:
+      return None
+    if isinstance(source, dict):
+      source = source.get("base")
+    if not isinstance(source, str) or not source:
+      return None
+    path = pathlib.Path(source)
+  return path
+
+
+def remote_code_names(folder: str | pathlib.Path) -> list[str]:
+  """Returns the .py files that `folder`'s tokenizer_config.json and config.json `auto_map` name, tokenizer's first.
+
+  `tokenization_chatglm.py` is always among them: the release's loader asks for the tokenizer
+  with trust_remote_code.
+  """
+  names = [TOKENIZER_CODE]
+  for file_name in ("tokenizer_config.json", "config.json"):
+    try:
+      auto_map = json.loads((pathlib.Path(folder) / file_name).read_text()).get("auto_map") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+      continue
+    for ref in auto_map.values():
+      for item in ref if isinstance(ref, list) else [ref]:
+        if isinstance(item, str) and "." in item:
+          # "module.Class", or "owner/repo--module.Class" for code kept in another hub repository
+          names.append(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+  return list(dict.fromkeys(names))
+
+
+def copy_remote_code(src: str | pathlib.Path | None, out: str | pathlib.Path) -> tuple[list[str], list[str]]:
+  """Copies the remote code `out`'s configs name (`remote_code_names`) from the folder `src`; returns (copied, missing).
+
+  The modules a copied file imports relatively (modeling_chatglm.py's `from .quantization import`)
+  come too, as transformers asks for them when it loads the file. With `src` None every named file
+  is missing.
+  """
+  out = pathlib.Path(out)
+  wanted, copied, missing = remote_code_names(out), [], []
+  while wanted:
+    name = wanted.pop(0)
+    if name in copied or name in missing:
+      continue
+    file = pathlib.Path(src) / name if src is not None else None
+    if file is None or not file.is_file():
+      missing.append(name)
+      continue
+    shutil.copy2(file, out / name)
+    copied.append(name)
+    wanted += [f"{module}.py" for module in _RELATIVE_IMPORT.findall(file.read_text(errors="replace"))]
+  return copied, missing

@@ -13,8 +13,10 @@ Names are the model's family's (`release.Family`): Vicuna's HF LLaMA names, or C
            `transformers.LlamaForCausalLM.from_pretrained` loads (for ChatGLM3: an HF Glm directory
            for `GlmForCausalLM`), plus `mm_projector.bin`.
   chatglm  (ChatGLM3 only) a merged directory in ChatGLM3's original names and config.json, as THUDM's
-           checkpoint and the release's `--model_base` have them (the release's modeling_chatglm.py
-           code is not copied), plus `mm_projector.bin`.
+           checkpoint and the release's `--model_base` have them, plus `mm_projector.bin`. Its
+           remote code (tokenization_chatglm.py and the files config.json's auto_map names) is the
+           user's own, copied from the ChatGLM3 folder the model was converted from; the project
+           ships none.
 Names come from the conversion tables (the family's rules and peft rules) read backwards.
 """
 
@@ -25,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from vtimellm_jax import model_io
+from vtimellm_jax import cli_types, model_io
 from vtimellm_jax.convert import chatglm, llama, release, table
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models import chatglm as chatglm_model
@@ -36,7 +38,6 @@ LORA_DIR = "lora"
 BASE_DIR = "base"
 CHATGLM_BASE_DIR = "chatglm3-base"  # the release loads a ChatGLM base only from a path containing "chatglm"
 MAX_SHARD_BYTES = 5 * 2**30  # HF's default shard size
-HF_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _torch_tensor(array: np.ndarray, dtype: str | None = None):
@@ -134,8 +135,8 @@ def write_hf_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | 
   """
   from safetensors.torch import save_file
 
-  if dtype not in HF_DTYPES:
-    raise UserError(f"--dtype must be one of {', '.join(HF_DTYPES)}, got {dtype!r}")
+  if dtype not in cli_types.DTYPES:
+    raise UserError(f"--dtype must be one of {', '.join(cli_types.DTYPES)}, got {dtype!r}")
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   itemsize = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
@@ -168,9 +169,16 @@ CHATGLM_LAYOUTS = ("chatglm", "hf")
 
 def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | pathlib.Path, dtype: str,
                       layout: str, tokenizer_src: str | pathlib.Path | None = None,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-  """Writes ChatGLM3 weights (`llm` in original names) as a ChatGLM3 directory in its original names
-  (`layout` 'chatglm') or as an HF `GlmForCausalLM` directory ('hf'); returns the tokenizer files copied."""
+                      max_shard_bytes: int = MAX_SHARD_BYTES, code_src: str | pathlib.Path | None = None) -> list[str]:
+  """Writes ChatGLM3 weights (`llm` in original names) as a ChatGLM3 directory; returns lines saying what else it holds.
+
+  `layout` 'chatglm': ChatGLM3's original names and config.json, with the tokenizer's data files
+  from `tokenizer_src` and the remote code (tokenization_chatglm.py and what the configs' auto_map
+  name) from `code_src`, the ChatGLM3 folder the model came from (`chatglm.code_source`; None:
+  not known). Files it cannot copy are named in the lines, with where to get them: the export is
+  written all the same. 'hf': an HF `GlmForCausalLM` directory, whose code is transformers' own.
+  """
+  folder = pathlib.Path(folder)
   if layout == "chatglm":
     head = config.head_size // 2  # ChatGLM rotates half of each head; its checkpoints hold that table's inv_freq
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, head, 2, dtype=np.float32) / head))
@@ -179,5 +187,16 @@ def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: s
     tensors, config_json = dict(chatglm.original_to_hf(llm.items(), config)), chatglm_model.to_hf_glm_dict(config)
   else:
     raise UserError(f"ChatGLM3 layout must be one of {', '.join(CHATGLM_LAYOUTS)}, got {layout!r}")
-  return write_hf_dir(tensors, config, folder, dtype, tokenizer_src, max_shard_bytes, config_json=config_json,
-                      tokenizer_files=chatglm.TOKENIZER_FILES)
+  write_hf_dir(tensors, config, folder, dtype, tokenizer_src, max_shard_bytes, config_json=config_json,
+               tokenizer_files=chatglm.TOKENIZER_FILES)
+  if layout != "chatglm":
+    return []
+  copied, missing = chatglm.copy_remote_code(code_src, folder)
+  lines = [f"{folder}: ChatGLM3's remote code copied from {code_src}: {', '.join(copied)}"] if copied else []
+  if missing:
+    where = (f"they are not in {code_src}, the folder this model's LLM came from" if code_src is not None
+             else "the ChatGLM3 folder this model's LLM came from is not recorded")
+    lines.append(f"{folder}: copy {', '.join(missing)} into it from your ChatGLM3-6B folder (THUDM's chatglm3-6b): "
+                 f"{where}. The folder's config.json and tokenizer_config.json name them, and the release's "
+                 "load_pretrained_model loads the tokenizer as remote code")
+  return lines

@@ -20,7 +20,10 @@ directory (model.json + params/). Formats:
   hf       a merged HF directory (safetensors, config.json, tokenizer files) plus mm_projector.bin:
            LLaMA for Vicuna models, GlmForCausalLM for ChatGLM3 models.
   chatglm  ChatGLM3 models only: a merged directory in ChatGLM3's original names and config.json
-           (THUDM's layout, the release's --model_base) plus mm_projector.bin.
+           (THUDM's layout, the release's --model_base) plus mm_projector.bin. ChatGLM3's remote
+           code (tokenization_chatglm.py, and what config.json's auto_map names) is copied from
+           the ChatGLM3 folder the model was converted from; where that is not known or lacks a
+           file, the output names the files to copy in. chatglm3-base/ of --format release too.
 """
 
 from __future__ import annotations
@@ -81,6 +84,28 @@ def _export_jax_model_dir(src: pathlib.Path, out: pathlib.Path, keep_lora: bool)
   return f"{merged} LoRA layers merged" if merged else "no LoRA merged"
 
 
+def _chatglm_code_source(model_dir: pathlib.Path) -> pathlib.Path | None:
+  """Returns the ChatGLM3 folder a model directory, or the run it was exported from, was converted from; or None.
+
+  A run's export records the workdir (`source_workdir`): its base model directory, else its
+  tokenizer folder, says where the LLM came from.
+  """
+  from vtimellm_jax import model_io
+  from vtimellm_jax.convert import chatglm
+  from vtimellm_jax.training import model_setup
+
+  found = chatglm.code_source(model_dir)
+  workdir = model_io.read_model_json(model_dir).get("source_workdir")
+  if found is not None or not workdir or not (pathlib.Path(workdir) / model_setup.RUN_JSON).is_file():
+    return found
+  config = model_setup.read_run_config(workdir)
+  for candidate in (config.model.base, config.data.tokenizer):
+    found = chatglm.code_source(candidate) if candidate else None
+    if found is not None:
+      return found
+  return None
+
+
 def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: str | None = None,
                  adapter_format: str = "bin", with_base: bool = False) -> list[str]:
   """Writes the `release`, `hf` or `chatglm` files of a model directory to `out`; returns lines describing them."""
@@ -108,20 +133,24 @@ def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: st
   elif fmt == "release":
     raise UserError(f"{model_dir}: a plain LLM has no mm_projector to export in the release's format")
 
-  def write_llm(folder: pathlib.Path, layout: str) -> str:
+  def write_llm(folder: pathlib.Path, layout: str) -> tuple[str, list[str]]:
+    """Returns (what was written, lines about the files beside it)."""
     if family is release.CHATGLM:
-      export_formats.write_chatglm_dir(llm, model.config, folder, dtype, layout, tokenizer_src=model_dir)
-      return "HF GlmForCausalLM" if layout == "hf" else "ChatGLM3 (original names)"
+      code_src = _chatglm_code_source(model_dir) if layout == "chatglm" else None
+      notes = export_formats.write_chatglm_dir(llm, model.config, folder, dtype, layout, tokenizer_src=model_dir,
+                                               code_src=code_src)
+      return ("HF GlmForCausalLM" if layout == "hf" else "ChatGLM3 (original names)"), notes
     export_formats.write_hf_dir(llm, model.config, folder, dtype, tokenizer_src=model_dir)
-    return "HF LLaMA"
+    return "HF LLaMA", []
 
   if fmt in ("hf", "chatglm"):
-    return lines + [f"{out}: merged {write_llm(out, fmt)} directory ({dtype})"]
+    kind, notes = write_llm(out, fmt)
+    return lines + [f"{out}: merged {kind} directory ({dtype})"] + notes
   # The release loads ChatGLM3 with its own code, and only when --model_base contains "chatglm".
   base_dir = out / (export_formats.CHATGLM_BASE_DIR if family is release.CHATGLM else export_formats.BASE_DIR)
   if with_base:
-    kind = write_llm(base_dir, "chatglm")
-    lines.append(f"{base_dir}: the base LLM, {kind} directory ({dtype}), for --model_base")
+    kind, notes = write_llm(base_dir, "chatglm")
+    lines += [f"{base_dir}: the base LLM, {kind} directory ({dtype}), for --model_base"] + notes
   if not factors:
     return lines + ["the model holds no unmerged LoRA, so only the projector was written; its LLM weights "
                     "are exported with --format hf (or --with-base)"]
