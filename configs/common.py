@@ -1,10 +1,11 @@
-"""The VTimeLLM recipe shared by every stage (SPEC section 3). Stage files change only what differs.
+"""The VTimeLLM recipe shared by every stage. Stage files change only what differs.
 
 Two LLM families, as the release has: Vicuna v1.5 (sizes `tiny` for CPU tests and the quickstart,
 `7b`, `13b`) and ChatGLM3 (`chatglm3` = ChatGLM3-6B; `chatglm3,tiny` for CPU tests). The release's
 `_glm.sh` stage scripts use the same hyperparameters as the Vicuna ones; what differs is the model,
 its LoRA targets (every Linear of ChatGLM3, its output layer included) and the prompt: with a
 ChatGLM tokenizer the release builds every stage's samples with `preprocess_glm` (template `glm`).
+Those differences live in the family registry (models/families.py); this file only asks it.
 Global batch 128 = micro_batch x accumulation x data-parallel ranks; accumulation is derived at run
 time from the device count, so the global batch stays 128 on any mesh.
 """
@@ -13,17 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vtimellm_jax.models import chatglm
-from vtimellm_jax.models.lora import ALL_TARGETS as LORA_TARGETS
-
-# family -> size -> model preset (models/llama.py `LlamaConfig.preset`); the first size is a family's
-# default when only the family is named.
-PRESETS = {
-    "vicuna": {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"},
-    "chatglm3": {"6b": "chatglm3_6b", "tiny": "chatglm3_tiny"},
-}
-SIZES = ("tiny", "7b", "13b", "6b")
-DEFAULT_SIZE = {"vicuna": "tiny", "chatglm3": "6b"}
+from vtimellm_jax.models import families
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -38,38 +29,35 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   for part in filter(None, (arg or "").split(",")):
     key, sep, value = part.partition("=")
     if not sep:
-      key, value = ("family", key) if key in PRESETS else ("size", key)
-    if key == "family" and value in PRESETS:
+      key, value = ("family", key) if key in families.FAMILIES else ("size", key)
+    if key == "family" and value in families.FAMILIES:
       out["family"] = value
     elif key == "family":
-      problems.append(f"unknown family {value!r}; choose from {', '.join(PRESETS)}")
-    elif key == "size" and value in SIZES:
+      problems.append(f"unknown family {value!r}; choose from {', '.join(families.FAMILIES)}")
+    elif key == "size" and value in families.SIZES:
       out["size"] = value
     elif key == "size":
-      problems.append(f"unknown size {value!r}; choose from {', '.join(SIZES)}")
+      problems.append(f"unknown size {value!r}; choose from {', '.join(families.SIZES)}")
     else:
       problems.append(f"unknown argument {part!r} (known: family, size, or one of them alone)")
-  family = out.setdefault("family", "vicuna")
-  size = out.setdefault("size", DEFAULT_SIZE[family])
-  if not problems and size not in PRESETS[family]:
-    problems.append(f"{family} has no size {size!r}; choose from {', '.join(PRESETS[family])}")
+  family = families.get(out.setdefault("family", families.VICUNA.name))
+  size = out.setdefault("size", family.default_size)
+  if not problems and size not in family.sizes:
+    problems.append(f"{family.name} has no size {size!r}; choose from {', '.join(family.sizes)}")
   if problems:
     raise ValueError("; ".join(problems))
   return out
 
 
 def plain_template(c: ml_collections.ConfigDict) -> str:
-  """Returns the template of the caption-only stages (0, 1): `plain`, or `glm` for ChatGLM3.
-
-  The release runs its `_glm.sh` stage 1 with `--version plain`, but with a ChatGLM tokenizer its
-  dataset builds every sample with `preprocess_glm`, whatever the version says.
-  """
-  return "glm" if c.family == "chatglm3" else "plain"
+  """Returns the template of the caption-only stages (0, 1) of the config's family (`plain`, `glm`)."""
+  return families.get(c.family).caption_template
 
 
-def recipe(size: str, family: str = "vicuna") -> ml_collections.ConfigDict:
+def recipe(size: str, family: str = families.VICUNA.name) -> ml_collections.ConfigDict:
   """Returns the hyperparameters common to all stages for `family` and `size`."""
   tiny = size == "tiny"
+  fam = families.get(family)
   c = ml_collections.ConfigDict()
   c.stage = ""
   c.family = family
@@ -77,7 +65,7 @@ def recipe(size: str, family: str = "vicuna") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = PRESETS[family][size]
+  c.model.preset = fam.preset_name(size)
   c.model.base = ""  # model directory (convert llama / an export); "" = random init of the preset
   c.model.vocab_size = 0  # 0: the base's or the preset's
   # 0 keeps the preset's value; the quickstart widens `tiny` with these.
@@ -99,15 +87,14 @@ def recipe(size: str, family: str = "vicuna") -> ml_collections.ConfigDict:
   # On a v5e-16 AOT compile of 7B stage 2 it saved little (docs/performance.md, "TPU memory").
   # ChatGLM3's LoRA covers lm_head with dropout (as the release trains it), which the chunked loss
   # cannot recompute (config_loading refuses it): full logits there.
-  c.model.loss_chunk = 0 if tiny or family == "chatglm3" else 512
+  c.model.loss_chunk = 0 if tiny or fam.lora_on_output else 512
   # > 0: video tokens carry a frame-time code and the pieces 00-99 start from it (models/time_code.py).
   # Random init only (a base keeps its own). Off by default and for Vicuna; the quickstart's tiny
   # model uses it (docs/synthetic.md).
   c.model.time_code = 0.0
 
   c.trainable = "lora"  # adapter | lora | all
-  targets = chatglm.LORA_TARGETS if family == "chatglm3" else LORA_TARGETS
-  c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, dropout=0.05, targets=targets))
+  c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, dropout=0.05, targets=fam.lora_targets))
   if tiny:
     c.lora.rank, c.lora.alpha = 8, 16.0
 
@@ -119,7 +106,7 @@ def recipe(size: str, family: str = "vicuna") -> ml_collections.ConfigDict:
   c.data.json = ""
   c.data.features = ""
   c.data.tokenizer = ""  # "" = the tokenizer files of model.base
-  c.data.template = "glm" if family == "chatglm3" else "v1"
+  c.data.template = fam.template
   c.data.max_length = 2048
   c.data.num_buckets = 8
   c.data.skip_bad_records = False

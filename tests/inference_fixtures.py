@@ -87,14 +87,13 @@ def tiny_vtimellm(tmp_path_factory) -> TinyVTimeLLM:
   """A tiny VTimeLLM model directory (model.json, params/, tokenizer files), built once per session."""
   import sentencepiece
   from vtimellm_jax.data import tokenizer as tokenizer_lib
-  from vtimellm_jax.models import load
-  from vtimellm_jax.models.llama import LlamaConfig
+  from vtimellm_jax.models import llama, load
   from vtimellm_jax.models.vtimellm import VTimeLLM
 
   model_dir = tmp_path_factory.mktemp("tiny_vtimellm")
   tokenizer_lib.train_tokenizer(_corpus(), model_dir, vocab_size=400)
   sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-  config = LlamaConfig.tiny(vocab_size=sp.get_piece_size())
+  config = llama.tiny(vocab_size=sp.get_piece_size())
   hf = hf_llama(config)
   with torch.no_grad():
     # HF's init (std 0.02) leaves attention outputs so small that a tiny model's next token hardly

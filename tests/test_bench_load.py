@@ -6,11 +6,11 @@ import torch
 
 from hf_reference import hf_llama
 from vtimellm_jax import cli
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama
 
 
 def test_bench_load_reports_peak_memory_over_a_tiny_baseline(tmp_path, capsys):
-  hf_llama(LlamaConfig.tiny(num_layers=3), seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+  hf_llama(llama.tiny(num_layers=3), seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
   assert cli.main(["bench", "load", "--convert-from", str(tmp_path / "hf")]) == 0
   converted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert cli.main(["convert", "llama", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 0

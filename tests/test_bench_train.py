@@ -4,7 +4,8 @@ import json
 import math
 
 from vtimellm_jax import cli
-from vtimellm_jax.models.llama import REMAT_MODES, LlamaConfig
+from vtimellm_jax.models.llama import REMAT_MODES
+from vtimellm_jax.models import llama
 from vtimellm_jax.training.step import training_flops_per_token
 
 
@@ -35,7 +36,7 @@ def test_every_remat_mode_is_a_choice():
 def test_flops_count_matches_the_baselines_formula():
   # shared/bench/torch_peft_baseline.py: 4 * (all - trainable - embeddings) + 3 * 4 * L * d * layers; its count
   # also includes the RMSNorm weights (0.004% of the total), which do no matmul and are left out here.
-  c = LlamaConfig.vicuna_7b()
+  c = llama.vicuna_7b()
   all_params = (c.vocab_size * c.hidden_size * 2 + c.num_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size
                                                                   + 2 * c.hidden_size) + c.hidden_size)
   norms = c.num_layers * 2 * c.hidden_size + c.hidden_size

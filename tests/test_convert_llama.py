@@ -14,12 +14,12 @@ from vtimellm_jax.convert import llama as llama_convert
 from vtimellm_jax.convert import torch_files
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.load import load_model
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama
 
 
 @pytest.fixture(scope="module")
 def hf_model():
-  return hf_llama(LlamaConfig.tiny(num_kv_heads=2, num_layers=2), seed=4)
+  return hf_llama(llama.tiny(num_kv_heads=2, num_layers=2), seed=4)
 
 
 def _write_bin_shards(model, directory, n_shards=2):

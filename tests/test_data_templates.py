@@ -1,4 +1,4 @@
-"""Label parity: our templates vs a reference written here from SPEC's rules, on sentencepiece.
+"""Label parity: our templates vs a reference written here from the release's rules, on sentencepiece.
 
 The reference tokenizes like the release's slow legacy LLaMA tokenizer using the `sentencepiece`
 package directly (split on special tokens, each piece encoded on its own with its dummy prefix,
@@ -66,7 +66,7 @@ def legacy_pieces(sp, text: str, base: int = 0) -> list[tuple[int, int, int]]:
 
 
 def reference(sp, prompt: str, trained: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-  """Returns (input_ids, labels) of `prompt`, trained byte spans `trained`, by SPEC's rules."""
+  """Returns (input_ids, labels) of `prompt`, trained byte spans `trained`, by the release's rules."""
   ids, spans, pos = [1], [(0, 0)], 0
   for k, chunk in enumerate(prompt.split("<video>")):
     if k:

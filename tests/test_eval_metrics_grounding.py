@@ -1,4 +1,4 @@
-"""Grounding metrics against references written here from SPEC section 4, malformed answers included."""
+"""Grounding metrics against references written here from the release's metric rules (its metric.py), malformed answers included."""
 
 import json
 import random
@@ -12,7 +12,7 @@ from vtimellm_jax.evaluation import annotations, answer_log, grounding
 
 
 def _reference_iou(answer: str, gt: tuple[float, float], duration: float) -> float:
-  """SPEC: first `(\\d{2}) (to|and) (\\d{2})`, / 100, IoU with gt / duration, rounded to 2; no match -> 0."""
+  """The release's metric: first `(\\d{2}) (to|and) (\\d{2})`, / 100, IoU with gt / duration, rounded to 2; no match -> 0."""
   m = re.search(r"(\d{2}) (to|and) (\d{2})", answer)
   if not m:
     return 0.0

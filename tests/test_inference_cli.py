@@ -27,7 +27,7 @@ def _run(argv, capsys, monkeypatch=None, stdin=None):
 
 
 def _v1(*rounds):
-  """Returns the Vicuna v1 prompt of (question, answer) rounds, the last answer None (SPEC section 2)."""
+  """Returns the Vicuna v1 prompt of (question, answer) rounds, the last answer None (the release's conversation format)."""
   text = SYSTEM + " "
   for question, answer in rounds:
     text += "USER: " + question + " " + ("ASSISTANT:" if answer is None else "ASSISTANT: " + answer + "</s>")
@@ -274,12 +274,12 @@ def test_run_eval_batches_one_task_at_its_budget_and_counts_cut_answers(tmp_path
 def test_auto_batch_size_is_the_largest_power_of_two_that_fits():
   from types import SimpleNamespace
   from vtimellm_jax.inference import evaluate
-  from vtimellm_jax.models.llama import LlamaConfig
+  from vtimellm_jax.models import llama
 
-  assert evaluate.auto_batch_size(None, LlamaConfig.tiny(), 200, 128)[0] == 8  # a CPU reports no memory figures
+  assert evaluate.auto_batch_size(None, llama.tiny(), 200, 128)[0] == 8  # a CPU reports no memory figures
   gib = 2**30
   # 7B in bfloat16 keeps 0.5 MiB of KV cache per position per row.
-  vicuna = LlamaConfig.vicuna_7b(dtype="bfloat16", param_dtype="bfloat16")
+  vicuna = llama.vicuna_7b(dtype="bfloat16", param_dtype="bfloat16")
   h100 = {"bytes_limit": 60 * gib, "bytes_in_use": 14 * gib}  # after the 13.5 GB model
   size, why = evaluate.auto_batch_size(h100, vicuna, 224, 128)
   assert size == 64 and "KV cache of 224 + 128 positions in 512 slots, 256 MiB" in why and "46.0 GiB free" in why

@@ -31,7 +31,7 @@ def _run(argv, capsys):
 
 
 def _v1(question):
-  """Returns the one-round Vicuna v1 prompt of a first question (SPEC section 2)."""
+  """Returns the one-round Vicuna v1 prompt of a first question (the release's conversation format)."""
   return SYSTEM + " USER: <video>\n" + question + " ASSISTANT:"
 
 

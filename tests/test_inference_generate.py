@@ -12,9 +12,9 @@ import transformers
 from hf_reference import hf_greedy, hf_llama, jax_from_hf
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import generate as gen
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama
 
-CONFIG = LlamaConfig.tiny(num_kv_heads=2)
+CONFIG = llama.tiny(num_kv_heads=2)
 # Tests share batch 3, prompts padded to 16 and 8 new tokens, so they share compiled programs.
 NEW = 8
 GREEDY = gen.GenerationConfig(max_new_tokens=NEW, temperature=0)

@@ -10,7 +10,7 @@ from vtimellm_jax.inference import evaluate, moments, prompts
 
 
 def test_release_queries_verbatim():
-  # SPEC section 4, written out by hand.
+  # the release's prompt, written out by hand.
   assert templates.grounding_question("  A Man jumps into the pool. ") == (
       "<video>\nDuring which frames can we see a man jumps into the pool?")
   assert templates.grounding_question("the end..") == "<video>\nDuring which frames can we see the end.?"

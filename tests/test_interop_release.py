@@ -24,6 +24,7 @@ from hf_reference import hf_llama
 from inference_fixtures import SYSTEM, TinyVTimeLLM
 from vtimellm_jax import cli, model_io
 from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama
 from vtimellm_jax.models.load import load_model
 from vtimellm_jax.models.vtimellm import VIDEO_TOKEN_INDEX
 
@@ -89,7 +90,7 @@ def release(tmp_path_factory) -> Release:
   base = root / "vicuna"
   tokenizer_lib.train_tokenizer(_corpus(), base, vocab_size=300)
   sp = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
-  config = LlamaConfig.tiny(vocab_size=sp.get_piece_size(), num_kv_heads=2, hidden_size=32, intermediate_size=80,
+  config = llama.tiny(vocab_size=sp.get_piece_size(), num_kv_heads=2, hidden_size=32, intermediate_size=80,
                             num_heads=4)
   hf = hf_llama(config, seed=1)
   hf.save_pretrained(base)

@@ -7,7 +7,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vtimellm_jax"
 LAYERS = {
-    "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0, "xla_flags": 0, "device_peaks": 0,
+    "errors": 0, "cli_types": 0, "sharding": 0, "model_io": 0, "xla_flags": 0, "device_peaks": 0, "quiet": 0,
     "models": 1, "data": 1, "evaluation": 1,
     "convert": 2, "data_pipelines": 2,
     "video": 3,
@@ -71,3 +71,48 @@ def test_the_package_carries_the_top_level_directories():
   for name in LINKED:
     assert (ROOT / name).is_dir() and not (ROOT / name).is_symlink()
     assert (PACKAGE / name).is_symlink() and (PACKAGE / name).resolve() == (ROOT / name)
+
+
+def _module_name(path: pathlib.Path) -> str:
+  rel = path.relative_to(PACKAGE).with_suffix("")
+  parts = ["vtimellm_jax", *rel.parts]
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_circle():
+  """No module imports (at module level or inside a function) one that imports it back, however far round."""
+  modules = {_module_name(p): p for p in _modules()}
+  graph = {name: set() for name in modules}
+  for name, path in modules.items():
+    for module, names in _imports(path):
+      for target in [module, *names]:
+        if target in modules and target != name:
+          graph[name].add(target)
+  # Tarjan's strongly connected components: a component of more than one module is a circle.
+  index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+  def visit(node):
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for nxt in graph[node]:
+      if nxt not in index:
+        visit(nxt)
+        low[node] = min(low[node], low[nxt])
+      elif nxt in on_stack:
+        low[node] = min(low[node], index[nxt])
+    if low[node] == index[node]:
+      component = []
+      while True:
+        member = stack.pop()
+        on_stack.discard(member)
+        component.append(member)
+        if member == node:
+          break
+      if len(component) > 1:
+        circles.append(sorted(component))
+
+  for node in graph:
+    if node not in index:
+      visit(node)
+  assert not circles, "\n".join(" <-> ".join(c) for c in circles)

@@ -12,9 +12,9 @@ from flax import nnx
 
 from hf_reference import assert_cached_decode_matches_forward, hf_glm, hf_llama, jax_from_hf, jax_from_hf_glm
 from vtimellm_jax.inference import generate
-from vtimellm_jax.models import answering, chatglm, lora
+from vtimellm_jax.models import answering, chatglm, llama, lora
 from vtimellm_jax.models.kv_cache import CacheStep
-from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vtimellm_jax.models.llama import LlamaForCausalLM
 from vtimellm_jax.models.vtimellm import VTimeLLM
 
 
@@ -25,13 +25,13 @@ def _stacked_arrays(model):
 @pytest.mark.parametrize("family", ["llama", "llama_gqa", "chatglm3", "vtimellm"])
 def test_layout_computes_what_the_stacked_model_computes(family):
   if family == "chatglm3":
-    config = chatglm.preset("tiny")
+    config = chatglm.tiny()
     model = jax_from_hf_glm(hf_glm(config), config)
   elif family == "vtimellm":
-    config = LlamaConfig.tiny()
+    config = llama.tiny()
     model = VTimeLLM(config, nnx.Rngs(0))
   else:
-    config = LlamaConfig.tiny(num_kv_heads=2 if family == "llama_gqa" else 4)
+    config = llama.tiny(num_kv_heads=2 if family == "llama_gqa" else 4)
     model = jax_from_hf(hf_llama(config), config)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, config.vocab_size, (2, 12))
@@ -55,7 +55,7 @@ def test_layout_computes_what_the_stacked_model_computes(family):
 
 
 def test_layout_refuses_unmerged_lora():
-  model = LlamaForCausalLM(LlamaConfig.tiny(), nnx.Rngs(0))
+  model = LlamaForCausalLM(llama.tiny(), nnx.Rngs(0))
   lora.attach_lora(model, lora.LoraConfig(rank=4), nnx.Rngs(1))
   with pytest.raises(ValueError, match="merged LoRA"):
     answering.answering_layout(model)
@@ -65,7 +65,7 @@ def test_layout_refuses_unmerged_lora():
 
 @pytest.mark.parametrize("mode", ["exact", "shared"])
 def test_cached_decode_in_the_layout_matches_the_full_forward(mode):
-  config = LlamaConfig.tiny(num_kv_heads=2)
+  config = llama.tiny(num_kv_heads=2)
   model = answering.answering_layout(jax_from_hf(hf_llama(config), config))
   cache = model.init_cache(2, 16)
   assert isinstance(cache.k, tuple) and cache.k[0].shape == (2, 2, 16, 16)  # one [B, K, S, H] buffer per layer
@@ -100,7 +100,7 @@ def _bytes_accessed(compiled) -> float:
 
 
 def test_decode_step_reads_the_weights_and_the_window_not_the_cache():
-  config = LlamaConfig.tiny(num_layers=4, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=4,
+  config = llama.tiny(num_layers=4, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=4,
                             max_position_embeddings=8192)
   model = answering.answering_layout(LlamaForCausalLM(config, nnx.Rngs(0)))
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -145,7 +145,7 @@ def test_gpu_decode_loop_reads_weights_and_cache_in_place():
                                         topology="1x1x1").devices[0]
   on_device = jax.sharding.SingleDeviceSharding(device)
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device)  # noqa: E731
-  config = LlamaConfig.vicuna_7b(num_layers=2, dtype="bfloat16", param_dtype="bfloat16")
+  config = llama.vicuna_7b(num_layers=2, dtype="bfloat16", param_dtype="bfloat16")
   model = nnx.eval_shape(lambda: answering.answering_layout(LlamaForCausalLM(config, nnx.Rngs(0))))
   graphdef, state = nnx.split(model)
   cache_len, new_tokens = 1280, 1024

@@ -12,7 +12,7 @@ from vtimellm_jax.models import llama, per_head_attention
 from vtimellm_jax import sharding
 
 # Head dim 128 (splash's lane width); 4 query heads over 2 kv heads; T = 200 (splash pads it to 256).
-CONFIG = llama.LlamaConfig.tiny(hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128, attention_impl="xla")
+CONFIG = llama.tiny(hidden_size=512, num_heads=4, num_kv_heads=2, head_dim=128, attention_impl="xla")
 B, T = 2, 200
 LENGTHS = jnp.array([150, 200])
 REAL = jnp.arange(T)[None, :, None] < LENGTHS[:, None, None]  # [B, T, 1]: rows' real positions

@@ -11,7 +11,7 @@ from flax import nnx
 from hf_reference import (assert_cached_decode_matches_forward, assert_forward_matches_hf, fuse_glm_qkv, glm_arrays,
                           hf_forward, hf_glm, hf_greedy, jax_from_hf_glm, random_batch, rel_err)
 from vtimellm_jax.inference import generate as gen
-from vtimellm_jax.models import chatglm, load, lora
+from vtimellm_jax.models import chatglm, families, load, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
 from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import step as step_lib
@@ -51,7 +51,7 @@ def test_presets_and_release_targets():
   c = chatglm.chatglm3_6b()
   assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_size) == (4096, 28, 32, 2, 128)
   assert (c.intermediate_size, c.vocab_size, c.rotary_dim, c.rope_theta) == (13696, 65024, 64, 10000.0)
-  assert chatglm.preset("6b") == c and chatglm.preset("tiny").fused_projections
+  assert families.preset("chatglm3_6b") == c and families.preset("chatglm3_tiny").fused_projections
   assert set(chatglm.RELEASE_LORA_TARGETS) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
                                                "output_layer"}
   with pytest.raises(ValueError, match="not a LLaMA"):

@@ -10,11 +10,11 @@ from vtimellm_jax import model_io, sharding
 from vtimellm_jax.convert import llama as llama_convert
 from vtimellm_jax.convert import table
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import load
+from vtimellm_jax.models import llama, load
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.models.vtimellm import VTimeLLM
 
-CONFIG = LlamaConfig.tiny(num_layers=3)
+CONFIG = llama.tiny(num_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import torch
 from flax import nnx
 
 from hf_reference import hf_llama, jax_from_hf, random_batch
-from vtimellm_jax.models import lora
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama, lora
 from vtimellm_jax.training import step as step_lib
 
 RANK, ALPHA = 4, 8.0
@@ -49,7 +48,7 @@ def _copy_peft_factors(ours, peft_model):
 
 
 def _setup(targets=lora.ALL_TARGETS):
-  config = LlamaConfig.tiny()
+  config = llama.tiny()
   hf = hf_llama(config)
   ours = jax_from_hf(hf, config)
   peft_model = _peft_model(hf, targets)
@@ -111,7 +110,7 @@ def test_merge_equals_unmerged_and_fresh_lora_starts_from_merged():
 
 
 def test_lora_dropout_is_active_only_in_training():
-  config = LlamaConfig.tiny()
+  config = llama.tiny()
   from vtimellm_jax.models.llama import LlamaForCausalLM
   model = LlamaForCausalLM(config, nnx.Rngs(0))
   lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5), nnx.Rngs(1))
@@ -128,7 +127,7 @@ def test_lora_dropout_is_active_only_in_training():
 def test_saved_lora_model_loads_whole(tmp_path):
   from vtimellm_jax.models.load import load_model, save_model
   from vtimellm_jax.models.vtimellm import VTimeLLM
-  config = LlamaConfig.tiny(num_layers=1)
+  config = llama.tiny(num_layers=1)
   model = VTimeLLM(config, nnx.Rngs(0))
   lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=("q_proj", "up_proj")), nnx.Rngs(1))
   for _, layer in lora.lora_layers(model):

@@ -11,8 +11,7 @@ from flax import nnx
 from vtimellm_jax.configs import common
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import time_code
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama, time_code
 from vtimellm_jax.models.load import load_model, save_model
 from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import model_setup
@@ -45,7 +44,7 @@ def test_frames_get_the_code_and_images_do_not():
 
 
 def _model(time_code_scale, vocab=64):
-  config = LlamaConfig.tiny(vocab_size=vocab, time_code=time_code_scale)
+  config = llama.tiny(vocab_size=vocab, time_code=time_code_scale)
   return VTimeLLM(config, nnx.Rngs(0))
 
 

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama
 from vtimellm_jax.models.vtimellm import (IGNORE_INDEX, VIDEO_TOKEN_INDEX, VTimeLLM, check_placeholders,
                                           splice_features)
 
@@ -43,7 +43,7 @@ def test_splice_matches_reference(n_features):
 
 
 def test_model_runs_the_spliced_sequence_like_the_plain_llm():
-  config = LlamaConfig.tiny()
+  config = llama.tiny()
   model = VTimeLLM(config, nnx.Rngs(0))
   ids = np.array([[1, 5, VIDEO_TOKEN_INDEX, 7, 8, 9]])
   feats = np.random.RandomState(1).randn(1, 3, 768).astype(np.float32)

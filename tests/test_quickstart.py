@@ -116,7 +116,7 @@ def test_real_size_recipe_needs_a_base(tmp_path, capsys):
   assert cli.main(["quickstart", "--workdir", str(tmp_path / "qs"), "--size", "7b"]) == 2
   assert "--size 7b needs --base" in capsys.readouterr().err
   assert cli.main(["quickstart", "--workdir", str(tmp_path / "qs"), "--family", "chatglm3", "--size", "7b"]) == 2
-  assert "--family chatglm3 has sizes tiny, 6b, not 7b" in capsys.readouterr().err
+  assert "--family chatglm3 has sizes 6b, tiny, not 7b" in capsys.readouterr().err
   assert not (tmp_path / "qs").exists()
 
 

@@ -2,7 +2,7 @@
 
 References here are independent of the generator: colour words are checked against the textbook hue
 of the word (red 0 degrees, yellow 60, ...), not against the generator's palette, and the 100
-sampled frames are computed from SPEC section 1 (`linspace(0, T - 1, 100)` truncated).
+sampled frames are computed from the release's rule (`linspace(0, T - 1, 100)` truncated).
 """
 
 import colorsys

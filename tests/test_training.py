@@ -19,7 +19,7 @@ from flax import nnx
 from training_fixtures import make_dataset
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import llama, lora
-from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from vtimellm_jax.models.llama import LlamaForCausalLM
 from vtimellm_jax.training import checkpointing, config_loading, model_setup, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_remat_with_lora_dropout_changes_no_number(dataset, tmp_path):
 def _frozen_matmuls_and_saved_values(remat: str):
   """Returns (x @ W products of frozen kernels in the gradient's jaxpr, saved-residual lines) of one
   LoRA decoder layer (XLA attention, dropout on) under the policy of `remat`."""
-  config = LlamaConfig.tiny(attention_impl="xla", remat=remat)
+  config = llama.tiny(attention_impl="xla", remat=remat)
   layer = llama.LlamaDecoderLayer(config, nnx.Rngs(0))
   lora.attach_lora(layer, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1), nnx.Rngs(1))
   graphdef, factors, streams, frozen = nnx.split(layer, nnx.LoRAParam, nnx.RngState, ...)
@@ -158,7 +158,7 @@ def test_lora_remat_policy_saves_every_frozen_matmul_output():
 
 def test_lora_dropout_masks_differ_between_layers():
   # One key per stacked layer: reseeding splits the step's key, so layers do not share masks.
-  model = LlamaForCausalLM(LlamaConfig.tiny(num_layers=3), nnx.Rngs(0))
+  model = LlamaForCausalLM(llama.tiny(num_layers=3), nnx.Rngs(0))
   lora.attach_lora(model, lora.LoraConfig(rank=2, alpha=4.0, dropout=0.5), nnx.Rngs(1))
   nnx.reseed(model, dropout=jax.random.key(7), policy="match_shape")
   keys = jax.random.key_data(model.model.layers.mlp.up_proj.lora_dropout.rngs.key[...])
@@ -171,7 +171,7 @@ def test_trainer_model_is_born_sharded(dataset, tmp_path, monkeypatch):
   from vtimellm_jax.models.vtimellm import VTimeLLM
 
   # An unusual width, so no other test's arrays share these shapes.
-  base_config = LlamaConfig.tiny(vocab_size=400, hidden_size=72, intermediate_size=200, num_layers=3, num_heads=4,
+  base_config = llama.tiny(vocab_size=400, hidden_size=72, intermediate_size=200, num_layers=3, num_heads=4,
                                  num_kv_heads=4)
   save_model_dir = tmp_path / "base"
   load.save_model(VTimeLLM(base_config, nnx.Rngs(5)), save_model_dir)

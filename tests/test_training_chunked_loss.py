@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vtimellm_jax.models import lora
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import llama, lora
 from vtimellm_jax.models.vtimellm import IGNORE_INDEX, VIDEO_TOKEN_INDEX, VTimeLLM
 from vtimellm_jax.training import step as step_lib
 
@@ -16,7 +15,7 @@ FEATURES, FEATURE_DIM, TEXT = 5, 12, 14  # T' = TEXT - 1 + FEATURES = 18 positio
 
 
 def _model(trainable=nnx.LoRAParam):
-  model = VTimeLLM(LlamaConfig.tiny(vocab_size=97), nnx.Rngs(0), feature_dim=FEATURE_DIM)
+  model = VTimeLLM(llama.tiny(vocab_size=97), nnx.Rngs(0), feature_dim=FEATURE_DIM)
   lora.attach_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0), nnx.Rngs(1))
   # LoRA B starts at 0, which would leave half the gradients trivially equal; make it non-zero.
   for _, layer in lora.lora_layers(model):

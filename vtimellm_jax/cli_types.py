@@ -10,6 +10,11 @@ import argparse
 import math
 from collections.abc import Callable
 
+# The floating-point types a model computes or stores in, by name (every --dtype and config dtype).
+DTYPES = ("float32", "bfloat16", "float16")
+# With "auto": the command chooses (float32 on a CPU, the accelerator's 16-bit type elsewhere).
+DTYPES_OR_AUTO = ("auto", *DTYPES)
+
 
 def int_at_least(lo: int) -> Callable[[str], int]:
   """Returns an argparse type accepting integers >= `lo`."""

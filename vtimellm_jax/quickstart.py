@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from vtimellm_jax import cli_types
+from vtimellm_jax.models import families
 from vtimellm_jax.data import records
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -59,8 +60,6 @@ QUICKSTART_VOCAB = 1024
 # A dense-captioning answer in JSON is 36-79 pieces of that tokenizer on the held-out videos; the
 # budget leaves room for a model that lists an event twice before it closes the bracket.
 EVAL_MAX_NEW_TOKENS = 256
-# Sizes of each family's stage configs (configs/common.py).
-FAMILY_SIZES = {"vicuna": ("tiny", "7b", "13b"), "chatglm3": ("tiny", "6b")}
 QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
                      "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
 
@@ -73,9 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--steps", type=cli_types.int_at_least(0), default=0, help="steps of every stage (0: the quickstart's own per stage)")
   parser.add_argument("--stage-steps", default="", metavar="STAGE=N,...",
                       help="steps of single stages, e.g. stage0=100,stage2=300 (overrides --steps for those)")
-  parser.add_argument("--family", default="vicuna", choices=tuple(FAMILY_SIZES),
+  parser.add_argument("--family", default=families.VICUNA.name, choices=tuple(families.FAMILIES),
                       help="the LLM family: Vicuna (LLaMA) or ChatGLM3, as the release has (default: %(default)s)")
-  parser.add_argument("--size", default="tiny", choices=("tiny", "7b", "13b", "6b"),
+  parser.add_argument("--size", default="tiny", choices=families.SIZES,
                       help="tiny (trained here), or a real size with --base: 7b/13b (Vicuna), 6b (ChatGLM3)")
   parser.add_argument("--base", default="", help="with a real --size: a converted Vicuna / ChatGLM3 model directory")
   parser.add_argument("--clip", default="tiny-random-64",
@@ -168,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.video import standardize
   from vtimellm_jax.video.clip_source import TINY_RANDOM_SIZES
 
-  family = getattr(args, "family", "vicuna")
-  if args.size not in FAMILY_SIZES[family]:
-    raise UserError(f"--family {family} has sizes {', '.join(FAMILY_SIZES[family])}, not {args.size}")
+  family = families.get(getattr(args, "family", families.VICUNA.name))
+  if args.size not in family.sizes:
+    raise UserError(f"--family {family.name} has sizes {', '.join(family.sizes)}, not {args.size}")
   if args.size != "tiny" and not args.base:
     raise UserError(f"--size {args.size} needs --base <converted model directory> (and usually --clip)")
-  config_arg = args.size if family == "vicuna" else f"{family},{args.size}"
+  config_arg = f"family={family.name},size={args.size}"
   stage_steps = parse_stage_steps(args.stage_steps)  # before minutes of work, not after
   wd = pathlib.Path(args.workdir)
   wd.mkdir(parents=True, exist_ok=True)
@@ -195,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     # ~30% shorter, and fewer tokens between a question and its answer.
     lines = corpus["corpus"].read_text().splitlines()
     lines += [record["conversations"][1]["value"] for record in stage0_data]
-    train = tokenizer_lib.train_tokenizer if family == "vicuna" else chatglm_tokenizer.train_chatglm_tokenizer
+    train = {"sentencepiece": tokenizer_lib.train_tokenizer,
+             "chatglm": chatglm_tokenizer.train_chatglm_tokenizer}[family.tokenizer]
     train(lines, tokenizer_dir, vocab_size=QUICKSTART_VOCAB, pieces=time_code.TIME_PIECES)
 
   say("3/6 features (extract-features)")

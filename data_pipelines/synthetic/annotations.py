@@ -1,4 +1,4 @@
-"""Annotations of the synthetic corpus, in the release's formats (SPEC sections 2 and 4).
+"""Annotations of the synthetic corpus, in the release's formats (its training data and evaluation files).
 
 - stage 1: LLaVA image-caption records (`id`, `image`, human `<image>\\n` + instruction, gpt caption)
   for stills of single events; a still shows no motion, so its caption names colour and shape only.

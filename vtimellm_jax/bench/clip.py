@@ -6,7 +6,7 @@
   python -m vtimellm_jax.bench.clip --batch-sizes "" --preprocess 64x64,360x640,720x1280  # preprocessing alone
 
 Weights are random (numpy, `models.clip.random_params`): speed does not depend on their values.
-Each result is one JSON line on stdout, in the shape of `shared/bench/torch_clip_baseline.py`'s, so
+Each result is one JSON line on stdout, in the shape of the PyTorch baseline `torch_clip_baseline.py`'s, so
 both can be run in one device session and compared line by line. Beside frames/s an encoder line
 gives the model FLOPs per frame (`models.clip.flops_per_image`) and, where the device's dense
 16-bit peak is known (`vtimellm_jax.device_peaks`), the fraction of it achieved (`peak_fraction`).

@@ -2,7 +2,7 @@
 
   python -m vtimellm_jax.bench.decode --size 7b --dtype bfloat16          # GPU, Vicuna-7B shapes
   python -m vtimellm_jax.bench.decode --size tiny --new-tokens 32 --repeats 2   # CPU smoke test
-  python ../shared/bench/torch_peft_baseline.py                           # HF generate, same shapes
+  python $TORCH_BENCH/torch_peft_baseline.py                           # HF generate, same shapes
 
 Weights are random (speed does not depend on their values) and the stop token is disabled, so
 every run generates exactly --new-tokens tokens. The default shapes are those of the torch baseline
@@ -29,13 +29,12 @@ import numpy as np
 
 from vtimellm_jax import cli_types, device_peaks, xla_flags
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m vtimellm_jax.bench.decode", description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="7b", choices=("tiny", "7b", "13b"), help="LLaMA preset")
-  parser.add_argument("--dtype", default="auto", choices=DTYPES,
+  parser.add_argument("--dtype", default="auto", choices=cli_types.DTYPES_OR_AUTO,
                       help="weights and compute; auto: bfloat16 on GPU/TPU, float32 on CPU")
   parser.add_argument("--prompt-len", type=cli_types.int_at_least(1), default=160, help="prompt embeddings (default: %(default)s)")
   parser.add_argument("--new-tokens", type=cli_types.int_at_least(1), default=128, help="tokens generated (default: %(default)s)")
@@ -63,9 +62,10 @@ def random_model(size: str, dtype: str, layout: str = "answering"):
   """Returns a LLaMA of preset `size` with random weights created on the device, in `layout`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models import answering, load  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import families
 
-  config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
+  config = families.preset(families.preset_of_size(size), dtype=dtype, param_dtype=dtype)
   # A jitted init builds the weights on the device, without a host copy of 13 GB; then the layers
   # are held one array per layer, as every answering command holds them.
   model = load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")

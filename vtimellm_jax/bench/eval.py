@@ -87,7 +87,7 @@ def random_answerer(size: str, dtype: str, tokenizer_dir: str, *, stops: bool = 
   from vtimellm_jax.data import templates, tokenizer  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import answerer  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import families
   from vtimellm_jax.models.vtimellm import VTimeLLM  # pylint: disable=g-import-not-at-top
 
   rng = random.Random(0)
@@ -96,7 +96,7 @@ def random_answerer(size: str, dtype: str, tokenizer_dir: str, *, stops: bool = 
              for _ in range(200)]
   encoder = tokenizer.ReleaseEncoder(tokenizer.load_tokenizer(tokenizer.train_tokenizer(corpus, tokenizer_dir,
                                                                                         vocab_size=400)))
-  config = LlamaConfig.preset(size, dtype=dtype, param_dtype=dtype)
+  config = families.preset(families.preset_of_size(size), dtype=dtype, param_dtype=dtype)
   # A jitted init builds the weights on the device, without a host copy of 13 GB.
   model = load.sharded_model(lambda: VTimeLLM(config, nnx.Rngs(0)), what="the benchmark model")
   return answerer.Answerer(model, encoder if stops else _NeverStops(encoder))

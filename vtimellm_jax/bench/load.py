@@ -92,12 +92,12 @@ def run(args: argparse.Namespace) -> dict:
   """Returns the measurement: the target's and the tiny baseline's peak RSS, time, and the ratio."""
   from flax import nnx
 
-  from vtimellm_jax.models import load
-  from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  from vtimellm_jax.models import llama, load
+  from vtimellm_jax.models.llama import LlamaForCausalLM
 
   with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
     tiny = pathlib.Path(tmp) / "tiny"
-    load.save_model(LlamaForCausalLM(LlamaConfig.tiny(param_dtype="bfloat16", dtype="bfloat16"), nnx.Rngs(0)), tiny)
+    load.save_model(LlamaForCausalLM(llama.tiny(param_dtype="bfloat16", dtype="bfloat16"), nnx.Rngs(0)), tiny)
     common = ["--mesh-fsdp", str(args.mesh_fsdp)]
     _, baseline = _measure(["--child", "load", "--model", str(tiny), *common])
     if args.model:

@@ -5,7 +5,7 @@
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m vtimellm_jax.bench.train --size 7b --remat lora
 
 The step is the trainer's own (`training.step.make_train_step`), so what is measured is what
-trains. Shapes follow `shared/bench/torch_peft_baseline.py`: B rows of 100 video features + T_TEXT
+trains. Shapes follow the PyTorch baseline `torch_peft_baseline.py`: B rows of 100 video features + T_TEXT
 text tokens, labels on the text after the first 60 answer-free positions, and useful FLOPs counted
 the same way (4 x frozen matmul parameters + 3 x attention per token), so the JSON lines of both
 scripts compare directly. XLA_FLAGS is taken from the environment as it is (training adds no flags
@@ -58,15 +58,14 @@ def run_bench(args: argparse.Namespace) -> dict:
   import numpy as np
   from flax import nnx
 
-  from vtimellm_jax.models import load, lora
-  from vtimellm_jax.models.llama import LlamaConfig
+  from vtimellm_jax.models import families, load, lora
   from vtimellm_jax.models.vtimellm import VTimeLLM
   from vtimellm_jax.training import step as step_lib
 
   on_cpu = jax.default_backend() == "cpu"
   dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
-  preset = {"tiny": "tiny", "7b": "vicuna_7b", "13b": "vicuna_13b"}[args.size]
-  config = LlamaConfig.preset(preset, dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention)
+  config = families.preset(families.preset_of_size(args.size), dtype=dtype, param_dtype=dtype, remat=args.remat,
+                           attention_impl=args.attention)
 
   def create():
     model = VTimeLLM(config, nnx.Rngs(0))

@@ -14,7 +14,6 @@ import argparse
 
 from vtimellm_jax import cli_types
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="OpenAI ViT-L-14.pt (TorchScript) or state dict, HF CLIP directory, or open_clip "
                            "directory / state dict")
   parser.add_argument("--out", required=True, help="output model directory")
-  parser.add_argument("--dtype", default="float32", choices=DTYPES,
+  parser.add_argument("--dtype", default="float32", choices=cli_types.DTYPES,
                       help="stored weight dtype (OpenAI's fp16 weights are exact in float32)")
   parser.add_argument("--act", default=None, choices=("quick_gelu", "gelu"),
                       help="activation for OpenAI-layout state dicts without a config (default quick_gelu; "

@@ -107,11 +107,6 @@ def plain_prompt(turns: Sequence[tuple[str, str]]) -> str:
   return VIDEO_TAG + "\n" + turns[1][1] + PLAIN_SEP
 
 
-def inference_prompt(question: str) -> str:
-  """Returns the release's inference prompt for one user question (which holds `<video>`)."""
-  return v1_prompt([("human", question)], generation_prompt=True)
-
-
 def tokenize_video_prompt(enc: tokenizer_lib.ReleaseEncoder, prompt: str) -> list[int]:
   """Returns the release's ids of `prompt`: chunks around `<video>` joined by the placeholder."""
   chunks = [enc.encode(chunk) for chunk in prompt.split(VIDEO_TAG)]

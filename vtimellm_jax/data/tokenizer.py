@@ -338,10 +338,6 @@ class ReleaseEncoder:
         ids.extend(self.encode_piece(part))
     return ids
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """Returns `[self.encode(t) for t in texts]`."""
-    return [self.encode(t) for t in texts]
-
   def decode(self, ids: Sequence[int]) -> str:
     """Returns the text of `ids`, negative ids (placeholder, ignore) left out."""
     return self.tokenizer.decode([i for i in ids if i >= 0])

@@ -45,10 +45,6 @@ class AnswerLog:
   unreadable_lines: tuple[int, ...] = ()
   repeated_lines: tuple[tuple[int, int], ...] = ()
 
-  def of_task(self, task: str) -> list[LogRecord]:
-    """Returns the records of one task, in log order."""
-    return [r for r in self.records if r.task == task]
-
 
 def query_key(obj: dict) -> tuple:
   """Returns the query a decoded log line answers: (video_id, task, query_id, sentence_id or None)."""

@@ -192,8 +192,3 @@ def score_captioning(records: Sequence[LogRecord], annotations: Annotations, log
   metrics = {"soda_c": soda.soda_c(list(soda_per_video.values())) * 100,
              "METEOR": dense.meteor * 100, "CIDEr": dense.cider * 100}
   return CaptioningScores(metrics, predictions, soda_per_video, dense.per_tiou, dict(problems), malformed, len(records))
-
-
-def captioning_metrics(records: Sequence[LogRecord], annotations: Annotations) -> dict[str, float]:
-  """Returns {"soda_c", "METEOR", "CIDEr"} in percent for the captioning records of a log (needs Java)."""
-  return score_captioning(records, annotations).metrics

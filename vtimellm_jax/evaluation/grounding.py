@@ -127,8 +127,3 @@ def score_grounding(records: Sequence[LogRecord], annotations: Annotations, log_
     ious.append(span_iou(parsed.start, parsed.end, gt_start, gt_end, video.duration))
     spans.append((parsed.start, parsed.end))
   return GroundingScores(tuple(ious), metrics_from_ious(ious), dict(problems), malformed, tuple(records), tuple(spans))
-
-
-def grounding_metrics(records: Sequence[LogRecord], annotations: Annotations) -> dict[str, float]:
-  """Returns {"mIoU", "R1@0.3", "R1@0.5", "R1@0.7"} in percent for the grounding records of a log."""
-  return score_grounding(records, annotations).metrics

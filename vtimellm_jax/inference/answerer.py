@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import generate as generate_lib
 from vtimellm_jax.inference import prompts
 from vtimellm_jax.models import answering, lora
 
 PAD_MULTIPLE = 32
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,8 @@ def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer
   from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models.vtimellm import VTimeLLM  # pylint: disable=g-import-not-at-top
 
-  if dtype not in DTYPES:
-    raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+  if dtype not in cli_types.DTYPES_OR_AUTO:
+    raise UserError(f"--dtype must be one of {', '.join(cli_types.DTYPES_OR_AUTO)}, got {dtype!r}")
   path = pathlib.Path(model_dir)
   if not path.is_dir():
     raise UserError(f"--model {model_dir}: not a folder")

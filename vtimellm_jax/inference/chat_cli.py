@@ -25,7 +25,7 @@ QUIT_WORDS = ("exit", "quit")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from vtimellm_jax.inference import answerer, generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
 
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='one JSON line per answer: {"answer", "token_ids", "moments" (seconds, null '
                            'without a duration), "frames" (the moments as frame indices)}')
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
-  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+  parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
 
 

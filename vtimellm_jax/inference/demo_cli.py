@@ -18,7 +18,7 @@ from vtimellm_jax import cli_types, xla_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from vtimellm_jax.inference import answerer, demo, generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import demo, generate  # pylint: disable=g-import-not-at-top
 
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                      "the videos; a quickstart workdir names its own")
   parser.add_argument("--host", default=demo.DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
   parser.add_argument("--port", type=cli_types.int_at_least(1), default=demo.DEFAULT_PORT, help="port (default: %(default)s)")
-  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+  parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
   parser.add_argument("--example", action="append", default=[], metavar="VIDEO",
                       help="a video listed under the player as an example (repeatable; default: the release's "

@@ -40,7 +40,7 @@ def _batch_size(text: str) -> int | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from vtimellm_jax.inference import answerer, evaluate, generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import evaluate, generate  # pylint: disable=g-import-not-at-top
 
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--skip-missing", action="store_true", help="skip and count videos without features")
   parser.add_argument("--max-batches", type=cli_types.int_at_least(1), help="stop after this many batches (rerun to continue)")
-  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+  parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -1,6 +1,6 @@
 """The release's inference prompts and queries, tokenized around `<video>`, and its answer clean-up.
 
-With a Vicuna tokenizer every question goes into the Vicuna v1 conversation of SPEC section 2
+With a Vicuna tokenizer every question goes into the release's Vicuna v1 conversation
 ending in "ASSISTANT:" (no trailing space); with a ChatGLM3 one into the release's ChatGLM
 sequence (`[gMASK] sop <|user|> question ... <|assistant|>`, `templates.glm_generation_ids`), as
 its ChatGLM inference builds it. The first user message of a conversation starts with `<video>`,

@@ -32,7 +32,7 @@ API_KEY_ENV = "VTIMELLM_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from vtimellm_jax.inference import answerer, generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
 
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="answer budget of requests without max_tokens (default: %(default)s)")
   parser.add_argument("--max-waiting", type=cli_types.int_at_least(0), default=256,
                       help="requests that may wait for a slot; more get 503 (default: %(default)s)")
-  parser.add_argument("--dtype", choices=answerer.DTYPES, default="auto",
+  parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
 
 

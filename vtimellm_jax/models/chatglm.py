@@ -72,14 +72,6 @@ def tiny(**overrides) -> LlamaConfig:
   return LlamaConfig(**{**base, **_FAMILY, **overrides})
 
 
-def preset(name: str, **overrides) -> LlamaConfig:
-  """Returns the named preset: chatglm3_6b (6b) or tiny."""
-  presets = {"chatglm3_6b": chatglm3_6b, "6b": chatglm3_6b, "tiny": tiny}
-  if name not in presets:
-    raise ValueError(f"unknown ChatGLM preset {name!r}; choose from {sorted(presets)}")
-  return presets[name](**overrides)
-
-
 def to_hf_glm_dict(config: LlamaConfig) -> dict[str, Any]:
   """Returns the HF `GlmConfig` dict of the same architecture (how GLM checkpoints' config.json reads)."""
   if not config.rope_interleaved:

@@ -276,11 +276,6 @@ def abstract_params(cfg: ClipVisionConfig) -> dict[str, jax.ShapeDtypeStruct]:
   return {_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def flat_params(model: ClipVision) -> dict[str, jax.Array]:
-  """Returns {name: array} of the model's parameters."""
-  return {_name(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
   """Returns the nested dict (string keys) of '/'-joined names, as `model_io.save_model_dir` stores it."""
   return model_io.nest(flat)

@@ -32,13 +32,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from vtimellm_jax import sharding
+from vtimellm_jax import cli_types, sharding
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import kv_cache, per_head_attention
 from vtimellm_jax.models.kv_cache import CacheStep, KVCache
-from vtimellm_jax.models.lora import Linear
+from vtimellm_jax.models.lora import ALL_TARGETS, Linear
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {name: jnp.dtype(name) for name in cli_types.DTYPES}
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D] between layers
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "per_head")
 REMAT_MODES = ("none", "full", "save_dots", "lora")
@@ -118,29 +118,6 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def vicuna_7b(cls, **overrides) -> LlamaConfig:
-    return cls(**overrides)
-
-  @classmethod
-  def vicuna_13b(cls, **overrides) -> LlamaConfig:
-    return cls(**{**dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40), **overrides})
-
-  @classmethod
-  def tiny(cls, **overrides) -> LlamaConfig:
-    base = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=4, max_position_embeddings=2048)
-    return cls(**{**base, **overrides})
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> LlamaConfig:
-    if name.startswith("chatglm3_"):  # the ChatGLM3 family runs on these modules (models/chatglm.py)
-      from vtimellm_jax.models import chatglm  # pylint: disable=g-import-not-at-top
-      return chatglm.preset(name.removeprefix("chatglm3_"), **overrides)
-    presets = {"vicuna_7b": cls.vicuna_7b, "7b": cls.vicuna_7b, "vicuna_13b": cls.vicuna_13b, "13b": cls.vicuna_13b, "tiny": cls.tiny}
-    if name not in presets:
-      raise ValueError(f"unknown LLaMA preset {name!r}; choose from {sorted(presets)}")
-    return presets[name](**overrides)
-
-  @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
     """Returns the config of an HF `config.json` dict; non-LLaMA architectures are refused."""
     problems = []
@@ -211,6 +188,28 @@ class LlamaConfig:
         "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
         "pad_token_id": 0, "attention_bias": False, "mlp_bias": False,
     }
+
+
+# The Vicuna family's presets (models/families.py names them): LLaMA-2 architectures.
+LORA_TARGETS = ALL_TARGETS  # the release's `find_all_linear_names`: every projection but lm_head
+
+
+def vicuna_7b(**overrides) -> LlamaConfig:
+  """Returns Vicuna-7B v1.5 (LLaMA-2 7B): LlamaConfig's defaults."""
+  return LlamaConfig(**overrides)
+
+
+def vicuna_13b(**overrides) -> LlamaConfig:
+  """Returns Vicuna-13B v1.5 (LLaMA-2 13B): 40 layers, width 5120, 40 heads, FFN 13824."""
+  base = dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+  return LlamaConfig(**{**base, **overrides})
+
+
+def tiny(**overrides) -> LlamaConfig:
+  """Returns a tiny LLaMA for tests and the quickstart: 2 layers, width 64, 4 heads, vocabulary 512."""
+  base = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=4,
+              max_position_embeddings=2048)
+  return LlamaConfig(**{**base, **overrides})
 
 
 class RMSNorm(nnx.Module):

@@ -19,8 +19,7 @@ from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import load, lora, time_code
-from vtimellm_jax.models.llama import LlamaConfig
+from vtimellm_jax.models import families, load, lora, time_code
 from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import checkpointing, config_files
 from vtimellm_jax.training.run_record import RUN_JSON  # the config of a training run, in its workdir
@@ -62,13 +61,13 @@ def base_structure(config: ml_collections.ConfigDict, vocab_size: int | None = N
     return load.model_builder(meta, VTimeLLM, config.seed, **overrides)
   vocab = config.model.vocab_size or vocab_size
   sizes = {k: config.model[k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads") if config.model[k]}
-  if "num_heads" in sizes and not config.model.preset.startswith("chatglm3_"):
+  if "num_heads" in sizes and families.family_of_preset(config.model.preset).kv_head_per_head:
     sizes["num_kv_heads"] = sizes["num_heads"]  # LLaMA's heads each have their own key/value; ChatGLM3 keeps 2 groups
   extra = {"vocab_size": vocab} if vocab else {}
   for key in ("time_code", "rope_theta"):
     if config.model.get(key, 0.0):
       extra[key] = float(config.model[key])
-  model_config = LlamaConfig.preset(config.model.preset, **overrides, **sizes, **extra)
+  model_config = families.preset(config.model.preset, **overrides, **sizes, **extra)
   piece_ids = _time_piece_ids(config) if model_config.time_code else None
 
   def build():
@@ -173,7 +172,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise UserError(f"{workdir}: not a training workdir (no {RUN_JSON})")
   saved = json.loads(path.read_text())
-  config = common.recipe(saved.get("size", "tiny"))
+  # The recipe of the run's own family and size: a ChatGLM3 `6b` run is not looked up among Vicuna's.
+  config = common.recipe(saved.get("size", "tiny"), saved.get("family", families.VICUNA.name))
   _merge(config, saved)
   return config
 

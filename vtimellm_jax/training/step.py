@@ -36,7 +36,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 
 
 def training_flops_per_token(config, seq_len: int, trains_base: bool = False) -> float:
-  """Returns matmul FLOPs per training token, counted as `shared/bench/torch_peft_baseline.py` does.
+  """Returns matmul FLOPs per training token, counted as the PyTorch baseline (`torch_peft_baseline.py`) counts them.
 
   Forward 2P and input gradients 2P over the frozen matmul parameters P (lm_head in, embeddings
   out), plus 2P weight gradients when the base itself trains; attention 4 L d per layer, x3.

@@ -11,7 +11,6 @@ TINY_RANDOM = "tiny-random"
 # Random tiny CLIPs by name: (image size, patch size). The 64-px one reads the quickstart's 64-px
 # videos without upsampling them to 224 px, several times faster (docs/synthetic.md).
 TINY_RANDOM_SIZES = {TINY_RANDOM: (224, 32), "tiny-random-64": (64, 8)}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # JAX and the models are imported on use: `extract-features --help` reads the names above without them.

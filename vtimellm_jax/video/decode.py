@@ -73,13 +73,19 @@ class Sampled:
   front_to_back: str | None  # why the video was decoded front to back, None if it was sought
 
 
+def _reason(error: Exception) -> str:
+  """Returns what went wrong, without the file name PyAV appends (every caller names the file once)."""
+  text = getattr(error, "strerror", None) or str(error)
+  return f"{type(error).__name__}: {text}"
+
+
 def _open(path: pathlib.Path):
   import av
 
   try:
     container = av.open(str(path))
   except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-    raise DecodeError(f"cannot open: {type(e).__name__}: {e}") from e
+    raise DecodeError(f"cannot open: {_reason(e)}") from e
   if not container.streams.video:
     container.close()
     raise DecodeError("no video stream")
@@ -114,7 +120,7 @@ def build_index(container) -> VideoIndex:
       else:
         pts.append(t)
   except av.FFmpegError as e:
-    raise DecodeError(f"cannot read packets: {type(e).__name__}: {e}") from e
+    raise DecodeError(f"cannot read packets: {_reason(e)}") from e
   total = len(pts) + untimed
   if not total:
     raise DecodeError("the video stream has no frames")
@@ -274,7 +280,7 @@ def _decode_wanted(path: pathlib.Path, container, index: VideoIndex, wanted: Seq
       setup(again)
       return _decode_in_order(again, wanted, deadline), why
   except av.FFmpegError as e:
-    raise DecodeError(f"decoding failed: {type(e).__name__}: {e}") from e
+    raise DecodeError(f"decoding failed: {_reason(e)}") from e
 
 
 def read_frames(path: str | pathlib.Path, split: Sequence[float] | None = None,

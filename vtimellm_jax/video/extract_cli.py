@@ -25,7 +25,7 @@ import os
 import sys
 
 from vtimellm_jax import cli_types
-from vtimellm_jax.video.clip_source import DTYPES, TINY_RANDOM_SIZES
+from vtimellm_jax.video.clip_source import TINY_RANDOM_SIZES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="frames per encoder call (rounded to whole videos and to the device count)")
   parser.add_argument("--workers", type=cli_types.int_at_least(1), default=min(8, os.cpu_count() or 1),
                       help="decoding threads")
-  parser.add_argument("--dtype", default="auto", choices=DTYPES,
+  parser.add_argument("--dtype", default="auto", choices=cli_types.DTYPES_OR_AUTO,
                       help="compute dtype; auto: float16 on GPU (as the release), bfloat16 on TPU, float32 on CPU")
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="seed of a random --clip")
   parser.add_argument("--shard", type=cli_types.shard, default=None, metavar="I/N",

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vtimellm_jax.data.records import NUM_FRAMES
 from vtimellm_jax.errors import UserError
-
-NUM_FRAMES = 100
 
 
 class SamplingError(ValueError):
