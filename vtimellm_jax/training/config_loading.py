@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from vtimellm_jax import cli_types
 from vtimellm_jax.data.templates import TEMPLATES
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.llama import ATTENTION_IMPLS, REMAT_MODES
@@ -38,8 +39,6 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   check_config(config, spec)
   return config
 
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 _INT, _REAL = "an integer", "a number"
 
@@ -73,7 +72,7 @@ def _rules(c: ml_collections.ConfigDict):
 
   table = {
       "seed": at_least(0),
-      "model.dtype": one_of(DTYPES), "model.param_dtype": one_of(DTYPES),
+      "model.dtype": one_of(cli_types.DTYPES), "model.param_dtype": one_of(cli_types.DTYPES),
       "model.remat": one_of(REMAT_MODES), "model.attention_impl": one_of(ATTENTION_IMPLS),
       "model.loss_chunk": at_least(0), "model.vocab_size": at_least(0),
       "model.hidden_size": at_least(0), "model.intermediate_size": at_least(0),
