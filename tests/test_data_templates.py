@@ -10,6 +10,8 @@ final newline.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -19,9 +21,12 @@ import pytest
 import sentencepiece as spm
 
 from data_fixtures import tiny_tokenizer_dir  # noqa: F401  pylint: disable=unused-import
+from vtimellm_jax import errors
 from vtimellm_jax.data import records
 from vtimellm_jax.data import templates
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.inference import prompts
+from vtimellm_jax.models import families
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -181,6 +186,34 @@ def test_raw_transformers_tokenizer_on_single_chunks(sp, tiny_tokenizer_dir):  #
   for text in [SYSTEM + " USER: ", "\nDuring which frames? ASSISTANT: From 00 to 17.", "東京 café"]:
     assert tok(text)["input_ids"] == [1] + sp.encode(text), text
   assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (1, 2, 0, 0)
+
+
+def test_encoders_are_told_apart_by_their_family_not_their_class(enc, tiny_tokenizer_dir):  # noqa: F811
+  assert isinstance(enc, tokenizer_lib.Encoder) and templates.family_of(enc) is families.VICUNA
+  # A transformers tokenizer is no encoder: the pipeline wraps it in a ReleaseEncoder.
+  assert not isinstance(tokenizer_lib.load_tokenizer(tiny_tokenizer_dir), tokenizer_lib.Encoder)
+
+
+def test_a_new_family_needs_only_its_registry_entry(enc, sp, monkeypatch):
+  # A third LLaMA-tokenizer family that trains every stage with 'v1': its record alone decides the
+  # templates, checks, generation prompt and answer clean-up; nothing branches on the encoder's class.
+  third = dataclasses.replace(families.VICUNA, name="llama_chat", caption_template="v1")
+  monkeypatch.setitem(families.FAMILIES, third.name, third)
+  other = copy.copy(enc)
+  other.family = third.name
+  assert templates.default_template(other, True) == "v1" and templates.default_template(enc, True) == "plain"
+  turns = [("human", "<video>\nq"), ("gpt", "a")]
+  assert templates.tokenize(turns, "v1", other).input_ids.tolist() == ours(enc, [("<video>\nq", "a")]).input_ids.tolist()
+  with pytest.raises(errors.UserError, match="template 'plain' is for LLaMA tokenizers; this tokenizer is a "
+                     "LLaMA tokenizer, which the release trains with template 'v1' at every stage"):
+    templates.tokenize(turns, "plain", other)
+  assert prompts.prompt_ids(other, [], "<video>\nq") == prompts.prompt_ids(enc, [], "<video>\nq")
+  ids = sp.encode("from 10 to 20 </s>")  # "</s>" spelt out, which the v1 answer clean-up cuts
+  assert prompts.decode_answer(other, ids) == prompts.decode_answer(enc, ids) == "from 10 to 20"
+  # A family whose conversation template cannot generate is refused by name, not answered in v1.
+  monkeypatch.setitem(families.FAMILIES, third.name, dataclasses.replace(third, template="plain"))
+  with pytest.raises(errors.UserError, match="template 'plain' has no generation prompt"):
+    prompts.prompt_ids(other, [], "<video>\nq")
 
 
 def test_timestamp_rule_from_spec():

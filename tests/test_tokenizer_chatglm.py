@@ -30,6 +30,7 @@ from vtimellm_jax.data import chatglm_tokenizer
 from vtimellm_jax.data import pipeline
 from vtimellm_jax.data import templates
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.models import families
 
 EXTRAS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
           "<|observation|>"]
@@ -234,6 +235,16 @@ def test_generation_ids(enc, sp):
     templates.glm_generation_ids(more[:2], enc)
   with pytest.raises(errors.UserError, match="0 <video> tags"):
     templates.glm_generation_ids([("human", "没有视频")], enc)
+  assert templates.generation_ids(more, enc) == ids  # the family's template: glm
+
+
+def test_generation_ids_refuse_the_other_family(enc, tiny_tokenizer_dir):  # noqa: F811
+  llama = tokenizer_lib.load_encoder(tiny_tokenizer_dir)
+  turns = [("human", "<video>\ndescribe")]
+  with pytest.raises(errors.UserError, match="'glm' needs a ChatGLM3 tokenizer"):
+    templates.glm_generation_ids(turns, llama)
+  with pytest.raises(errors.UserError, match="template 'v1' is for LLaMA tokenizers"):
+    templates.v1_generation_ids(turns, enc)
 
 
 def test_decode(enc):
@@ -267,9 +278,12 @@ def test_template_tokenizer_mismatch_is_refused(enc, tiny_tokenizer_dir):  # noq
 
 
 def test_load_encoder_picks_the_family(glm_dir, tiny_tokenizer_dir):  # noqa: F811
-  assert isinstance(tokenizer_lib.load_encoder(glm_dir), chatglm_tokenizer.ChatGLMEncoder)
+  glm = tokenizer_lib.load_encoder(glm_dir)
+  assert isinstance(glm, chatglm_tokenizer.ChatGLMEncoder) and isinstance(glm, tokenizer_lib.Encoder)
   llama = tokenizer_lib.load_encoder(tiny_tokenizer_dir)
   assert isinstance(llama, tokenizer_lib.ReleaseEncoder) and len(llama) == len(llama.tokenizer)
+  # Each encoder names its registry family, which holds the templates the release trains it with.
+  assert templates.family_of(glm) is families.CHATGLM3 and templates.family_of(llama) is families.VICUNA
 
 
 def test_bad_folders_are_user_errors(glm_dir, tmp_path):

@@ -240,7 +240,7 @@ def test_exact_resume_after_sigkill(dataset, tmp_path):
                               workdir=str(tmp_path / "killed"))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
   assert proc.returncode == -9, proc.stderr[-2000:]
-  assert checkpointing._manager(tmp_path / "killed", read_only=True).latest_step() == 3
+  assert checkpointing.latest_step(tmp_path / "killed") == 3
   steps = lambda w: [json.loads(line)["step"] for line in open(w / "metrics.jsonl")]  # noqa: E731
   assert steps(tmp_path / "killed") == [1, 2, 3, 4, 5]
   logs = []
@@ -276,7 +276,7 @@ def test_non_finite_loss_stops_with_checkpoint_intact(dataset, tmp_path):
                    "--config.checkpoint.every_steps=1", "--config.mesh.devices=1", "--config.global_batch=8")
   with pytest.raises(UserError, match="loss is (nan|inf)") as e:
     trainer.train(config, tmp_path / "w", log=_quiet)
-  good = checkpointing._manager(tmp_path / "w", read_only=True).latest_step()
+  good = checkpointing.latest_step(tmp_path / "w")
   assert f"step {good})" in str(e.value)
   assert f"This process's rows of the batch: {dataset['stage2']}: record " in str(e.value)
   params = checkpointing.restore_params(tmp_path / "w")

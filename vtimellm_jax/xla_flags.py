@@ -1,11 +1,12 @@
 """XLA flags the answering commands (chat, eval, serve, demo, their benchmarks) set before JAX starts.
 
 Greedy decoding is matrix-vector work: each token reads every weight once. On GPU, XLA fuses those
-matmuls into Triton GEMM kernels by default, which ran the 7B batch-1 decode at 86-87 tokens/s on
-one H200, against 166-168 tokens/s with the matmuls left to cuBLAS (`bench/device_suite.sh`, steps
-decode and decode_triton; docs/performance.md). The flag only concerns GPU compiles; CPU and TPU
-ignore it. Training and feature extraction keep XLA's default: their matmuls are large, and CLIP
-ran slower with the flag (1,666 against 1,990 frames/s at batch 800, step clip_cublas).
+matmuls into Triton GEMM kernels by default, which are slower than cuBLAS on matrix-vector shapes,
+so the answering commands leave the matmuls to cuBLAS. The flag only concerns GPU compiles; CPU and
+TPU ignore it. Training and feature extraction keep XLA's default: their matmuls are large and
+square, where Triton's fusions are the faster. The measured rates of both, with and without the
+flag (`bench/device_suite.sh`, steps decode, decode_triton, clip and clip_cublas), are in
+docs/performance.md ("Measured on one H200").
 """
 
 from __future__ import annotations

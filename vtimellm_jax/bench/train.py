@@ -4,7 +4,8 @@
   python -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 28 --iters 2   # CPU smoke test
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m vtimellm_jax.bench.train --size 7b --remat lora
 
-The step is the trainer's own (`training.step.make_train_step`), so what is measured is what
+The model, its trainable/frozen split, the optimizer and the jitted step are the trainer's own
+(`training.trainer.TrainState` of the stage-2 recipe, on one device), so what is measured is what
 trains. Shapes follow the PyTorch baseline `torch_peft_baseline.py`: B rows of 100 video features + T_TEXT
 text tokens, labels on the text after the first 60 answer-free positions, and useful FLOPs counted
 the same way (4 x frozen matmul parameters + 3 x attention per token), so the JSON lines of both
@@ -54,33 +55,23 @@ def run_bench(args: argparse.Namespace) -> dict:
     raise UserError(f"--loss-chunk must be >= 0 (0: full logits), got {args.loss_chunk}")
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
-  from flax import nnx
 
-  from vtimellm_jax.models import families, load, lora
-  from vtimellm_jax.models.vtimellm import VTimeLLM
-  from vtimellm_jax.training import step as step_lib
+  from vtimellm_jax import sharding
+  from vtimellm_jax.training import config_files, step as step_lib, trainer
 
   on_cpu = jax.default_backend() == "cpu"
   dtype = ("float32" if on_cpu else "bfloat16") if args.dtype == "auto" else args.dtype
-  config = families.preset(families.preset_of_size(args.size), dtype=dtype, param_dtype=dtype, remat=args.remat,
-                           attention_impl=args.attention)
-
-  def create():
-    model = VTimeLLM(config, nnx.Rngs(0))
-    lora.attach_lora(model, lora.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, dropout=0.05), nnx.Rngs(1))
-    return model
-
-  model = load.sharded_model(create, what="the benchmark model")  # random weights, created on the device
-  graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-  optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                         max_grad_norm=1.0))
-  tx, _ = step_lib.make_optimizer(optim, 1000)
-  opt_state = tx.init(trainable)
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, has_dropout=True, loss_chunk=args.loss_chunk),
-                 donate_argnums=(0, 1))
+  # The stage-2 recipe (LoRA with dropout 0.05 on every projection, AdamW) with no model.base: the
+  # preset's random weights, created on the device.
+  run = config_files.bundled("stage2").get_config(args.size)
+  run.model.update(dict(dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention,
+                        loss_chunk=args.loss_chunk))
+  run.lora.rank, run.lora.alpha = args.lora_rank, 2.0 * args.lora_rank
+  state = trainer.TrainState(run, sharding.single_device_mesh(), None, total_steps=1000)
+  config = state.model_config
+  trainable, opt_state, frozen = state.trainable, state.opt_state, state.frozen
+  step = state.jit_step()
 
   b, t = args.batch, args.text_len
   rng = np.random.RandomState(0)

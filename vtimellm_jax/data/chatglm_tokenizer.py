@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 
 from vtimellm_jax import errors
 from vtimellm_jax.data import sentencepiece_training
+from vtimellm_jax.models import families
 
 TOKENIZER_CLASS = "ChatGLMTokenizer"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -67,6 +68,7 @@ class ChatGLMEncoder:
   """Encodes and decodes like ChatGLM3's tokenizer under transformers 4.31 (see the module doc).
 
   Attributes:
+    family: its record in `models.families` ('chatglm3'), which names the template its ids suit.
     path: the tokenizer folder.
     gmask_id, sop_id, user_id, assistant_id: ids of those extra tokens.
     eos_id: sentencepiece's eos (`</s>`), which closes a training sample.
@@ -77,6 +79,8 @@ class ChatGLMEncoder:
 
   Picklable (Grain workers get a copy): the sentencepiece model travels as its bytes.
   """
+
+  family = families.CHATGLM3.name
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
@@ -185,6 +189,11 @@ class ChatGLMEncoder:
     """
     keep = [int(i) for i in ids if 0 <= i < self.sp_size and int(i) not in self._silent]
     return self._sp.decode(keep)
+
+  def answer_text(self, ids: Sequence[int]) -> str:
+    """Returns the text of generated ids as the release decodes an answer: `decode`'s, which already
+    leaves every special token out."""
+    return self.decode(ids)
 
   def pieces(self, ids: Sequence[int]) -> list[str]:
     """Returns the piece string of every id (extra tokens by name, `<video>` for the placeholder)."""

@@ -19,15 +19,15 @@ Contract (what the model and trainer rely on):
 How batches are planned (all at build time, in the main process, so it is deterministic and cheap
 to checkpoint): every record is prepared and tokenized once to learn its length and faults; each
 epoch shuffles the usable records with `seed` and the epoch number, sorts windows of
-`sort_window` global batches by length, cuts them into global batches, and shuffles the batch
+`SORT_WINDOW` global batches by length, cuts them into global batches, and shuffles the batch
 order. Each global batch gets the smallest bucket length that holds its longest row, and host `p`
 of `P` takes rows `[p * B, (p + 1) * B)`, so hosts see disjoint records and equal shapes.
 
-Bad records: text faults and (with `validate_features`) feature-file faults are found while
-planning; each is an error naming the file, record index and id, or with `skip_bad_records` is left
-out and counted (`Pipeline.stats`, logged). A feature that fails later, when loaded (NaN or inf
-values are found only then: planning reads headers), is an error too, or with `skip_bad_records`
-becomes a dummy row (`valid` 0). No record is ever replaced by another.
+Bad records: text faults and feature-file faults (header and size; no data is read) are found
+while planning; each is an error naming the file, record index and id, or with `skip_bad_records`
+is left out and counted (`Pipeline.stats`, logged). A feature that fails later, when loaded (NaN
+or inf values are found only then: planning reads headers), is an error too, or with
+`skip_bad_records` becomes a dummy row (`valid` 0). No record is ever replaced by another.
 Samples the release would drop (its length-count check) stay in, with all labels ignored as in the
 release, and are counted (`stats['release_dropped']`).
 """
@@ -45,12 +45,17 @@ import numpy as np
 
 from vtimellm_jax import errors
 from vtimellm_jax.data import audit
-from vtimellm_jax.data import chatglm_tokenizer
 from vtimellm_jax.data import records as records_lib
 from vtimellm_jax.data import templates
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
+
+# Global batches per length-sorting window: larger windows pad less and shuffle less.
+SORT_WINDOW = 64
+# Batches loaded ahead by threads, in this process or in each worker. Grain's default read-ahead is
+# 500 elements; ours are whole batches (a 128-row stage-2 batch holds 20 MB of features).
+PREFETCH_BATCHES = 4
 
 
 class RecordSource(Protocol):
@@ -138,17 +143,15 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
                    bucket_boundaries: Sequence[int] | None = None, num_buckets: int = 8,
                    num_epochs: int = 1, shard_index: int | None = None,
                    shard_count: int | None = None, skip_bad_records: bool = False,
-                   worker_count: int = 0, max_length: int = templates.MAX_LENGTH,
-                   sort_window: int = 64, drop_remainder: bool = False,
-                   validate_features: bool = True, prefetch_batches: int = 4) -> Pipeline:
+                   worker_count: int = 0, max_length: int = templates.MAX_LENGTH) -> Pipeline:
   """Returns the planned pipeline of `source` for this host.
 
   Args:
     source: a `JsonSource` (or any `RecordSource`, e.g. the ArrayRecord one of data_pipelines/).
-    tokenizer: a tokenizer folder, an encoder of `tokenizer.load_encoder` (`ReleaseEncoder` or
-      `ChatGLMEncoder`), or a transformers LLaMA tokenizer.
-    template: 'plain' (stage 1) or 'v1' (stages 2, 3) with a LLaMA tokenizer; 'glm' (every
-      stage) with a ChatGLM3 tokenizer.
+    tokenizer: a tokenizer folder, an encoder (`tokenizer.Encoder`, as `tokenizer.load_encoder`
+      gives), or a transformers LLaMA tokenizer.
+    template: one the encoder's family trains with (`templates.check_encoder`): 'plain' (stage 1)
+      or 'v1' (stages 2, 3) with a LLaMA tokenizer; 'glm' (every stage) with a ChatGLM3 tokenizer.
     batch_size: rows per host and step (the global batch is batch_size * shard_count).
     seed: shuffling seed; epoch e shuffles with (seed, e).
     bucket_boundaries: allowed T values; None picks `num_buckets` from the length quantiles.
@@ -157,10 +160,6 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
     skip_bad_records: leave unusable records out (counted) instead of raising.
     worker_count: Grain worker processes (0: load in this process).
     max_length: model sequence limit; text is cut so that T - 1 + N <= max_length.
-    sort_window: global batches per length-sorting window (1: no sorting, more padding).
-    drop_remainder: drop each epoch's last partial batch instead of padding it with dummy rows.
-    validate_features: check every feature file (header and size, no data read) while planning.
-    prefetch_batches: batches loaded ahead by threads, in this process or in each worker.
   """
   if batch_size < 1 or num_epochs < 1:
     raise errors.UserError(f"batch_size ({batch_size}) and num_epochs ({num_epochs}) must be >= 1")
@@ -171,14 +170,13 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
     raise errors.UserError(f"shard index {shard_index} is not in [0, {shard_count})")
   if isinstance(tokenizer, (str, os.PathLike)):
     enc = tokenizer_lib.load_encoder(tokenizer)
-  elif isinstance(tokenizer, (tokenizer_lib.ReleaseEncoder, chatglm_tokenizer.ChatGLMEncoder)):
+  elif isinstance(tokenizer, tokenizer_lib.Encoder):
     enc = tokenizer
   else:
     enc = tokenizer_lib.ReleaseEncoder(tokenizer)
   templates.check_encoder(template, enc)
 
-  lengths, num_features, stats = _measure(source, enc, template, max_length, skip_bad_records,
-                                          validate_features)
+  lengths, num_features, stats = _measure(source, enc, template, max_length, skip_bad_records)
   usable = np.flatnonzero(lengths > 0)
   if usable.size == 0:
     raise errors.UserError(f"{source.name}: no usable record")
@@ -192,8 +190,7 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
   global_batch = batch_size * shard_count
   plans = []
   for epoch in range(num_epochs):
-    plans.extend(plan_epoch(usable, lengths, global_batch, bounds, seed=seed, epoch=epoch,
-                            sort_window=sort_window, drop_remainder=drop_remainder))
+    plans.extend(plan_epoch(usable, lengths, global_batch, bounds, seed=seed, epoch=epoch))
   real = sum(int(lengths[p.indices[p.indices >= 0]].sum()) for p in plans)
   padded = sum(global_batch * p.length for p in plans)
   stats["batches"] = len(plans)
@@ -203,10 +200,7 @@ def build_pipeline(source: RecordSource, tokenizer, *, template: str, batch_size
 
   loader = BatchLoader(source, enc, template, max_length, num_features, shard_index, batch_size,
                        skip_bad_records)
-  # Grain's default read-ahead is 500 elements; ours are whole batches (a 128-row stage-2 batch
-  # holds 20 MB of features), so the read-ahead is bounded explicitly.
-  read = grain.ReadOptions(num_threads=max(prefetch_batches, 1),
-                           prefetch_buffer_size=max(prefetch_batches, 1))
+  read = grain.ReadOptions(num_threads=PREFETCH_BATCHES, prefetch_buffer_size=PREFETCH_BATCHES)
   dataset = grain.MapDataset.source(plans).map(loader).to_iter_dataset(read)
   if worker_count > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -226,19 +220,19 @@ def auto_boundaries(lengths: np.ndarray, num_buckets: int, budget: int,
 
 
 def plan_epoch(usable: np.ndarray, lengths: np.ndarray, global_batch: int, bounds: Sequence[int], *,
-               seed: int, epoch: int, sort_window: int = 64,
-               drop_remainder: bool = False) -> list[BatchPlan]:
-  """Returns one epoch's global batches: shuffled, length-sorted within windows, bucketed."""
+               seed: int, epoch: int) -> list[BatchPlan]:
+  """Returns one epoch's global batches: shuffled, length-sorted within windows, bucketed.
+
+  The last batch may be partial: dummy rows (-1) fill it.
+  """
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(usable)
-  window = global_batch * max(sort_window, 1)
+  window = global_batch * SORT_WINDOW
   batches = []
   for start in range(0, order.size, window):
     chunk = order[start:start + window]
     chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
     batches.extend(chunk[k:k + global_batch] for k in range(0, chunk.size, global_batch))
-  if drop_remainder:
-    batches = [b for b in batches if b.size == global_batch]
   plans = []
   for k in rng.permutation(len(batches)):
     rows = batches[k]
@@ -248,16 +242,15 @@ def plan_epoch(usable: np.ndarray, lengths: np.ndarray, global_batch: int, bound
   return plans
 
 
-def _measure(source: RecordSource, enc, template: str, max_length: int, skip: bool,
-             validate_features: bool) -> tuple[np.ndarray, int, dict[str, int]]:
+def _measure(source: RecordSource, enc, template: str, max_length: int,
+             skip: bool) -> tuple[np.ndarray, int, dict[str, int]]:
   """Returns per-record text lengths (0 = left out), N, and counts; raises on a bad record."""
   lengths = np.zeros(len(source), np.int64)
   stats = collections.Counter(records=len(source))
   kinds = set()
   for index in range(len(source)):
     raw = source.record(index)
-    check = (lambda prepared, index=index: source.feature_faults(index, prepared)) if (
-        validate_features) else None
+    check = lambda prepared, index=index: source.feature_faults(index, prepared)  # noqa: E731
     found = audit.audit_record(raw, feature_faults=check, enc=enc, template=template,
                                max_length=max_length)
     if not found.usable:

@@ -22,6 +22,10 @@ Over-length: the release cuts the text at 2048 tokens, so its model sequence (te
 features) can reach 2147. Here the text is cut at `max_length - num_features + 1` tokens so that the
 model sequence never exceeds `max_length` (static shapes, and the 2048-long RoPE cache the release
 trains with); labels are the release's labels cut at the same place.
+
+Which templates suit an encoder is its family's business (`enc.family`, a record of
+`models.families`: `caption_template` for stage 1, `template` for stages 2, 3 and inference); this
+module never asks which encoder class it was given.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from vtimellm_jax import errors
 from vtimellm_jax.data import chatglm_tokenizer
 from vtimellm_jax.data import tokenizer as tokenizer_lib
+from vtimellm_jax.models import families
 
 VIDEO_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -43,7 +48,17 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 SEP, SEP2 = " ", "</s>"
 PLAIN_SEP = "\n"
-TEMPLATES = ("plain", "v1", "glm")
+# The tokenizer each template's ids are laid out for, as messages name it, and how a folder of it is
+# told apart when that takes a declaration (None: any other tokenizer folder loads as LLaMA's).
+TOKENIZER_OF = {
+    "plain": ("LLaMA", None),
+    "v1": ("LLaMA", None),
+    "glm": ("ChatGLM3", f"tokenizer_config.json with tokenizer_class {chatglm_tokenizer.TOKENIZER_CLASS}"),
+}
+TEMPLATES = tuple(TOKENIZER_OF)
+# The text the release cuts from the end of a decoded answer, by template: v1's conversation stop
+# string (its ChatGLM inference, `glm`, only strips whitespace).
+ANSWER_STOP = {"v1": SEP2}
 MAX_LENGTH = 2048
 
 # The release's evaluation queries (its eval.py), verbatim.
@@ -118,28 +133,36 @@ def tokenize_video_prompt(enc: tokenizer_lib.ReleaseEncoder, prompt: str) -> lis
   return ids
 
 
+def family_of(enc) -> families.Family:
+  """Returns the registry record of the family an encoder tokenizes for (`enc.family`)."""
+  return families.get(enc.family)
+
+
 def check_encoder(template: str, enc) -> None:
-  """Raises UserError unless `template` exists and suits `enc`: 'glm' needs a ChatGLM3 tokenizer,
-  'plain' and 'v1' a LLaMA one."""
+  """Raises UserError unless `template` exists and is one the encoder's family trains with: 'glm'
+  for a ChatGLM3 tokenizer, 'plain' and 'v1' for a LLaMA one."""
   if template not in TEMPLATES:
     raise errors.UserError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-  glm = isinstance(enc, chatglm_tokenizer.ChatGLMEncoder)
-  if template == "glm" and not glm:
-    raise errors.UserError("template 'glm' needs a ChatGLM3 tokenizer folder (tokenizer_config.json "
-                           "with tokenizer_class ChatGLMTokenizer); this tokenizer is a LLaMA one: "
-                           "use 'plain' or 'v1'")
-  if template != "glm" and glm:
-    raise errors.UserError(f"template {template!r} is for LLaMA tokenizers; {enc.path} is a "
-                           "ChatGLM3 tokenizer, which the release trains with template 'glm' at "
-                           "every stage")
+  family = family_of(enc)
+  if template in (family.caption_template, family.template):
+    return
+  need, folder = TOKENIZER_OF[template]
+  head = (f"template {template!r} needs a {need} tokenizer folder ({folder})" if folder else
+          f"template {template!r} is for {need} tokenizers")
+  if family.caption_template == family.template:
+    trains = f"template {family.template!r} at every stage"
+  else:
+    trains = f"template {family.caption_template!r} for stage 1 and {family.template!r} for stages 2 and 3"
+  where = getattr(enc, "path", None) or "this tokenizer"
+  raise errors.UserError(f"{head}; {where} is a {TOKENIZER_OF[family.template][0]} tokenizer, which "
+                         f"the release trains with {trains}")
 
 
 def default_template(enc, is_image: bool) -> str:
-  """Returns the release's template for a record: 'glm' for a ChatGLM3 tokenizer, else 'plain' for
-  stage-1 images and 'v1' for videos."""
-  if isinstance(enc, chatglm_tokenizer.ChatGLMEncoder):
-    return "glm"
-  return "plain" if is_image else "v1"
+  """Returns the release's template for a record: the encoder's family's caption template ('plain'
+  for LLaMA) for stage-1 images, its conversation template ('v1') otherwise; 'glm' for ChatGLM3."""
+  family = family_of(enc)
+  return family.caption_template if is_image else family.template
 
 
 def tokenize(turns: Sequence[tuple[str, str]], template: str, enc, *,
@@ -265,10 +288,10 @@ def glm_generation_ids(turns: Sequence[tuple[str, str]],
   the answer is generated until one of `enc.stop_ids`. Exactly one `<video>`, in a human turn.
 
   Raises:
-    UserError: the last turn is not a human one, or `<video>` is missing, repeated or in an answer.
+    UserError: `enc` is not a ChatGLM3 tokenizer, the last turn is not a human one, or `<video>` is
+      missing, repeated or in an answer.
   """
-  if not isinstance(enc, chatglm_tokenizer.ChatGLMEncoder):
-    raise errors.UserError("glm_generation_ids needs a ChatGLM3 tokenizer")
+  check_encoder("glm", enc)
   if not turns or turns[-1][0] != "human":
     raise errors.UserError("a ChatGLM3 generation prompt must end with a human turn")
   ids, _ = _glm_sequence(turns, enc)
@@ -276,6 +299,30 @@ def glm_generation_ids(turns: Sequence[tuple[str, str]],
     raise errors.UserError(f"the prompt holds {ids.count(VIDEO_TOKEN_INDEX)} <video> tags; exactly "
                            "one is supported")
   return ids[:-1] + [enc.assistant_id]
+
+
+def v1_generation_ids(turns: Sequence[tuple[str, str]], enc: tokenizer_lib.ReleaseEncoder) -> list[int]:
+  """Returns the release's Vicuna inference ids of a conversation that ends with a human turn: its
+  v1 prompt ending in 'ASSISTANT:', BOS first and the placeholder where `<video>` stood."""
+  check_encoder("v1", enc)
+  return tokenize_video_prompt(enc, v1_prompt(turns, generation_prompt=True))
+
+
+def generation_ids(turns: Sequence[tuple[str, str]], enc) -> list[int]:
+  """Returns the inference ids of a conversation that ends with a human turn, in the conversation
+  template of the encoder's family (`v1_generation_ids`, `glm_generation_ids`).
+
+  Raises:
+    UserError: the family's template has no generation prompt, or the turns do not fit it.
+  """
+  template = family_of(enc).template
+  if template not in _GENERATION_IDS:
+    raise errors.UserError(f"template {template!r} has no generation prompt; "
+                           f"answering supports {', '.join(_GENERATION_IDS)}")
+  return _GENERATION_IDS[template](turns, enc)
+
+
+_GENERATION_IDS = {"v1": v1_generation_ids, "glm": glm_generation_ids}
 
 
 def glm_prompt(turns: Sequence[tuple[str, str]]) -> str:

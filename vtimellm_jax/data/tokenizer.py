@@ -25,10 +25,11 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from vtimellm_jax import errors
 from vtimellm_jax.data import chatglm_tokenizer, sentencepiece_training
+from vtimellm_jax.models import families
 
 UNK_ID, BOS_ID, EOS_ID = (sentencepiece_training.UNK_ID, sentencepiece_training.BOS_ID,
                           sentencepiece_training.EOS_ID)
@@ -200,6 +201,29 @@ def piece_id(vocab: dict[str, int], piece: str) -> int | None:
   return None
 
 
+@runtime_checkable
+class Encoder(Protocol):
+  """What templates, the input pipeline and inference prompts use of a tokenizer, whatever its family.
+
+  `family` names the encoder's record in `models.families`, which says the templates its ids are
+  built with; nothing above this module asks which class an encoder is, so a family's tokenizer
+  needs no branch in the modules that use it. `ReleaseEncoder` and `chatglm_tokenizer.ChatGLMEncoder`
+  are the two; `load_encoder` picks one for a tokenizer folder.
+  """
+
+  family: str
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+  def answer_text(self, ids: Sequence[int]) -> str: ...
+
+  def pieces(self, ids: Sequence[int]) -> list[str]: ...
+
+
 class ReleaseEncoder:
   """Encodes text exactly like the release's slow LLaMA tokenizer, on any LLaMA backend.
 
@@ -208,6 +232,8 @@ class ReleaseEncoder:
   from the tokenizer's folder (`name_or_path`), else 4.31's defaults (legacy, nothing stripped).
   Picklable (Grain workers get a copy); holds the transformers tokenizer it wraps.
   """
+
+  family = families.VICUNA.name  # the LLaMA-tokenizer family: templates `plain` and `v1`
 
   def __init__(self, tokenizer, options: ReleaseOptions | None = None):
     self.tokenizer = tokenizer
@@ -341,6 +367,11 @@ class ReleaseEncoder:
   def decode(self, ids: Sequence[int]) -> str:
     """Returns the text of `ids`, negative ids (placeholder, ignore) left out."""
     return self.tokenizer.decode([i for i in ids if i >= 0])
+
+  def answer_text(self, ids: Sequence[int]) -> str:
+    """Returns the text of generated ids as the release decodes an answer: special tokens left out,
+    nothing stripped."""
+    return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
 
   def pieces(self, ids: Sequence[int]) -> list[str]:
     """Returns the piece string of every id (`<video>` for the placeholder)."""

@@ -1,18 +1,18 @@
 """The release's inference prompts and queries, tokenized around `<video>`, and its answer clean-up.
 
-With a Vicuna tokenizer every question goes into the release's Vicuna v1 conversation
-ending in "ASSISTANT:" (no trailing space); with a ChatGLM3 one into the release's ChatGLM
-sequence (`[gMASK] sop <|user|> question ... <|assistant|>`, `templates.glm_generation_ids`), as
-its ChatGLM inference builds it. The first user message of a conversation starts with `<video>`,
-which becomes the placeholder id that `VTimeLLM.embed_inputs` replaces with the projected frame
-features.
+Every question goes into the conversation template of the encoder's family (`templates.generation_ids`):
+with a Vicuna tokenizer the release's Vicuna v1 conversation ending in "ASSISTANT:" (no trailing
+space); with a ChatGLM3 one the release's ChatGLM sequence (`[gMASK] sop <|user|> question ...
+<|assistant|>`), as its ChatGLM inference builds it. The first user message of a conversation starts
+with `<video>`, which becomes the placeholder id that `VTimeLLM.embed_inputs` replaces with the
+projected frame features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vtimellm_jax.data import chatglm_tokenizer, templates
+from vtimellm_jax.data import templates
 from vtimellm_jax.errors import UserError
 
 VIDEO_TAG = templates.VIDEO_TAG
@@ -42,15 +42,9 @@ def conversation_prompt(history: Sequence[tuple[str, str]], question: str) -> st
   return templates.v1_prompt(conversation_turns(history, question), generation_prompt=True)
 
 
-def is_chatglm(encoder) -> bool:
-  return isinstance(encoder, chatglm_tokenizer.ChatGLMEncoder)
-
-
 def prompt_ids(encoder, history: Sequence[tuple[str, str]], question: str) -> list[int]:
   """Returns the ids (one placeholder) of a conversation's generation prompt in the encoder's family."""
-  if is_chatglm(encoder):
-    return templates.glm_generation_ids(conversation_turns(history, question), encoder)
-  return tokenize_prompt(encoder, conversation_prompt(history, question))
+  return templates.generation_ids(conversation_turns(history, question), encoder)
 
 
 def tokenize_prompt(encoder, prompt: str) -> list[int]:
@@ -61,12 +55,12 @@ def tokenize_prompt(encoder, prompt: str) -> list[int]:
 def decode_answer(encoder, token_ids: Sequence[int]) -> str:
   """Returns the answer text of generated ids the way the release cleans it up.
 
-  Special tokens are dropped, whitespace stripped, and a trailing '</s>' removed (the release strips
-  its stop string again in case the tokenizer spelled it out; its ChatGLM inference only strips).
+  Special tokens are dropped, whitespace stripped, and with Vicuna a trailing '</s>' removed (the
+  release strips its stop string again in case the tokenizer spelled it out; its ChatGLM inference
+  only strips): `templates.ANSWER_STOP` of the family's template.
   """
-  if is_chatglm(encoder):
-    return encoder.decode(list(token_ids)).strip()
-  text = encoder.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
-  if text.endswith(templates.SEP2):
-    text = text[:-len(templates.SEP2)]
+  text = encoder.answer_text(list(token_ids)).strip()
+  stop = templates.ANSWER_STOP.get(templates.family_of(encoder).template, "")
+  if stop and text.endswith(stop):
+    text = text[:-len(stop)]
   return text.strip()

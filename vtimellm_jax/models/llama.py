@@ -515,7 +515,8 @@ class LlamaModel(nnx.Module):
     graphdef, lora_state, state = nnx.split(self.layers, nnx.LoRAParam, ...)
     # LoRA factors are stored in fp32 and computed in the layer dtype: cast once, before the scan.
     # The layers see the same values, and the scan's stacked gradients of them stay in the compute
-    # dtype (what the matmuls give anyway) until the cast back: 0.39 GiB less on v5e-16 (AOT, 7B).
+    # dtype (what the matmuls give anyway) until the cast back, not in fp32: less step memory
+    # (docs/performance.md, "Step memory").
     lora_state = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), lora_state)
 
     def body(carry, xs):

@@ -232,8 +232,8 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, key: jax.Array | None, 
   `key` draws the dropout mask (None: no dropout; `_keep` says how). The backward draws the same
   mask again from the key rather than keeping it: automatic differentiation of `dropout(x) @ a`
   keeps the mask and a dropped copy of x for each projection until the layer's backward pass.
-  Redrawing lowers the 7B stage-2 step's compiled memory on one H100 and on v5e-16
-  (docs/performance.md, "Step memory").
+  The step memory redrawing saves and the time the second draw costs are measured in
+  docs/performance.md ("Step memory").
   """
   return _lora_delta_fwd(x, a, b, key, scaling, rate)[0]
 

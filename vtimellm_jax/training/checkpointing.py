@@ -28,20 +28,14 @@ def workdir_path(workdir: str | pathlib.Path) -> epath.Path:
   return path if "://" in str(workdir) else path.resolve()
 
 
-def _manager(workdir: str | pathlib.Path, every_steps: int = 1, keep: int | None = None,
-             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=every_steps, enable_async_checkpointing=async_save,
-      create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINT_DIR, options=options,
-                               item_names=("params", "opt_state", "data", "meta"))
-
-
 class TrainCheckpointer:
   """Saves and restores the training state of one workdir."""
 
   def __init__(self, workdir: str | pathlib.Path, every_steps: int, keep: int, async_save: bool = True):
-    self.manager = _manager(workdir, every_steps, keep, async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every_steps, enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINT_DIR, options=options,
+                                         item_names=("params", "opt_state", "data", "meta"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
