@@ -24,6 +24,7 @@ import os
 import pathlib
 import shutil
 import socket
+import threading
 import time
 
 import pytest
@@ -99,33 +100,88 @@ def _free_port() -> int:
 
 
 @pytest.mark.learning
-def test_demo_moment_chip_seeks_the_player(quickstart_workdir, official_fixtures, tmp_path):
+def test_demo_in_a_browser_streams_plays_moments_and_survives_errors(quickstart_workdir, official_fixtures, tmp_path):
+  """Upload, an error before any video, two rounds (the first held so the question shows alone, then
+  while its answer is only partly decoded), an error between them that leaves the conversation
+  usable, and clicks on a bar and a chip that play their moment and stop at its end."""
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.common.keys import Keys  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
 
-  from vtimellm_jax.inference import answerer, demo, moments, served  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import demo, moments, server  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.video import decode  # pylint: disable=g-import-not-at-top
 
   driver = _browser()
   started = time.monotonic()
-  served_model = served.resolve(quickstart_workdir)
-  page = demo.Demo(answerer.load_answerer(served_model.model_dir), served.VideoCache(served_model),
-                   max_new_tokens=64)
+  service = server.load_service(str(quickstart_workdir), None, slots=1, context=None, media_roots=[],
+                                max_new_tokens=64, max_waiting=8)
+  page = demo.Demo(service)
+  # The first answer waits for the test twice: before it starts (the question must be on the page
+  # alone) and after its first piece of text (which must be on the page before the answer ends).
+  start_answer, piece_shown, finish_answer = threading.Event(), threading.Event(), threading.Event()
+  answer = page.answer
+
+  def held_answer(conversation, temperature):
+    held = not conversation.rounds
+    assert not held or start_answer.wait(300)
+    for step in answer(conversation, temperature):
+      yield step
+      if held and step.pending is not None and step.pending[1] and not piece_shown.is_set():
+        piece_shown.set()
+        assert finish_answer.wait(300)
+
+  page.answer = held_answer
   video = official_fixtures / "demo.mp4"
   app = demo.build_app(page, [video])
-  url = demo.launch(app, "127.0.0.1", _free_port(), block=False, examples=[video])
+  url = demo.launch(app, "127.0.0.1", _free_port(), block=False)
   video_js = f"return document.querySelector('#{demo.PLAYER_ID} video')"
+  chat_texts = lambda d: [e.get_attribute("textContent") for e in d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .vt-text")]
+  pending = lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .{demo.PENDING_CLASS}")
+
+  def warned(d, says: str) -> bool:
+    return any(says in e.get_attribute("textContent") for e in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']"))
+
+  def ask(question: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, f"#{demo.QUESTION_ID} textarea")
+    box.send_keys(Keys.CONTROL, "a")  # typed over whatever a refused question left there
+    box.send_keys(question)
+    driver.find_element(By.CSS_SELECTOR, "#vtimellm-ask").click()
+
+  def no_error_badges(d) -> bool:
+    # gradio marks an output whose event raised with an `.error` status over it
+    return not d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .error, #{demo.TIMELINE_ID} .error, "
+                                                f"#{demo.QUESTION_ID} .error")
+
   try:
     driver.get(url)
     wait = WebDriverWait(driver, 300)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]"))
+    ask(QUESTIONS[0])  # no video yet: a warning, nothing else
+    wait.until(lambda d: warned(d, "upload a video first"))
+    assert no_error_badges(driver) and chat_texts(driver) == []
     driver.find_element(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]").send_keys(str(video))
     # The timeline names the video's length once the video is encoded and the conversation open.
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} [data-duration]"))
-    for asked, question in enumerate(QUESTIONS, 1):  # two rounds of one conversation
-      driver.find_element(By.CSS_SELECTOR, "#vtimellm-question textarea").send_keys(question)
-      driver.find_element(By.CSS_SELECTOR, "#vtimellm-ask").click()
-      wait.until(lambda d, n=asked: len(d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .vt-text")) == 2 * n)
+    assert len(driver.find_elements(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} .{demo.TICK_CLASS}")) >= 2
+
+    # Round 1: the question shows at once, then the answer's first piece before its end.
+    ask(QUESTIONS[0])
+    wait.until(lambda d: chat_texts(d) == [QUESTIONS[0], ""] and pending(d))
+    start_answer.set()
+    assert piece_shown.wait(300), "the answer came in one piece"
+    wait.until(lambda d: pending(d) and pending(d)[0].get_attribute("textContent"))
+    piece = pending(driver)[0].get_attribute("textContent")
+    finish_answer.set()
+    wait.until(lambda d: len(chat_texts(d)) == 2 and not pending(d))
+    assert chat_texts(driver)[1].startswith(piece), (piece, chat_texts(driver))
+
+    # An empty question between the rounds: a warning; the conversation stays and the box still works.
+    ask("   ")
+    wait.until(lambda d: warned(d, "type a question"))
+    assert no_error_badges(driver) and len(chat_texts(driver)) == 2
+    ask(QUESTIONS[1])
+    wait.until(lambda d: len(chat_texts(d)) == 4 and not pending(d))
+    assert no_error_badges(driver)
     assert driver.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .{demo.CHIP_CLASS}"), "no moment in the answers"
     chip = driver.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .{demo.CHIP_CLASS}")[0]
 
@@ -138,20 +194,33 @@ def test_demo_moment_chip_seeks_the_player(quickstart_workdir, official_fixtures
     assert start == pytest.approx(first.seconds(duration)[0], abs=1e-3)
     assert len(driver.find_elements(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} .{demo.BAR_CLASS}")) >= 1
 
-    # Seeking needs the video's metadata; gradio serves the file with range requests.
+    # Seeking needs the video's metadata; gradio serves the file with range requests. The page's
+    # seeks are recorded as they land, since playback moves on from there at once.
     wait.until(lambda d: d.execute_script(video_js + ".readyState") >= 1)
+    driver.execute_script(video_js.replace("return ", "const v = ") + "; window.vtSeeks = [];"
+                          "v.addEventListener('seeked', () => window.vtSeeks.push(v.currentTime));")
     bar = driver.find_elements(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} .{demo.BAR_CLASS}")[-1]
     for clicked in (bar, chip):  # the timeline's last bar, then the chat's first chip
-      target = float(clicked.get_attribute("data-start"))
+      target, end = float(clicked.get_attribute("data-start")), float(clicked.get_attribute("data-end"))
       # Away from the target first, so a player that ignores the click cannot pass by accident.
       away = target + 2 * frame + 1 if target + 1 < duration else target - 1
       driver.execute_script(video_js + f".currentTime = {away}")
       WebDriverWait(driver, 10).until(lambda d, t=away: abs(d.execute_script(video_js + ".currentTime") - t) < frame)
-      driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", clicked)
+      driver.execute_script("window.vtSeeks = []; arguments[0].scrollIntoView({block: 'center'})", clicked)
       clicked.click()
       WebDriverWait(driver, 10).until(
-          lambda d, t=target: abs(d.execute_script(video_js + ".currentTime") - t) <= frame,
+          lambda d, t=target: any(abs(s - t) <= frame for s in d.execute_script("return window.vtSeeks")),
           message=f"the player did not seek to the clicked moment's {target} s")
+      # The moment plays and stops at its end; the playhead stands there.
+      stop = max(target, end)
+      WebDriverWait(driver, 10 + stop - target).until(
+          lambda d, t=stop: d.execute_script(video_js + ".paused") and
+          abs(d.execute_script(video_js + ".currentTime") - t) <= frame,
+          message=f"playback did not stop at the moment's end, {stop} s")
+      playhead = driver.find_element(By.CSS_SELECTOR, f"#{demo.TIMELINE_ID} .{demo.PLAYHEAD_CLASS}")
+      WebDriverWait(driver, 10).until(lambda d, t=stop, head=playhead: abs(
+          float(head.value_of_css_property("left")[:-2]) / head.find_element(By.XPATH, "..").size["width"]
+          - t / duration) < 0.01, message="the playhead does not follow the player")
 
     screenshot = tmp_path / "demo.png"
     driver.execute_script("window.scrollTo(0, 0)")
@@ -159,6 +228,9 @@ def test_demo_moment_chip_seeks_the_player(quickstart_workdir, official_fixtures
     if os.environ.get("VTIMELLM_DEMO_SCREENSHOT"):
       shutil.copy(screenshot, os.environ["VTIMELLM_DEMO_SCREENSHOT"])
   finally:
+    start_answer.set()
+    finish_answer.set()
     driver.quit()
-    app.close()
+    app.close(verbose=False)
+    service.engine.close()
   print(f"demo browser test: {time.monotonic() - started:.0f} s")

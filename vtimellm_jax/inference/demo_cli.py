@@ -7,14 +7,33 @@
 
 --model is a model directory (with --clip) or a quickstart workdir (its serving.json names the CLIP
 and the feature statistics the model was trained on). The page binds 127.0.0.1: --host 0.0.0.0
-shows it to the network, with no authentication. Needs gradio: pip install 'vtimellm-jax[demo]'.
+shows it to the network, with no authentication. Without --example, a checkout of the repository
+lists the release's demo video (a test fixture there); an installed package lists none. Needs
+gradio: pip install 'vtimellm-jax[demo]'.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 from vtimellm_jax import cli_types, xla_flags
+
+# The checkout this file would sit in (vtimellm_jax/inference/ under it). The release's demo video is
+# a test fixture there (CC BY-NC-ND, its licence note in tests/fixtures/README.md) that the package
+# does not ship; the command, not the library, looks for it, and only in a checkout.
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
+CHECKOUT_DEMO_VIDEO = _CHECKOUT / "tests" / "fixtures" / "vtimellm_official" / "demo.mp4"
+
+
+def checkout_examples() -> list[pathlib.Path]:
+  """Returns the default examples: the release's demo video when this runs from a checkout, else none.
+
+  A checkout is told by its pyproject.toml beside tests/: an installed package's parent folder
+  (site-packages) has none, whatever else was installed there.
+  """
+  in_checkout = (_CHECKOUT / "pyproject.toml").is_file() and CHECKOUT_DEMO_VIDEO.is_file()
+  return [CHECKOUT_DEMO_VIDEO] if in_checkout else []
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
   xla_flags.use_answering_flags()
   from vtimellm_jax.inference import demo  # pylint: disable=g-import-not-at-top
 
-  demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens, args.example)
+  demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens,
+             args.example or checkout_examples())
   return 0
