@@ -94,6 +94,7 @@ def test_remote_code_comes_from_the_folder_the_model_was_converted_from(folders,
   assert json.loads((tmp_path / "glm" / "tokenizer_config.json").read_text()) == TOKENIZER_CONFIG
 
 
+@pytest.mark.slow  # a conversion and an export end to end (CI's second run)
 def test_release_base_gets_the_remote_code_through_a_converted_base(folders, tmp_path):
   # convert release records its --base, here a `convert chatglm` output, which records the ChatGLM3 folder.
   _, source = folders
@@ -108,6 +109,7 @@ def test_release_base_gets_the_remote_code_through_a_converted_base(folders, tmp
     assert (tmp_path / "release" / "chatglm3-base" / name).read_text() == text, name
 
 
+@pytest.mark.slow  # a conversion and an export end to end (CI's second run)
 def test_a_runs_export_finds_the_folder_through_the_runs_base(folders, tmp_path, capsys):
   # A run's model directory records its workdir; the run's base records the ChatGLM3 folder.
   random, source = folders
