@@ -34,6 +34,7 @@ from vtimellm_jax import model_io
 from vtimellm_jax.convert import chatglm, llama, table, torch_files
 from vtimellm_jax.errors import ConversionError, UserError
 from vtimellm_jax.models import chatglm as chatglm_model
+from vtimellm_jax.models import families
 from vtimellm_jax.models import lora as lora_lib
 from vtimellm_jax.models.llama import LlamaConfig
 from vtimellm_jax.models.vtimellm import VTimeLLM
@@ -66,7 +67,8 @@ def peft_lora_table(rules: tuple[table.Rule, ...]) -> tuple[table.Rule, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """One of the release's LLM families: its PyTorch names, where its adapter lives, what LoRA targets."""
+  """The release's checkpoint names of one LLM family (models/families.py): its PyTorch names, where its
+  adapter lives, what LoRA targets."""
 
   name: str
   llm_rules: tuple[table.Rule, ...]  # the LLM's PyTorch names <-> ours
@@ -84,8 +86,8 @@ class Family:
     return f"{self.projector_prefix}.weight", f"{self.projector_prefix}.bias"
 
 
-VICUNA = Family("vicuna", llama.LLAMA_TABLE, "model.mm_projector", PEFT_LORA_TABLE, lora_lib.ALL_TARGETS, llama.IGNORED)
-CHATGLM = Family("chatglm3", chatglm.CHATGLM_TABLE, "transformer.mm_projector", peft_lora_table(chatglm.CHATGLM_TABLE),
+VICUNA = Family(families.VICUNA.name, llama.LLAMA_TABLE, "model.mm_projector", PEFT_LORA_TABLE, lora_lib.ALL_TARGETS, llama.IGNORED)
+CHATGLM = Family(families.CHATGLM3.name, chatglm.CHATGLM_TABLE, "transformer.mm_projector", peft_lora_table(chatglm.CHATGLM_TABLE),
                  tuple(chatglm_model.RELEASE_LORA_TARGETS), chatglm.IGNORED)
 
 
