@@ -140,7 +140,7 @@ def converted(hf, tmp_path_factory):
 
 def test_original_bin_shards_convert_to_the_same_logits(hf, converted):
   meta = model_io.read_model_json(converted)
-  assert meta["kind"] == "llama" and meta["layout"] == "original"
+  assert meta["kind"] == "llama" and meta["layout"] == "original" and meta[chatglm_convert.QKV_REGROUPED] is False
   assert meta["config"]["fused_projections"] and meta["config"]["num_kv_heads"] == 2
   # The tokenizer's data files come along, never the folder's Python code.
   assert (converted / "tokenizer.model").is_file() and (converted / "tokenizer_config.json").is_file()
@@ -205,7 +205,7 @@ def test_per_head_query_key_value_converts_regroups_and_exports_as_multi_query(t
   _check_logits(tmp_path / "again", hf, PER_HEAD)
 
 
-def test_release_refuses_a_per_head_base(tmp_path):
+def test_release_refuses_a_per_head_base_as_a_folder_or_converted(tmp_path, capsys):
   # The release's LoRA folders of such a model would change query_key_value's rows per head too.
   hf = hf_glm(PER_HEAD, seed=3)
   base = write_original(original_state(hf, PER_HEAD, per_head=True), tmp_path / "glm", "safetensors",
@@ -215,6 +215,15 @@ def test_release_refuses_a_per_head_base(tmp_path):
   with pytest.raises(UserError, match=r"glm/config\.json: multi_query_attention is False, so query_key_value holds "
                                       r"q, k and v per head"):
     release_convert.convert_release(base, tmp_path / "mm_projector.bin", tmp_path / "out", dtype="float32")
+  # Converted first, the same model is refused too: its model.json records the regrouping.
+  _convert(base, tmp_path / "ours")
+  assert model_io.read_model_json(tmp_path / "ours")[chatglm_convert.QKV_REGROUPED] is True
+  assert cli.main(["convert", "release", "--base", str(tmp_path / "ours"), "--projector",
+                   str(tmp_path / "mm_projector.bin"), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert f"--base {tmp_path / 'ours' / 'model.json'}: qkv_regrouped_from_per_head is true" in err
+  assert "multi_query_attention: true" in err and "Traceback" not in err
+  assert not (tmp_path / "out").exists()
 
 
 # --- the release's ChatGLM set ---------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Parameters carry logical names (`("embed", "mlp")`, see models/); the decoder's stacked layers
-lead with "layers"; activations' batch axis is "batch". A dimension whose size the mesh axis does
-not divide is replicated rather than failing, so tiny test models run on any mesh.
+lead with "layers"; activations' batch axis is "batch". A dimension whose size its mesh axes do not
+divide is a UserError naming the axis, its size and the mesh axis, unless its logical axis is in
+`REPLICATED_WHEN_UNEVEN`: replicating it silently would hide a layout that runs slow or out of memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
 }
 
+# Logical axes held whole on every device where their mesh axes do not divide them. Any other axis
+# that does not divide is an error: that layout is a mistake to be told about, not to run slow.
+REPLICATED_WHEN_UNEVEN = frozenset({
+    # ChatGLM3-6B's multi-query attention has 2 key/value groups: on tensor >= 4 each device holds
+    # both whole (and splash attention, seeing query and kv heads split differently, splits neither:
+    # models/llama.py).
+    "kv_heads",
+})
+
 
 def first_devices(count: int) -> list:
   """Returns the first `count` of this job's devices (all of them for 0); refuses more than there are."""
@@ -59,36 +69,64 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _mesh_axes(logical, dim: int, mesh: Mesh):
+def _mesh_axes(logical, dim: int, mesh, where: str):
   target = LOGICAL_RULES.get(logical) if logical is not None else None
   if target is None:
     return None
-  size = int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))]))
-  return target if dim % size == 0 else None
+  axes = target if isinstance(target, tuple) else (target,)
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+  if dim % size == 0:
+    return target
+  if logical in REPLICATED_WHEN_UNEVEN:
+    return None
+  if len(axes) == 1:
+    mesh_axes = f"mesh axis {axes[0]!r} of size {size}"
+  else:
+    mesh_axes = "mesh axes " + " x ".join(f"{a!r} ({mesh.shape[a]})" for a in axes) + f" = {size}"
+  raise UserError(f"{where}: logical axis {logical!r} has size {dim}, which {mesh_axes} does not divide; "
+                  "choose mesh sizes that divide it (--config.mesh.*)")
 
 
-def spec_for(logical_axes, shape, mesh: Mesh) -> P:
-  """Returns the mesh PartitionSpec of an array with these logical axes and shape."""
+def spec_for(logical_axes, shape, mesh: Mesh, what: str | None = None) -> P:
+  """Returns the mesh PartitionSpec of an array with these logical axes and shape.
+
+  Raises UserError where a mesh axis does not divide its dimension (see `REPLICATED_WHEN_UNEVEN`);
+  the message names the array as `what`, else by its logical axes and shape.
+  """
   if not logical_axes:
     return P()
-  return P(*(_mesh_axes(name, dim, mesh) for name, dim in zip(logical_axes, shape)))
+  where = what or f"an array {tuple(logical_axes)} of shape {tuple(shape)}"
+  return P(*(_mesh_axes(logical, dim, mesh, where) for logical, dim in zip(logical_axes, shape)))
 
 
-def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
-  """Returns the NamedSharding of one variable, from its `out_sharding` logical names."""
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, name: str | None = None) -> NamedSharding:
+  """Returns the NamedSharding of one variable (called `name` in errors), from its `out_sharding` logical names."""
   names = variable.get_metadata().get("out_sharding")
-  return NamedSharding(mesh, spec_for(names, variable.get_value().shape, mesh))
+  shape = variable.get_value().shape
+  where = f"{f'parameter {name}' if name else 'a parameter'} {tuple(names or ())} of shape {tuple(shape)}"
+  return NamedSharding(mesh, spec_for(names, shape, mesh, where))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):
-  """Returns a NamedSharding pytree matching `state` (from each variable's `out_sharding` names)."""
+  """Returns a NamedSharding pytree matching `state` (from each variable's `out_sharding` names).
 
-  def one(variable):
+  Every variable a mesh axis does not divide is named in one UserError.
+  """
+  problems = []
+
+  def one(path, variable):
     if not isinstance(variable, nnx.Variable):
       return NamedSharding(mesh, P())
-    return variable.replace(variable_sharding(variable, mesh))
+    try:
+      return variable.replace(variable_sharding(variable, mesh, "/".join(str(getattr(k, "key", k)) for k in path)))
+    except UserError as e:
+      problems.append(str(e))
+      return variable
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if problems:
+    raise UserError(f"the mesh {dict(mesh.shape)} does not fit this model:\n" + "\n".join(f"  - {p}" for p in problems))
+  return out
 
 
 def single_device_mesh(device=None) -> Mesh:

@@ -15,8 +15,10 @@ non_lora_trainables use the original names too, so `convert release` merges in t
 query_key_value's rows are [q | k | v] when config.json says `multi_query_attention: true` (every
 ChatGLM2/3 checkpoint); with `false` (the default of ChatGLM's configuration class) its
 modeling_chatglm.py reads them per head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], and `convert chatglm`
-regroups them (`regroup_qkv`). Exports always write `multi_query_attention: true` with one group
-per key/value head, which reads [q | k | v] whatever the grouping.
+regroups them (`regroup_qkv`), recording that in model.json (`QKV_REGROUPED`): `convert release`
+refuses such a model as its base as it refuses the folder. Exports always write
+`multi_query_attention: true` with one group per key/value head, which reads [q | k | v] whatever
+the grouping.
 
 ChatGLM3's tokenizer and model classes are remote code: .py files beside the weights, named by the
 `auto_map` of config.json and tokenizer_config.json. The project ships none of them; an export
@@ -70,6 +72,9 @@ _QKV = re.compile(r"transformer\.encoder\.layers\.(?P<layer>\d+)\.self_attention
 # Buffers the model recomputes (ChatGLM's rope table; older HF checkpoints' inv_freq).
 IGNORED = (r"transformer\.rotary_pos_emb\.inv_freq", r".*rotary_emb\.inv_freq")
 LAYOUTS = ("original", "hf")
+# model.json's record that `convert chatglm` regrouped a per-head query_key_value: LoRA folders of the
+# model it came from change those rows in the per-head order.
+QKV_REGROUPED = "qkv_regrouped_from_per_head"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 _ORIGINAL_TYPES = ("chatglm", "VTimeLLM_ChatGLM")
 # The remote-code classes THUDM's ChatGLM3-6B config.json names (module.Class, module = file name).
@@ -327,8 +332,9 @@ def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
     raise ConversionError(str(src), problems + e.problems) from None
   if problems:
     raise ConversionError(str(src), problems)
+  regrouped = layout == "original" and qkv_per_head(load_config_json(src)[0])
   model_io.save_model_dir(out, kind="llama", config=config.architecture(), params=model_io.nest(flat),
-                          source=str(src.absolute()), layout=layout)
+                          source=str(src.absolute()), layout=layout, **{QKV_REGROUPED: regrouped})
   copy_tokenizer(src, out)
   return config, layout
 
