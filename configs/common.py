@@ -84,7 +84,7 @@ def recipe(size: str, family: str = families.VICUNA.name) -> ml_collections.Conf
   # (16-bit), per_head on CPU
   # > 0: the loss runs lm_head over this many positions at a time and recomputes them in the
   # backward pass, so fp32 [B, T, 32000] logits are never held whole. 0: full logits (same loss).
-  # On a v5e-16 AOT compile of 7B stage 2 it saved little (docs/performance.md, "TPU memory").
+  # On a v5e-16 AOT compile of 7B stage 2 it saved little (bench/results/history.md).
   # ChatGLM3's LoRA covers lm_head with dropout (as the release trains it), which the chunked loss
   # cannot recompute (config_loading refuses it): full logits there.
   c.model.loss_chunk = 0 if tiny or fam.lora_on_output else 512
@@ -92,6 +92,11 @@ def recipe(size: str, family: str = families.VICUNA.name) -> ml_collections.Conf
   # Random init only (a base keeps its own). Off by default and for Vicuna; the quickstart's tiny
   # model uses it (docs/synthetic.md).
   c.model.time_code = 0.0
+  # QLoRA: the frozen decoder projections held as nf4 | fp4 | int8 ("" keeps them in param_dtype), made at
+  # load, one kernel at a time; with double_quant their block scales are quantised too (the release's
+  # --bits 4 --quant_type nf4 --double_quant). lm_head, the embeddings, LoRA and the adapter stay float.
+  c.model.quant = ""
+  c.model.double_quant = True
 
   c.trainable = "lora"  # adapter | lora | all
   c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=128.0, dropout=0.05, targets=fam.lora_targets))

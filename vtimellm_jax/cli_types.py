@@ -14,6 +14,16 @@ from collections.abc import Callable
 DTYPES = ("float32", "bfloat16", "float16")
 # With "auto": the command chooses (float32 on a CPU, the accelerator's 16-bit type elsewhere).
 DTYPES_OR_AUTO = ("auto", *DTYPES)
+# Weight-only quantisation of the decoder projections for answering (`--quant`; models/quant.py).
+ANSWER_QUANTS = ("none", "int8", "nf4", "fp4")
+
+
+def add_quant_argument(parser: argparse.ArgumentParser) -> None:
+  """Adds `--quant` (the answering commands' weight-only quantisation) to `parser`."""
+  parser.add_argument("--quant", choices=ANSWER_QUANTS, default="none",
+                      help="hold the decoder projections quantised, LoRA merged first: int8 (block scales in float32), "
+                           "nf4 or fp4 (the QLoRA types, doubly quantised scales); lm_head and the embeddings stay "
+                           "in --dtype (default: %(default)s)")
 
 
 def int_at_least(lo: int) -> Callable[[str], int]:

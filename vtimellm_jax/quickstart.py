@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--base", default="", help="with a real --size: a converted Vicuna / ChatGLM3 model directory")
   parser.add_argument("--clip", default="tiny-random-64",
                       help="CLIP for extract-features (default: a random tiny CLIP at the videos' 64 px)")
+  parser.add_argument("--quant", default="none", choices=cli_types.ANSWER_QUANTS,
+                      help="QLoRA: stage 3 trains its LoRA on this quantised base (config model.quant) and the "
+                           "evaluation answers with it (eval --quant); the exported model keeps the float base "
+                           "(default: %(default)s)")
 
 
 def _cli(args: list[str]) -> None:
@@ -255,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
   else:
     stage3_from = [f"--config.model.base={base}", f"--config.load.adapter={runs / 'stage1'}",
                    f"--config.load.merge_lora={runs / 'stage2'}"]
-  train("stage3", corpus["stage3"], features, *stage3_from)
+  qlora = [f"--config.model.quant={args.quant}"] if args.quant != "none" else []
+  train("stage3", corpus["stage3"], features, *stage3_from, *qlora)
   _cli(["export", "--workdir", str(runs / "stage3"), "--out", str(models / "vtimellm")])
   # `demo`/`serve --model <workdir>` read the model, its CLIP and its feature statistics from here.
   stats = f"features/{standardize.STATS_FILE}" if random_clip else None
@@ -267,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
   eval_dir.mkdir(exist_ok=True)
   _cli(["eval", "--model", str(models / "vtimellm"), "--data", str(corpus["eval"]), "--features", str(features),
         "--task", "all", "--out", str(eval_dir / "answers.jsonl"), "--temperature", "0", "--batch-size", "32",
-        "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--no-progress"])
+        "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--no-progress", "--quant", args.quant])
   constant_baseline(corpus["eval"], corpus["stage2"], eval_dir / "constant_baseline.jsonl")
   task = "all"
   try:

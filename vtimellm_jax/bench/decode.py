@@ -14,6 +14,11 @@ by reading every weight once per token: `read_gb_per_s` adds each row's KV cache
 position (`decode_bytes`), and `hbm_fraction` is that over the device's HBM bandwidth where its
 kind is known (`device_peaks`). One JSON line on stdout per batch size.
 
+`--quant int8|nf4|fp4` holds the decoder projections quantised, as `chat --quant` does. `--cost-only
+[TARGET]` times nothing: it compiles one decode step from shapes alone (for a GPU preset such as
+1xH100 on a host without one, as `train --dry-run` does) and prints XLA's cost analysis of it, the
+bytes a step accesses at least, so formats compare without the device.
+
 `--profile-dir DIR` then traces one call of the prefill and one decode step (2 new tokens, compiled
 before the trace) with jax.profiler into DIR/decode.{xplane.pb,perfetto.json.gz}.
 """
@@ -44,6 +49,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--layout", default="answering", choices=("answering", "stacked"),
                       help="the answering layout every answering command runs (one module per layer, fused "
                            "projections; docs/models.md), or the stacked layers training runs, for an A/B")
+  parser.add_argument("--quant", default="none", choices=cli_types.ANSWER_QUANTS,
+                      help="decoder projections quantised as `chat --quant` holds them (default: %(default)s)")
+  parser.add_argument("--cost-only", metavar="TARGET", nargs="?", const="here",
+                      help="no timing: XLA's cost analysis of one decode step (bytes accessed, flops) per batch "
+                           "size, compiled from shapes alone for this machine's first device ('here') or a GPU "
+                           "preset of configs/topologies.py (e.g. 1xH100: needs JAX_PLATFORMS=cpu and the cuda extra)")
   parser.add_argument("--profile-dir", metavar="DIR",
                       help="trace the prefill and one decode step with jax.profiler into "
                            "DIR/decode.{xplane.pb,perfetto.json.gz}")
@@ -58,18 +69,80 @@ def _dtype(name: str) -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def random_model(size: str, dtype: str, layout: str = "answering"):
-  """Returns a LLaMA of preset `size` with random weights created on the device, in `layout`."""
+def random_model(size: str, dtype: str, layout: str = "answering", quant: str = "none"):
+  """Returns a LLaMA of preset `size` with random weights created on the device, in `layout`, its
+  decoder projections quantised as `answerer.Answerer` quantises them (`quant`: `cli_types.ANSWER_QUANTS`)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.models import answering, load  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import answering, families, load, lora  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
-  from vtimellm_jax.models import families
 
   config = families.preset(families.preset_of_size(size), dtype=dtype, param_dtype=dtype)
   # A jitted init builds the weights on the device, without a host copy of 13 GB; then the layers
   # are held one array per layer, as every answering command holds them.
   model = load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")
-  return answering.answering_layout(model) if layout == "answering" else model
+  model = answering.answering_layout(model) if layout == "answering" else model
+  if quant != "none":
+    lora.quantize_projections(model, quant, double_quant=quant != "int8")
+  return model
+
+
+def weight_bytes(model) -> int:
+  """Returns the bytes of the model's weights as held: float parameters and quantised kernels."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import quant  # pylint: disable=g-import-not-at-top
+
+  held = nnx.state(model, nnx.Any(nnx.Param, quant.QuantizedWeight))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held))
+
+
+def step_cost(size: str, dtype: str, quant: str, batch: int = 1, prompt_len: int = 160, device=None) -> dict:
+  """Returns XLA's cost analysis of one decode step (batch `batch`, the window after `prompt_len`)
+  of the answering layout, compiled from abstract arrays for `device` (default: the first device;
+  a compile-only GPU from `aot.target_devices` on a host without one): bytes accessed and flops.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models import answering, families, kv_cache, lora  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+
+  config = families.preset(families.preset_of_size(size), dtype=dtype, param_dtype=dtype)
+
+  def build():
+    model = answering.answering_layout(LlamaForCausalLM(config, nnx.Rngs(0)))
+    if quant != "none":
+      lora.quantize_projections(model, quant, double_quant=quant != "int8")
+    return model
+
+  model = nnx.eval_shape(build)
+  graphdef, state = nnx.split(model)
+  cache_len = kv_cache.cache_length(prompt_len + 128)
+  cache = jax.eval_shape(lambda: model.init_cache(batch, cache_len))
+  window = kv_cache.decode_window(prompt_len + 1, cache_len)
+
+  def step(state, cache, tokens_b, positions_bt):
+    step = kv_cache.CacheStep(positions_bt=positions_bt, window=window)
+    return generate.decode_step(nnx.merge(graphdef, state), cache, tokens_b, step)
+
+  device = device or jax.devices()[0]
+  placed = jax.sharding.SingleDeviceSharding(device)
+  args = (state, cache, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch, 1), jnp.int32))
+  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), args)
+  compiled = jax.jit(step).lower(*args).compile()
+  cost = compiled.cost_analysis()  # None from a compile-only GPU client
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  memory = compiled.memory_analysis()
+  weights = weight_bytes(model)
+  window_bytes = batch * kv_cache.bytes_per_position(config) * window
+  return dict(what="jax_decode_step_cost", size=size, dtype=dtype, quant=quant, batch=batch, window=window,
+              weight_bytes=weights,
+              # What a step must read: every weight as held and the cache window. A program that
+              # dequantised a kernel into memory would show it in its temporaries.
+              min_read_bytes=weights + window_bytes, temp_bytes=int(memory.temp_size_in_bytes),
+              bytes_accessed=int(cost["bytes accessed"]) if "bytes accessed" in cost else None,
+              flops=int(cost["flops"]) if "flops" in cost else None, device=str(device.device_kind))
 
 
 def decode_bytes(weight_bytes: int, kv_bytes_per_position: int, batch: int, prompt_len: int, new_tokens: int) -> int:
@@ -116,10 +189,10 @@ def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: floa
   full = _best_time(lambda: run(new_tokens), repeats)
   prefill = _best_time(lambda: run(1), repeats)
   decode_rate = (new_tokens - 1) / max(full - prefill, 1e-9)
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  weights = weight_bytes(model)
   # Bytes of the decode steps alone (the prefill's left out, as decode_rate leaves out its time).
-  step_bytes = (decode_bytes(weight_bytes, kv_cache.bytes_per_position(cfg), batch, prompt_len, new_tokens)
-                - weight_bytes) / max(new_tokens - 1, 1)
+  step_bytes = (decode_bytes(weights, kv_cache.bytes_per_position(cfg), batch, prompt_len, new_tokens)
+                - weights) / max(new_tokens - 1, 1)
   traced = {}
   if profile_dir:
     from vtimellm_jax.bench import trace  # pylint: disable=g-import-not-at-top
@@ -130,7 +203,7 @@ def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: floa
               dtype=cfg.dtype, temperature=temperature, s=round(full, 4), prefill_s=round(prefill, 4),
               tokens_per_s=round(batch * new_tokens / full, 1),
               decode_tokens_per_s=round(batch * decode_rate, 1),
-              weight_gb_per_s=round(weight_bytes * decode_rate / 1e9, 1),
+              weight_gb_per_s=round(weights * decode_rate / 1e9, 1),
               read_gb_per_s=round(step_bytes * decode_rate / 1e9, 1),
               **device_peaks.fractions(jax.devices()[0], bytes_per_s=step_bytes * decode_rate),
               compile_s=round(compile_s, 1), device=str(jax.devices()[0].device_kind), **traced)
@@ -139,11 +212,22 @@ def bench(model, batch: int, prompt_len: int, new_tokens: int, temperature: floa
 def main(argv=None) -> int:
   args = _parse_args(argv)
   xla_flags.use_answering_flags()  # what chat and eval run with
-  model = random_model(args.size, _dtype(args.dtype), args.layout)
+  if args.cost_only:
+    device = None
+    if args.cost_only != "here":
+      from vtimellm_jax.training import aot  # pylint: disable=g-import-not-at-top
+
+      device = aot.target_devices(aot.resolve(args.cost_only))[0]
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if args.cost_only == "here" and _dtype("auto") ==
+                                                     "float32" else "bfloat16")
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+      print(json.dumps(step_cost(args.size, dtype, args.quant, batch, args.prompt_len, device)), flush=True)
+    return 0
+  model = random_model(args.size, _dtype(args.dtype), args.layout, args.quant)
   for batch in [int(b) for b in args.batch_sizes.split(",")]:
     record = bench(model, batch, args.prompt_len, args.new_tokens, args.temperature, args.repeats,
                    args.profile_dir if batch == int(args.batch_sizes.split(",")[0]) else None)
-    record["size"], record["layout"] = args.size, args.layout
+    record["size"], record["layout"], record["quant"] = args.size, args.layout, args.quant
     record["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     print(json.dumps(record), flush=True)
   return 0

@@ -3,6 +3,7 @@
   python -m vtimellm_jax.bench.load --model ckpt/vicuna-7b
   python -m vtimellm_jax.bench.load --convert-from hf/vicuna-7b-v1.5      # `convert llama` to a temporary dir
   python -m vtimellm_jax.bench.load --model ckpt/vicuna-7b --mesh-fsdp 8  # split over 8 devices
+  python -m vtimellm_jax.bench.load --model ckpt/vicuna-7b --quant nf4    # quantised as it loads (QLoRA)
   python -m vtimellm_jax.bench.load --make-random-hf /tmp/llama-0.74b      # a random bf16 HF LLaMA to measure
 
 Each measurement runs in a fresh process, and so does a baseline: the same process loading a tiny
@@ -39,6 +40,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
                     help=f"write a random bfloat16 HF LLaMA of {RANDOM_HF} to DIR (safetensors) and exit")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="--convert-from: storage dtype")
   parser.add_argument("--mesh-fsdp", type=cli_types.int_at_least(1), default=1, help="split the loaded model over this many devices")
+  parser.add_argument("--quant", default="none", choices=cli_types.ANSWER_QUANTS,
+                      help="--model: load the decoder projections quantised as they are read (config model.quant); "
+                           "`ratio` stays over the float weights' bytes")
   parser.add_argument("--child", choices=("load", "convert"), help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
@@ -48,6 +52,7 @@ def _child(args: argparse.Namespace) -> dict:
   """Runs one load or conversion in this process; returns its seconds and the weights' bytes."""
   import jax
   import numpy as np
+  from flax import nnx
 
   from vtimellm_jax import model_io, sharding
   from vtimellm_jax.convert import llama as llama_convert
@@ -61,7 +66,8 @@ def _child(args: argparse.Namespace) -> dict:
   else:
     devices = jax.devices()[:args.mesh_fsdp]
     mesh = sharding.make_mesh(data=1, fsdp=len(devices), tensor=1, devices=devices)
-    jax.block_until_ready(jax.tree.leaves(load.params_tree(load.load_model(args.model, mesh=mesh))))
+    quant = {"quant": args.quant} if args.quant != "none" else {}
+    jax.block_until_ready(jax.tree.leaves(nnx.state(load.load_model(args.model, mesh=mesh, **quant))))
     directory = args.model
   seconds = time.perf_counter() - start
   weights = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in model_io.saved_arrays(directory).values())
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     common = ["--mesh-fsdp", str(args.mesh_fsdp)]
     _, baseline = _measure(["--child", "load", "--model", str(tiny), *common])
     if args.model:
-      result, peak = _measure(["--child", "load", "--model", args.model, *common])
+      result, peak = _measure(["--child", "load", "--model", args.model, "--quant", args.quant, *common])
       what, source = "load_model", args.model
     else:
       out = pathlib.Path(tmp) / "converted"
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
       what, source = "convert_llama", args.convert_from
   weights = result["weight_bytes"]
   gb = lambda b: round(b / 1e9, 3)  # noqa: E731
-  return dict(what=what, source=source, mesh_fsdp=args.mesh_fsdp, seconds=round(result["seconds"], 2),
+  return dict(what=what, source=source, mesh_fsdp=args.mesh_fsdp, quant=args.quant, seconds=round(result["seconds"], 2),
               weight_gb=gb(weights), peak_rss_gb=gb(peak), baseline_peak_rss_gb=gb(baseline),
               above_baseline_gb=gb(peak - baseline), ratio=round((peak - baseline) / weights, 3))
 

@@ -35,11 +35,12 @@ class Answer:
   token_ids: tuple[int, ...]
 
 
-def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer:
+def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto", quant: str = "none") -> Answerer:
   """Returns the Answerer of a model directory (model.json + params/ + tokenizer files).
 
   `dtype` "auto" computes and stores in the dtype the directory stores; any other value sets both (the
-  adapter stays float32), e.g. bfloat16 to halve the memory of a float32 checkpoint on a GPU.
+  adapter stays float32), e.g. bfloat16 to halve the memory of a float32 checkpoint on a GPU. `quant`
+  (`cli_types.ANSWER_QUANTS`) holds the decoder projections quantised once LoRA is merged.
   """
   from vtimellm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models import load  # pylint: disable=g-import-not-at-top
@@ -47,6 +48,8 @@ def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer
 
   if dtype not in cli_types.DTYPES_OR_AUTO:
     raise UserError(f"--dtype must be one of {', '.join(cli_types.DTYPES_OR_AUTO)}, got {dtype!r}")
+  if quant not in cli_types.ANSWER_QUANTS:
+    raise UserError(f"--quant must be one of {', '.join(cli_types.ANSWER_QUANTS)}, got {quant!r}")
   path = pathlib.Path(model_dir)
   if not path.is_dir():
     raise UserError(f"--model {model_dir}: not a folder")
@@ -56,7 +59,7 @@ def load_answerer(model_dir: str | os.PathLike, dtype: str = "auto") -> Answerer
   if model.config.vocab_size < len(encoder):
     raise UserError(f"{path}: the tokenizer has {len(encoder)} tokens but the model only "
                     f"{model.config.vocab_size} embeddings")
-  return Answerer(model, encoder)
+  return Answerer(model, encoder, quant)
 
 
 @nnx.jit
@@ -69,11 +72,16 @@ def _embed(model, ids_bt, mask_bt, features_bnf):
 class Answerer:
   """Answers questions about videos with a VTimeLLM and the release's prompts."""
 
-  def __init__(self, model, encoder):
-    """Takes `model` over: its LoRA (if any) is merged, as the release merges it to answer, and its
-    layers are put in the answering layout (`models/answering.py`)."""
+  def __init__(self, model, encoder, quant: str = "none"):
+    """Takes `model` over: its LoRA (if any) is merged, as the release merges it to answer, its layers
+    are put in the answering layout (`models/answering.py`), and with `quant` (int8, nf4, fp4) each
+    decoder projection is then quantised (`lora.quantize_projections`; int8 keeps float32 block
+    scales, the 4-bit types doubly quantise theirs as QLoRA does)."""
     lora.merge_lora(model)
     self.model = answering.answering_layout(model)
+    if quant != "none":
+      lora.quantize_projections(self.model, quant, double_quant=quant != "int8")
+    self.quant = quant
     self.encoder = encoder
 
   @property

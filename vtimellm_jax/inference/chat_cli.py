@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=cli_types.int_at_least(0), default=0, help="sampling seed (default: %(default)s)")
   parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  cli_types.add_quant_argument(parser)
 
 
 def _video_inputs(args, feature_dim: int):
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     raise UserError("--clip is only used with --video")
   if args.video is not None and args.clip is None:
     raise UserError("--video needs --clip (a CLIP model directory) to compute the video's features")
-  bot = answerer.load_answerer(args.model, args.dtype)
+  bot = answerer.load_answerer(args.model, args.dtype, args.quant)
   feats, duration = _video_inputs(args, bot.feature_dim)
   history: list[tuple[str, str]] = []
   key = jax.random.key(args.seed)

@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max-batches", type=cli_types.int_at_least(1), help="stop after this many batches (rerun to continue)")
   parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  cli_types.add_quant_argument(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
   grounding = args.grounding_max_new_tokens or min(GROUNDING_MAX_NEW_TOKENS, args.max_new_tokens)
   budgets = {"grounding": grounding, "captioning": args.max_new_tokens}
   annotations = annotations_lib.read_annotations(args.data, args.durations)
-  bot = answerer.load_answerer(args.model, args.dtype)
+  bot = answerer.load_answerer(args.model, args.dtype, args.quant)
   # Read after the model is loaded: what is free is what the answers' KV caches can take.
   batch_sizes, why = evaluate.choose_batch_sizes(bot, annotations, args.task, budgets, args.batch_size,
                                                  jax.devices()[0].memory_stats())

@@ -34,7 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vtimellm_jax import cli_types, sharding
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import kv_cache, per_head_attention
+from vtimellm_jax.models import kv_cache, per_head_attention, quant
 from vtimellm_jax.models.kv_cache import CacheStep, KVCache
 from vtimellm_jax.models.lora import ALL_TARGETS, Linear
 
@@ -68,6 +68,10 @@ class LlamaConfig:
   param_dtype: str = "float32"  # storage of the (frozen) base weights
   attention_impl: str = "auto"  # auto | xla | cudnn | splash (TPU Pallas kernel) | per_head (CPU)
   remat: str = "none"  # none | full | save_dots | lora (`remat_policy`; applied to the scanned layer body)
+  # The frozen decoder projections held quantised ("" none | nf4 | fp4 | int8; models/quant.py), their
+  # block scales doubly quantised or not: the QLoRA base. lm_head and the embeddings stay in param_dtype.
+  quant: str = ""
+  double_quant: bool = True
   # VTimeLLM only: > 0 adds a frame-time code of this relative size to video tokens (models/time_code.py;
   # an option for tiny models). 0 for Vicuna and the release.
   time_code: float = 0.0
@@ -79,7 +83,7 @@ class LlamaConfig:
   # ChatGLM's checkpoints (and the LoRA the release puts on each fused Linear) have them.
   fused_projections: bool = False
 
-  RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_impl", "remat")
+  RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_impl", "remat", "quant", "double_quant")
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads and self.head_dim is None:
@@ -91,6 +95,8 @@ class LlamaConfig:
         raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
+    if self.quant and self.quant not in quant.QTYPES:
+      raise ValueError(f"quant must be one of {quant.QTYPES} (or empty for none), got {self.quant!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
@@ -342,7 +348,8 @@ class LlamaAttention(nnx.Module):
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     self.config = config
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_size
-    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, quant=config.quant,
+              double_quant=config.double_quant, rngs=rngs)
     if config.fused_projections:
       # Columns [q | k | v], as ChatGLM's query_key_value (split after the matmul).
       self.qkv_proj = Linear(d, (n + 2 * k) * h, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **kw)
@@ -404,7 +411,8 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     d, m = config.hidden_size, config.intermediate_size
-    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, rngs=rngs)
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype, quant=config.quant,
+              double_quant=config.double_quant, rngs=rngs)
     self.fused = config.fused_projections
     if self.fused:
       self.gate_up_proj = Linear(d, 2 * m, axes=("embed", "mlp"), **kw)

@@ -16,6 +16,7 @@ outputs are born sharded. LoRA kept unmerged in a directory is merged on the sha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -26,7 +27,7 @@ from flax import nnx
 
 from vtimellm_jax import model_io, sharding
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import clip, lora
+from vtimellm_jax.models import clip, lora, quant
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.models.vtimellm import VTimeLLM
 
@@ -117,6 +118,63 @@ class JoinedSource:
             if path in self.groups else arrays[path] for path, target in targets.items()}
 
 
+@dataclasses.dataclass
+class QuantizingSource:
+  """Another source with the float kernels of quantised layers offered as their quantised parts.
+
+  `layers` maps a quantised `lora.Linear`'s path to the (abstract) layer. Each kernel is restored on
+  its own, in its shards (the float kernel's sharding on the mesh of its codes), and quantised there
+  before the next is read, so the full-precision base is never held: the quantised model plus one
+  float kernel at most.
+  """
+
+  inner: Source
+  layers: dict[Path, lora.Linear]
+  name: str = ""
+
+  def __post_init__(self):
+    self.name = self.name or self.inner.name
+
+  def _kernel(self, prefix: Path) -> Path:
+    return (*prefix, "kernel")
+
+  def available(self):
+    saved = self.inner.available()
+    out = {p: s for p, s in saved.items() if p[:-1] not in self.layers or p[-1] != "kernel"}
+    for prefix, layer in self.layers.items():
+      kernel = saved.get(self._kernel(prefix))
+      if kernel is None:
+        continue
+      q = jax.eval_shape(functools.partial(quant.quantize_kernel, qtype=layer.quant,
+                                           double_quant=layer.kernel_scales2 is not None), kernel)
+      out.update({(*prefix, name): part for name, part in zip(lora.QUANT_PARTS, (q.codes, q.scales, q.scales2, q.offset))
+                  if part is not None})
+    return out
+
+  def restore(self, targets):
+    by_layer: dict[Path, dict[Path, jax.ShapeDtypeStruct]] = {}
+    plain = {}
+    for path, target in targets.items():
+      if path[:-1] in self.layers and path[-1] in lora.QUANT_PARTS:
+        by_layer.setdefault(path[:-1], {})[path] = target
+      else:
+        plain[path] = target
+    out = self.inner.restore(plain) if plain else {}
+    for prefix, parts in by_layer.items():
+      layer = self.layers[prefix]
+      mesh = parts[(*prefix, "kernel_codes")].sharding.mesh
+      axes, shape = (*layer.stack_axes, *layer.axes), (*layer.stack_shape, layer.in_features, layer.out_features)
+      target = jax.ShapeDtypeStruct(shape, layer.param_dtype,
+                                    sharding=jax.sharding.NamedSharding(mesh, sharding.spec_for(axes, shape, mesh)))
+      kernel = self.inner.restore({self._kernel(prefix): target})[self._kernel(prefix)]
+      q = lora.sharded_quantize(kernel, layer.quant, (*prefix, "kernel_scales2") in parts,
+                                lora.quant_axes(layer.axes, layer.stack_axes))
+      del kernel
+      out.update({(*prefix, name): part for name, part in zip(lora.QUANT_PARTS, (q.codes, q.scales, q.scales2, q.offset))
+                  if part is not None})
+    return out
+
+
 def _place(array, target: jax.ShapeDtypeStruct) -> jax.Array:
   """Returns `array` in the target's dtype and sharding (itself when it already is)."""
   if array.dtype != target.dtype:
@@ -155,7 +213,7 @@ def abstract_targets(module: nnx.Module, mesh) -> dict[Path, jax.ShapeDtypeStruc
   for path, variable in nnx.to_flat_state(nnx.state(module)):
     value = variable.get_value()
     out[_key(path)] = jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                           sharding=sharding.variable_sharding(variable, mesh))
+                                           sharding=sharding.variable_sharding(variable, mesh, _name(_key(path))))
   return out
 
 
@@ -265,11 +323,19 @@ def load_model(directory: str | pathlib.Path, model_cls=None, *, mesh=None, seed
   if meta.get("kind") != "clip":
     stored = stored_dtype(directory)
     overrides = {"dtype": stored, "param_dtype": stored, **overrides}
+  qtype = overrides.get("quant")
+  if qtype and merge_lora and meta.get("lora"):
+    # LoRA merges into the full-precision kernels; the merged ones are then quantised, one at a time.
+    model = load_model(directory, model_cls, mesh=mesh, seed=seed, merge_lora=True, **{**overrides, "quant": ""})
+    lora.quantize_projections(model, qtype, overrides.get("double_quant", True))
+    return model
   build = model_builder(meta, model_cls, seed, **overrides)
   new_adapter = meta["kind"] == "llama" and model_cls is VTimeLLM
   source = DirectorySource(directory)
   if meta["kind"] == "clip":
     source = _fused_qkv(source)
+  if qtype:
+    source = QuantizingSource(source, lora.quantized_layers(nnx.eval_shape(build)))
   model = sharded_model(build, mesh, [source], what=f"{directory}",
                         may_initialise=lambda path: new_adapter and path[0] == "mm_projector")
   if merge_lora:
@@ -298,6 +364,12 @@ def stored_dtype(directory: str | pathlib.Path) -> str:
 def save_model(model: LlamaForCausalLM, directory: str | pathlib.Path, **extra) -> None:
   """Writes `model` (LoRA factors included, if attached) to a model directory."""
   kind = "vtimellm" if isinstance(model, VTimeLLM) else "llama"
+  quantized = lora.quantized_layers(model)
+  if quantized:
+    layer = next(iter(quantized.values()))
+    raise UserError(f"this model's projections are held quantised ({layer.quant}); a model directory holds "
+                    "full-precision weights, which a quantised kernel no longer has: save the full-precision model "
+                    "(load it without quantisation) instead")
   attached = list(lora.lora_layers(model))
   if attached:
     # The scaling is static module state, not a parameter: it travels in model.json.

@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vtimellm_jax import sharding
+from vtimellm_jax.models import quant as quant_lib
+
 # The projections of a LLaMA layer LoRA may target, named as in HF / peft: the LLaMA recipe's targets.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Every `Linear` name LoRA may target: LLaMA's projections, the fused projections of the ChatGLM
@@ -37,6 +40,11 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 KNOWN_TARGETS = ALL_TARGETS + ("qkv_proj", "gate_up_proj", "lm_head")
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+# Attribute names of a quantised kernel's parts (`Linear.quantize`), in `QuantizedArray` order.
+QUANT_PARTS = ("kernel_codes", "kernel_scales", "kernel_scales2", "kernel_offset")
+# The projections a quantised base holds quantised: every decoder projection, never lm_head (the
+# output layer stays in full precision, as bitsandbytes' conversion leaves it).
+QUANTIZED_PROJECTIONS = ALL_TARGETS + ("qkv_proj", "gate_up_proj")
 # Attribute names of what attaching LoRA adds to a `Linear`.
 LORA_NAMES = ("lora_a", "lora_b", "lora_dropout")
 
@@ -77,8 +85,40 @@ def _param(cls, value, axes):
   return cls(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def quant_axes(axes: tuple, lead_axes: tuple = ()) -> dict[str, tuple]:
+  """Returns the logical axes of each part of a quantised kernel whose float kernel has `axes` [in, out].
+
+  Codes and scales are [*L, out, in / ...]: the kernel's axes swapped, except that the scales' block
+  axis (in / 64) is not split, as block counts rarely divide a mesh axis; the nested scales and the
+  offset, a few numbers a layer, are not split either.
+  """
+  return {"kernel_codes": (*lead_axes, axes[1], axes[0]), "kernel_scales": (*lead_axes, axes[1], None),
+          "kernel_scales2": (*lead_axes, None), "kernel_offset": tuple(lead_axes)}
+
+
+def sharded_quantize(kernel: jax.Array, qtype: str, double_quant: bool, axes: dict[str, tuple]) -> quant_lib.QuantizedArray:
+  """Returns `quant.quantize_kernel(kernel)` computed where the kernel lies, its parts sharded by `axes`."""
+  quantize = functools.partial(quant_lib.quantize_kernel, qtype=qtype, double_quant=double_quant)
+  mesh = getattr(kernel.sharding, "mesh", None)
+  shardings = None
+  if isinstance(mesh, jax.sharding.Mesh):
+    out = jax.eval_shape(quantize, kernel)
+    place = lambda name, a: None if a is None else jax.sharding.NamedSharding(  # noqa: E731
+        mesh, sharding.spec_for(axes[name], a.shape, mesh))
+    shardings = out.replace(**{field: place(name, getattr(out, field)) for field, name in
+                               zip(("codes", "scales", "scales2", "offset"), QUANT_PARTS)})
+  return jax.jit(quantize, out_shardings=shardings)(kernel)
+
+
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias) (+ LoRA). Kernel [in, out] carries logical axis names `axes`."""
+  """y = x @ kernel (+ bias) (+ LoRA). Kernel [in, out] carries logical axis names `axes`.
+
+  With `quant` (nf4, fp4, int8; `models/quant.py`) the frozen kernel is held quantised instead, as
+  bitsandbytes holds a torch weight [out, in]: `kernel` is None and `kernel_codes`, `kernel_scales`
+  (and, doubly quantised, `kernel_scales2`, `kernel_offset`) are `QuantizedWeight` variables; the
+  matmul is `quant.quantized_matmul`. LoRA attaches to it as to a float kernel but cannot be merged
+  into it.
+  """
 
   def __init__(
       self,
@@ -89,13 +129,24 @@ class Linear(nnx.Module):
       use_bias: bool = False,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
+      quant: str = "",
+      double_quant: bool = True,
       rngs: nnx.Rngs,
   ):
     self.in_features, self.out_features = in_features, out_features
     self.axes = axes
     self.dtype = dtype
+    self.param_dtype = param_dtype
     init = nnx.initializers.lecun_normal()
-    self.kernel = _param(nnx.Param, init(rngs.params(), (in_features, out_features), param_dtype), axes)
+    kernel = init(rngs.params(), (in_features, out_features), param_dtype)
+    self.kernel = nnx.data(None)
+    self.quant = ""  # the quantisation type of the kernel ("" none; `quantize`)
+    for name in QUANT_PARTS:
+      setattr(self, name, nnx.data(None))
+    if quant:
+      self._hold_quantized(quant_lib.quantize_kernel(kernel, quant, double_quant=double_quant), quant, ())
+    else:
+      self.kernel = _param(nnx.Param, kernel, axes)
     self.bias = _param(nnx.Param, jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
     # Declared as data (not static config) so LoRA can be attached and merged after construction.
     self.lora_a = nnx.data(None)
@@ -106,7 +157,10 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Returns float[..., out] in the layer's compute dtype."""
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    if self.quant:
+      y = quant_lib.quantized_matmul(x, self.quantized_kernel(), self.dtype)
+    else:
+      y = x @ self.kernel[...].astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
@@ -143,18 +197,58 @@ class Linear(nnx.Module):
   @property
   def stack_shape(self) -> tuple[int, ...]:
     """The leading (layer) dimensions of a stacked kernel; () for a plain one."""
-    return tuple(self.kernel.shape[:-2])
+    return tuple(self._weight.shape[:-2])
 
   @property
   def stack_axes(self) -> tuple:
     """The logical names of the stacked kernel's leading dimensions."""
-    names = self.kernel.get_metadata().get("out_sharding") or ()
+    names = self._weight.get_metadata().get("out_sharding") or ()
     return tuple(names[:len(self.stack_shape)]) if names else (None,) * len(self.stack_shape)
+
+  @property
+  def _weight(self) -> nnx.Variable:
+    # The kernel, or its codes when quantised: both lead with the stacked dimensions.
+    return self.kernel_codes if self.quant else self.kernel
+
+  def quantized_kernel(self) -> quant_lib.QuantizedArray:
+    """Returns the quantised kernel as a QuantizedArray of float[*L, out, in] (only when `quant`)."""
+    value = lambda v: None if v is None else v[...]  # noqa: E731
+    return quant_lib.QuantizedArray(value(self.kernel_codes), value(self.kernel_scales), value(self.kernel_scales2),
+                                    value(self.kernel_offset), qtype=self.quant, dtype=self.dtype,
+                                    blocksize=self.in_features // self.kernel_scales.shape[-1])
+
+  def _hold_quantized(self, q: quant_lib.QuantizedArray, qtype: str, lead_axes: tuple) -> None:
+    axes = quant_axes(self.axes, lead_axes)
+    for name, array in zip(QUANT_PARTS, (q.codes, q.scales, q.scales2, q.offset)):
+      setattr(self, name, nnx.data(None if array is None else _param(quant_lib.QuantizedWeight, array, axes[name])))
+    self.quant = qtype
+
+  def quantize(self, qtype: str, double_quant: bool = True) -> None:
+    """Replaces the float kernel by its quantisation (`models/quant.py`), in the kernel's sharding.
+
+    The layer lets go of the float kernel, so a model quantised one projection at a time holds one
+    float kernel more than its quantised self at most. LoRA must be merged first.
+    """
+    if self.quant:
+      raise ValueError(f"this layer's kernel is already quantised ({self.quant})")
+    if self.has_lora:
+      raise ValueError("merge this layer's LoRA into its kernel before quantising it")
+    kernel = self.kernel.get_value()
+    lead_axes = self.stack_axes
+    if isinstance(kernel, jax.core.Tracer):  # under nnx.eval_shape: no buffers to place
+      q = quant_lib.quantize_kernel(kernel, qtype, double_quant=double_quant)
+    else:
+      q = sharded_quantize(kernel, qtype, double_quant, quant_axes(self.axes, lead_axes))
+    self.kernel = nnx.data(None)
+    self._hold_quantized(q, qtype, lead_axes)
 
   def merge_lora(self) -> None:
     """Folds the factors into the kernel (W + alpha/r * A @ B, in fp32) and removes them."""
     if not self.has_lora:
       return
+    if self.quant:
+      raise ValueError(f"cannot merge LoRA into a {self.quant} kernel: merge it into the full-precision base, "
+                       "then quantise")
     self.kernel.set_value(_merged_kernel(self.kernel.get_value(), self.lora_a.get_value(), self.lora_b.get_value(),
                                          self.lora_scaling))
     self.lora_a = self.lora_b = self.lora_dropout = nnx.data(None)
@@ -314,3 +408,19 @@ def merge_lora(model: nnx.Module) -> int:
     merged += math.prod(layer.stack_shape)
     layer.merge_lora()
   return merged
+
+
+def quantize_projections(model: nnx.Module, qtype: str, double_quant: bool = True) -> int:
+  """Quantises the kernel of every decoder projection (`QUANTIZED_PROJECTIONS`) in place, one
+  projection at a time; returns how many per-layer projections were quantised. LoRA must be merged."""
+  count = 0
+  for _, layer in list(lora_layers(model, QUANTIZED_PROJECTIONS)):
+    layer.quantize(qtype, double_quant)
+    count += math.prod(layer.stack_shape)
+  return count
+
+
+def quantized_layers(model: nnx.Module) -> dict[tuple, Linear]:
+  """Returns {path: layer} of every `Linear` whose kernel is held quantised."""
+  return {tuple(str(k) for k in path): module for path, module in nnx.iter_modules(model)
+          if isinstance(module, Linear) and module.quant}

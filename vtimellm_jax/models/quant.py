@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from flax import nnx
 
 QTYPES = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # elements per scale: bitsandbytes' default, the QLoRA recipe's
@@ -57,6 +58,11 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 # FP4 magnitudes by the code's three low bits (exponent bias 2; 0b001 the one subnormal, 2^-4);
 # bit 3 is the sign. The codebook is these over the largest, 12.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+
+
+class QuantizedWeight(nnx.Variable):
+  """A part of a quantised frozen kernel (codes, scales, nested scales, offset): never a `Param`,
+  so no optimizer, trainable filter or `BASE_PARAMS` selects it, and model directories do not store it."""
 
 
 @flax.struct.dataclass
@@ -290,6 +296,18 @@ def quantize(x: jax.Array, qtype: str, *, blocksize: int = BLOCKSIZE, double_qua
   return QuantizedArray(codes, scales, scales2, offset, qtype=qtype, blocksize=blocksize, dtype=dtype)
 
 
+def quantize_kernel(kernel: jax.Array, qtype: str, *, double_quant: bool = True) -> QuantizedArray:
+  """Returns a kernel float[*L, in, out] (this project's orientation) quantised as bitsandbytes
+  quantises the torch weight [out, in]: a QuantizedArray of float[*L, out, in], each layer its own tensor.
+
+  Blocks are of `BLOCKSIZE` elements when that divides `in` (every real model's projections), else
+  of gcd(in, BLOCKSIZE) (tiny test models), so that blocks never cross rows.
+  """
+  blocksize = math.gcd(kernel.shape[-2], BLOCKSIZE)
+  return quantize(jnp.swapaxes(kernel, -1, -2), qtype, blocksize=blocksize, double_quant=double_quant,
+                  batch_dims=kernel.ndim - 2)
+
+
 def block_scales(q: QuantizedArray) -> jax.Array:
   """Returns float32[*B, *R, C / blocksize]: the block scales, decoded under double quantisation."""
   if not q.double_quantized:
@@ -349,6 +367,13 @@ def _contract_last(a: jax.Array, b: jax.Array, b_axis: int) -> jax.Array:
 
 
 def _quantized_matmul_fwd(x, q, dtype):
+  if math.prod(x.shape[:-1]) == 1:
+    # One row (a decode step at batch 1): a product and a sum, which XLA fuses with the dequantisation
+    # into one pass over the codes. As a dot, XLA's GPU backend writes the dequantised kernel to
+    # memory for its GEMM and reads it back, more bytes than the float kernel alone.
+    w = dequantize(q, jnp.float32)
+    y = jnp.sum(x.astype(dtype).astype(jnp.float32)[..., None, :] * w, axis=-1)
+    return y.astype(dtype), (q,)
   return _contract_last(x.astype(dtype), dequantize(q, dtype), 1), (q,)
 
 

@@ -19,6 +19,14 @@ from vtimellm_jax.models import time_code
 from vtimellm_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from vtimellm_jax.models.lora import Linear
 
+# What a stage may train, as nnx filters by name (`config.trainable`): the adapter (stage 1), the LoRA
+# factors (stages 2-3), or every parameter (the quickstart's stage 0).
+TRAINABLE = {
+    "adapter": nnx.PathContains("mm_projector"),
+    "lora": nnx.LoRAParam,
+    "all": nnx.Param,
+}
+
 VIDEO_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 CLIP_FEATURE_DIM = records.FEATURE_DIM  # CLIP ViT-L/14's embedding width

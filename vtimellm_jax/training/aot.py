@@ -200,7 +200,8 @@ def compile_step(config: ml_collections.ConfigDict, topology_name: str = "", seq
   log(f"[{config.stage}] AOT for {topology.name}: mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} "
       f"{mesh.devices.flat[0].device_kind} devices; {state.num_trainable:,} trainable / {state.num_frozen:,} frozen parameters; "
       f"attention {attention}, loss chunk {config.model.loss_chunk or 'off'}, "
-      f"{state.model_config.num_layers} layers scanned, remat {state.model_config.remat}")
+      f"{state.model_config.num_layers} layers scanned, remat {state.model_config.remat}"
+      f"{f', decoder projections {state.model_config.quant}' if state.model_config.quant else ''}")
   args = (state.trainable, state.opt_state, state.frozen, batch, step_index, key)
   try:
     compiled = state.jit_step().lower(*args).compile()

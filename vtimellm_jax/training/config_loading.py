@@ -16,8 +16,9 @@ from vtimellm_jax.data.templates import TEMPLATES
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models.llama import ATTENTION_IMPLS, REMAT_MODES
 from vtimellm_jax.models.lora import KNOWN_TARGETS as LORA_TARGETS
+from vtimellm_jax.models.quant import QTYPES
+from vtimellm_jax.models.vtimellm import TRAINABLE
 from vtimellm_jax.training import config_files
-from vtimellm_jax.training.model_setup import TRAINABLE
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -78,6 +79,8 @@ def _rules(c: ml_collections.ConfigDict):
       "model.hidden_size": at_least(0), "model.intermediate_size": at_least(0),
       "model.num_layers": at_least(0), "model.num_heads": at_least(0),
       "model.rope_theta": at_least(0, _REAL), "model.time_code": at_least(0, _REAL),
+      "model.quant": (lambda v: v in ("", *QTYPES), f"empty (no quantisation) or one of {', '.join(QTYPES)}"),
+      "model.double_quant": (lambda v: isinstance(v, bool), "true or false"),
       "trainable": one_of(tuple(TRAINABLE)),
       "lora.rank": at_least(1), "lora.alpha": positive(), "lora.dropout": between(0, 1, hi_open=True),
       "lora.targets": (lambda v: isinstance(v, tuple) and bool(v) and set(v) <= set(LORA_TARGETS),
@@ -126,6 +129,10 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     # draw the same mask.
     problems.append(f"lora.targets includes lm_head with lora.dropout = {config.lora.dropout}: LoRA dropout on "
                     f"lm_head needs model.loss_chunk = 0 (it is {config.model.loss_chunk})")
+  if (not bad & {"model.quant", "trainable"} and "model" in config and config.model.get("quant")
+      and config.get("trainable") == "all"):
+    problems.append(f"model.quant = {config.model.quant!r} with trainable = 'all': a quantised kernel is frozen; "
+                    "train LoRA on it (trainable = 'lora') or the adapter, or train every parameter unquantised")
   return problems
 
 

@@ -17,9 +17,14 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lo
                    step: int | None = None) -> pathlib.Path:
   """Writes the model a run trained (base + loads + trained parameters) to `out`; returns `out`.
 
-  The model is assembled split over every local device (`fsdp`), so no device holds it whole.
+  The model is assembled split over every local device (`fsdp`), so no device holds it whole. A run
+  that trained on a quantised base (QLoRA, `model.quant`) is written with its base in full precision,
+  the weights that base was quantised from, as the release answers with a `--bits 4` run's LoRA
+  (answering can quantise it again with `--quant`). A model directory
+  never holds quantised kernels: their float values would not be the base's.
   """
   config = model_setup.read_run_config(str(workdir))
+  config.model.quant = ""
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.local_devices())
   model = model_setup.build_train_model(config, _vocab_size(config), mesh, trained=str(workdir), step=step)
   if not keep_lora:

@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--with-base", action="store_true", help="release: also write the base weights as HF base/")
 
 
+def _quantised_note(workdir: pathlib.Path) -> str:
+  """Returns what the export says of a run trained on a quantised base ("" for any other run)."""
+  from vtimellm_jax.training import model_setup
+
+  qtype = model_setup.read_run_config(str(workdir)).model.get("quant")
+  return (f" (trained on a {qtype} base: written with the full-precision base it was quantised from; "
+          f"answer with --quant {qtype} to quantise it again)") if qtype else ""
+
+
 def _kind(path: pathlib.Path) -> str:
   """Returns 'workdir' or 'model' for --model, or raises UserError."""
   from vtimellm_jax import model_io
@@ -187,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
   if args.format == "jax":
     if kind == "workdir":
       export.export_workdir(src, out, keep_lora=args.keep_lora, step=args.step)
-      print(f"exported {src} -> {out}")
+      print(f"exported {src} -> {out}{_quantised_note(src)}")
     else:
       print(f"exported {src} -> {out} ({_export_jax_model_dir(src, out, args.keep_lora)})")
     return 0
@@ -199,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
       lines = export_torch(pathlib.Path(tmp), args.format, out, args.dtype, args.adapter_format, args.with_base)
   else:
     lines = export_torch(src, args.format, out, args.dtype, args.adapter_format, args.with_base)
-  print(f"exported {src} -> {out} ({args.format}):")
+  print(f"exported {src} -> {out} ({args.format}){_quantised_note(src) if kind == 'workdir' else ''}:")
   for line in lines:
     print(f"  {line}")
   return 0

@@ -19,17 +19,12 @@ from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models import families, load, lora, time_code
+from vtimellm_jax.models import families, load, lora, time_code, vtimellm
 from vtimellm_jax.models.vtimellm import VTimeLLM
 from vtimellm_jax.training import checkpointing, config_files
 from vtimellm_jax.training.run_record import RUN_JSON  # the config of a training run, in its workdir
 
-TRAINABLE = {
-    "adapter": nnx.PathContains("mm_projector"),
-    "lora": nnx.LoRAParam,
-    "all": nnx.Param,
-}
-
+TRAINABLE = vtimellm.TRAINABLE
 
 
 def trainable_filter(name: str):
@@ -41,7 +36,8 @@ def trainable_filter(name: str):
 
 def _model_overrides(config: ml_collections.ConfigDict) -> dict:
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
+              quant=m.get("quant", ""), double_quant=m.get("double_quant", True))
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -100,8 +96,16 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None,
   """Returns the stage's base on `mesh`: `model.base` (its LoRA merged) or a random preset, then the loads.
 
   `load.adapter` replaces the adapter with a stage-1 run's; `load.merge_lora` merges a stage-2 run's
-  LoRA into the kernels, on their shards.
+  LoRA into the kernels, on their shards. With `model.quant` the decoder projections are quantised
+  as they load (`load.QuantizingSource`), or, when a LoRA merges into them, right after the merge.
   """
+  if config.model.get("quant") and config.load.merge_lora:
+    # The stage-2 LoRA merges into the full-precision base; the merged kernels are then quantised.
+    full = config.copy_and_resolve_references()
+    full.model.quant = ""
+    model = build_base(full, vocab_size, mesh)
+    lora.quantize_projections(model, config.model.quant, config.model.double_quant)
+    return model
   structure = base_structure(config, vocab_size)
   if config.model.base:
     model = load.load_model(config.model.base, VTimeLLM, mesh=mesh, seed=config.seed, merge_lora=True,

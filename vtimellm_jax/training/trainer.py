@@ -24,6 +24,7 @@ from flax import nnx
 from vtimellm_jax import device_peaks, model_io, sharding
 from vtimellm_jax.data import records
 from vtimellm_jax.errors import UserError
+from vtimellm_jax.models import quant
 from vtimellm_jax.training import checkpointing, model_setup, preemption, run_record, step as step_lib
 from vtimellm_jax.training.metrics_log import MetricsLog
 
@@ -108,7 +109,7 @@ class TrainState:
     self.loss_chunk = config.model.loss_chunk
     self.mesh = mesh
     self.num_trainable = sum(x.size for x in jax.tree.leaves(self.trainable))
-    self.num_frozen = sum(getattr(x, "size", 0) for x in jax.tree.leaves(self.frozen))
+    self.num_frozen = _parameter_count(self.frozen)
 
   def jit_step(self):
     """Returns the jitted step(trainable, opt_state, frozen, batch, step, key) with this state's shardings."""
@@ -124,6 +125,19 @@ class TrainState:
     return jax.jit(step_on_mesh,
                    in_shardings=(self.trainable_sharding, self.opt_sharding, self.frozen_sharding, None, None, None),
                    out_shardings=(self.trainable_sharding, self.opt_sharding, None), donate_argnums=(0, 1))
+
+
+def _parameter_count(state: nnx.State) -> int:
+  """Returns how many parameters a state holds: a quantised kernel's elements, not its codes' bytes."""
+  count = 0
+  for path, variable in nnx.to_flat_state(state):
+    value = variable.get_value()
+    if isinstance(variable, quant.QuantizedWeight):
+      # Codes hold two 4-bit elements a byte; scales and the rest are not parameters of the model.
+      count += value.size * (2 if value.dtype == jnp.uint8 else 1) if path[-1] == "kernel_codes" else 0
+    else:
+      count += getattr(value, "size", 0)
+  return count
 
 
 class CheckpointMismatch(UserError):
@@ -249,7 +263,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, dry_ru
       f"padding {100 * data.padding_fraction:.1f}%; data {dict(data.stats)}")
 
   state = TrainState(config, mesh, len(_tokenizer(config)), total_steps)
-  log(f"[{config.stage}] trainable parameters: {state.num_trainable:,} ({config.trainable}); frozen: {state.num_frozen:,}")
+  held = f", decoder projections held as {config.model.quant}" if config.model.get("quant") else ""
+  log(f"[{config.stage}] trainable parameters: {state.num_trainable:,} ({config.trainable}); frozen: {state.num_frozen:,}"
+      f"{held}")
   step_fn = state.jit_step()
   key = jax.random.key(config.seed + 3)
   compiled: dict[int, Any] = {}
