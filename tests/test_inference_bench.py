@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 
+import pytest
+
 from vtimellm_jax.bench import decode
 
 
@@ -34,18 +36,24 @@ def test_decode_bench_traces_one_call(tmp_path, capsys):
   assert record["read_gb_per_s"] >= record["weight_gb_per_s"] >= 0
 
 
-def test_serve_bench_smoke():
+@pytest.mark.parametrize("stream", [False, True])
+def test_serve_bench_smoke(stream):
   from vtimellm_jax.bench import serve
 
   # Not capsys: uvicorn's logging set-up closes the old handlers, and absl's closes its stream (pytest's
   # capture of stderr) when that is no longer sys.stderr, which capsys would make it.
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert serve.main(["--size", "tiny", "--requests", "6", "--slots", "3", "--context", "640", "--max-tokens", "4"]) == 0
+    assert serve.main(["--size", "tiny", "--requests", "6", "--slots", "3", "--context", "640", "--max-tokens", "4"]
+                      + ["--stream"] * stream) == 0
   alone, together, summary = [json.loads(line) for line in out.getvalue().strip().split("\n")]
   assert (alone["mode"], together["mode"]) == ("one_at_a_time", "concurrent")
   for r in (alone, together):
     assert r["requests"] == 6 and r["requests_per_s"] > 0 and r["size"] == "tiny" and r["dtype"] == "float32"
     assert r["decode_steps"] > 0 and r["weight_gb_per_s"] >= 0 and "hbm_fraction" not in r  # CPU: no bandwidth
+    assert r["stream"] is stream
+    # Streamed, the first text comes no later than the whole answer; unstreamed there is no such time.
+    assert (0 < r["ttft_p50_s"] <= r["p50_s"] and r["ttft_p99_s"] <= r["p99_s"]) if stream else "ttft_p50_s" not in r
   # Concurrent rows share decode steps; every answer is the one it gets alone.
   assert together["decode_steps"] <= alone["decode_steps"] and summary["identical"] and summary["speedup"] > 0
+  assert summary["stream"] is stream

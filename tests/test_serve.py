@@ -113,16 +113,21 @@ class _DecodeGate:
   def __init__(self, monkeypatch, after: int):
     self.left = after
     self.reached, self._open = threading.Event(), threading.Event()
-    real = batching._decode_jit  # pylint: disable=protected-access
+    real = batching.Engine._program  # pylint: disable=protected-access
 
-    def gated(*args, **kwargs):
-      if self.left == 0 and not self._open.is_set():
-        self.reached.set()
-        self._open.wait(timeout=300)
-      self.left -= 1
-      return real(*args, **kwargs)
+    def program(engine, *key):  # a decode step waits at the gate; a row move does not
+      compiled = real(engine, *key)
 
-    monkeypatch.setattr(batching, "_decode_jit", gated)
+      def step(*args):
+        if self.left == 0 and not self._open.is_set():
+          self.reached.set()
+          self._open.wait(timeout=300)
+        self.left -= 1
+        return compiled(*args)
+
+      return compiled if key == ("move",) else step
+
+    monkeypatch.setattr(batching.Engine, "_program", program)
 
   def release(self) -> None:
     self._open.set()
@@ -360,6 +365,11 @@ def test_text_deltas_add_up_to_the_answer_under_byte_fallback(service):
     naive = "".join(service.decode(ids[:n])[len(service.decode(ids[:n - 1])):] for n in range(1, len(ids) + 1))
     naive_differs += naive != service.decode(ids)
   assert naive_differs, "the cases never needed holding back"
+  # A model's vocabulary may run past the tokenizer's pieces (a random model emits such ids): no piece, no byte.
+  ids = [text_ids[0], len(encoder) + 3, text_ids[1]]
+  deltas = service.text_deltas()
+  sent = "".join(deltas.push(ids[:n]) for n in range(1, 4))
+  assert sent + deltas.finish(service.decode(ids)) == service.decode(ids)
 
 
 def test_engine_hands_out_tokens_as_decoded_and_cancel_frees_the_slot(service, media, monkeypatch):
@@ -404,6 +414,45 @@ def test_engine_hands_out_tokens_as_decoded_and_cancel_frees_the_slot(service, m
   finally:
     gate.release()
   assert running.result(timeout=300) == full and engine.stats.prefills == prefills
+
+
+def test_decode_steps_run_on_the_smallest_batch_that_holds_the_busy_rows(service, media, monkeypatch):
+  """16 slots: a lone request decodes at batch 1; three at once at batch 4, then 2 and 1 as rows end,
+  the busy rows moved down, with their listeners, cancel and answers as they are alone."""
+  engine, (_, _, arrays) = service.engine, media
+  monkeypatch.setattr(engine, "stop_ids", frozenset())  # every answer runs to its budget: the batches are known
+  feats = arrays["v1"].astype(np.float32)
+  ids = tuple(engine.bot.prompt_ids([], prompts.chat_question("when does the dog jump into the pool?")))
+
+  def since(before: batching.Stats) -> tuple[dict, int]:
+    steps = {b: n - before.batch_steps.get(b, 0) for b, n in engine.stats.batch_steps.items()}
+    return {b: n for b, n in steps.items() if n}, engine.stats.moves - before.moves
+
+  before = dataclasses.replace(engine.stats, batch_steps=engine.stats.batch_steps.copy())
+  full = engine.submit(batching.Request(ids, feats, 12)).result(timeout=300)
+  assert engine.slots == 16 and len(full) == 12 and since(before) == ({1: 11}, 0)  # the prefill gives token 1
+
+  # Budgets 2, 12, 6 in rows 0, 1, 2 (admitted together: the engine waits on its lock). Step 1 runs
+  # batch 4 and ends row 0; row 2 moves to row 0 and two steps run batch 2; the moved row's listener
+  # cancels it after its 4th token, and row 1 moves to row 0 for its last 8 steps at batch 1.
+  heard, futures = {1: [], 2: []}, []
+
+  def listener(k):
+    def hear(new):
+      heard[k].extend(new)
+      if k == 2 and len(heard[2]) == 4:
+        engine.cancel(futures[2])
+    return hear
+
+  before = dataclasses.replace(engine.stats, batch_steps=engine.stats.batch_steps.copy())
+  with engine._wake:  # pylint: disable=protected-access
+    futures += [engine.submit(batching.Request(ids, feats, n), listener(k) if k else None)
+                for k, n in enumerate((2, 12, 6))]
+  assert futures[0].result(timeout=300) == full[:2] and futures[1].result(timeout=300) == full
+  with pytest.raises(batching.Cancelled):
+    futures[2].result(timeout=300)
+  assert heard == {1: full, 2: full[:4]}
+  assert since(before) == ({4: 1, 2: 2, 1: 8}, 2) and engine.busy == 0
 
 
 def test_the_openai_client_lists_the_model_and_streams_the_whole_answer(http, service, media):

@@ -1,22 +1,28 @@
-"""Continuous batching: concurrent requests share one KV cache of fixed slots, one decode step for all.
+"""Continuous batching: concurrent requests share one KV cache of fixed slots and one decode step.
 
-The cache holds `slots` rows of `context` positions. A request is prefilled alone into a free row
-(its prompt padded to a multiple of `answerer.PAD_MULTIPLE` tokens, the frame features spliced in at
-its placeholder) and yields its first token; after that every decode step advances all rows at
-once, each writing at its own position (as `generate` does for rows of different lengths). A row
-that reaches its eos or its token budget frees its slot, and the next waiting request is prefilled
-into it before the next step. Slots that are free still run through the step (the batch shape
-stays fixed); what they write is never read, since a prefill writes the row from position 0 and
-attention only sees positions at or before a row's own. A decode step reads the cache only up to
-the busiest row's position, rounded up to a power of two (`kv_cache.decode_window`; one compiled
-decode program per such window, each compiled when first needed).
+The cache holds `slots` rows of `context` positions. A request is prefilled alone into the lowest
+free row (its prompt padded to a multiple of `answerer.PAD_MULTIPLE` tokens, the frame features
+spliced in at its placeholder) and yields its first token; after that each decode step advances
+every busy row at once, each writing at its own position (as `generate` does for rows of different
+lengths). A row that reaches its eos or its token budget frees its slot, and the next waiting
+request is prefilled into it before the next step.
+
+A decode step costs what its batch and its window hold, not what the cache holds: it runs on the
+first `batch_bucket(busy, slots)` rows (the smallest power of two that holds the busy rows) and
+reads them only up to the busiest row's position, rounded up to a power of two
+(`kv_cache.decode_window`). The busy rows are kept within that bucket: before a step, a busy row
+beyond it moves (its whole cache row, once) into a free row below, so a lone request decodes at
+batch 1 however many slots the engine has. One compiled decode program serves each (batch bucket,
+window, nucleus) triple, compiled when a step first needs it or ahead by `precompile`. Free rows
+inside the bucket run through the step too; what they write is never read, since a prefill writes
+its row from position 0 and attention only sees positions before a row's own.
 
 A row's tokens depend on nothing but its own request: the prefill runs the request alone, and in a
-decode step the slots past a row's position weigh exactly zero, so an answer is the same whether
-its request came alone or among many (on CPU bit for bit; on a GPU a wider window may sum the same
-terms in another order, a difference in the last bit of an attention output). Sampling draws token
-i of a request with its key folded with i, as `generate` does, so a request with the key `chat`
-uses gets `chat`'s tokens.
+decode step the slots past a row's position weigh exactly zero and rows never mix, so an answer is
+the same whether its request came alone or among many (on CPU bit for bit; on a GPU another window
+or batch bucket may sum the same terms in another order, a difference in the last bit of a logit).
+Sampling draws token i of a request with its key folded with i, as `generate` does, so a request
+with the key `chat` uses gets `chat`'s tokens.
 
 All device work runs on the engine's own thread; `submit` may be called from any thread and returns
 a `concurrent.futures.Future` of the generated token ids. A request may also name a listener that
@@ -29,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import threading
 from collections.abc import Callable
 
@@ -113,9 +120,26 @@ def _decode(graphdef, state, cache, tokens_s, positions_s, steps_s, key_data_s, 
   return cache, _pick(logits, key_data_s, steps_s, temperature_s, top_p_s, nucleus=nucleus)
 
 
-# The cache is donated: each call updates it in place. One decode program per window bucket.
+def _move(cache, src, dst):
+  """Returns the cache with row `dst` holding row `src`'s keys and values, every layer and position."""
+
+  def move(c):
+    rows = c.ndim - 4  # [L, B, ...] stacked layers, or [B, ...] a layer's own buffer (kv_cache.KVCache)
+    return jax.lax.dynamic_update_index_in_dim(c, jax.lax.dynamic_index_in_dim(c, src, rows), dst, rows)
+
+  return jax.tree.map(move, cache)
+
+
+# The cache is donated: each call updates it in place. Decode steps are compiled ahead of time by the
+# engine (`Engine._program`), one per (batch bucket, window, nucleus); a prefill per prompt shape.
 _prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
 _decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("window", "nucleus"), donate_argnums=(2,))
+_move_jit = jax.jit(_move, donate_argnums=(0,))
+
+
+def batch_bucket(busy: int, slots: int) -> int:
+  """Returns the rows a decode step runs: the smallest power of two >= `busy` (at least 1), at most `slots`."""
+  return min(1 << max(busy - 1, 0).bit_length(), slots)
 
 
 @dataclasses.dataclass
@@ -127,6 +151,8 @@ class Stats:
   decode_steps: int = 0
   prefills: int = 0
   busy_slot_steps: int = 0  # sum over decode steps of the rows that were busy
+  batch_steps: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # steps per batch
+  moves: int = 0  # busy rows moved down into a smaller batch bucket
 
 
 class Engine:
@@ -153,6 +179,10 @@ class Engine:
     if isinstance(sharding, jax.sharding.NamedSharding):
       sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     self._cache = jax.device_put(bot.model.init_cache(slots, context), sharding)
+    self._cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                    self._cache)
+    self._key_shape = jax.random.key_data(jax.random.key(0)).shape
+    self._programs: dict[tuple, jax.stages.Compiled] = {}  # (batch, window, nucleus) or ("move",)
     self._rows: list[_Row | None] = [None] * slots
     self._waiting: collections.deque = collections.deque()  # (request, future, listener)
     self._cancelled: set[concurrent.futures.Future] = set()  # running requests to stop before the next step
@@ -164,6 +194,44 @@ class Engine:
   def prompt_positions(self, prompt_ids, num_frames: int) -> int:
     """Returns the cache positions a prompt takes: its padded text with the placeholder replaced by frames."""
     return -(-len(prompt_ids) // answerer_lib.PAD_MULTIPLE) * answerer_lib.PAD_MULTIPLE - 1 + num_frames
+
+  def precompile(self, up_to: int | None = None) -> int:
+    """Returns how many programs it compiled ahead of the steps that will run them: the row move and
+    the decode step of every batch bucket at every window up to the one a row at position `up_to`
+    reads (default: the whole context), for requests with top_p 1 (greedy or sampled).
+
+    May be called from any thread while the engine serves: it lowers here, compiles on worker
+    threads, and touches no buffer of the engine.
+    """
+    last = kv_cache.decode_window(up_to or self.context, self.context)
+    windows = [kv_cache.decode_window(1, self.context)]
+    while windows[-1] < last:
+      windows.append(kv_cache.decode_window(windows[-1] + 1, self.context))
+    buckets = sorted({batch_bucket(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)})
+    keys = [k for k in [("move",), *((b, w, False) for b in buckets for w in windows)] if k not in self._programs]
+    lowered = [self._lower(key) for key in keys]  # tracing holds the GIL: one at a time
+    with concurrent.futures.ThreadPoolExecutor(min(len(keys), os.cpu_count() or 1) or 1) as pool:
+      for key, program in zip(keys, pool.map(lambda x: x.compile(), lowered)):
+        self._programs.setdefault(key, program)
+    return len(keys)
+
+  def _lower(self, key: tuple) -> jax.stages.Lowered:
+    """Returns the lowered decode step of key (batch, window, nucleus), or of the row move for ("move",)."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    if key == ("move",):
+      return _move_jit.lower(self._cache_spec, i32, i32)
+    batch, window, nucleus = key
+    rows_i32, rows_f32 = (jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.float32))
+    key_data = jax.ShapeDtypeStruct((batch, *self._key_shape), jnp.uint32)
+    return _decode_jit.lower(self._graphdef, self._state, self._cache_spec, rows_i32, rows_i32, rows_i32, key_data,
+                             rows_f32, rows_f32, window=window, nucleus=nucleus)
+
+  def _program(self, *key) -> jax.stages.Compiled:
+    """Returns the compiled program of `key` (`_lower`), compiling it now if no step needed it before."""
+    program = self._programs.get(key)
+    if program is None:
+      program = self._programs.setdefault(key, self._lower(key).compile())
+    return program
 
   def submit(self, request: Request, listener: TokenListener | None = None) -> concurrent.futures.Future:
     """Queues a request; returns the Future of its generated ids (eos excluded).
@@ -308,13 +376,25 @@ class Engine:
       self.stats.completed += 1
       row.future.set_result(tokens)
 
+  def _compact(self, batch: int) -> None:
+    """Moves the busy rows at or beyond row `batch` into free rows below it."""
+    free = (slot for slot in range(batch) if self._rows[slot] is None)
+    for slot in range(batch, self.slots):
+      if self._rows[slot] is not None:
+        target = next(free)
+        self._cache = self._program("move")(self._cache, np.int32(slot), np.int32(target))
+        with self._wake:
+          self._rows[target], self._rows[slot] = self._rows[slot], None
+        self.stats.moves += 1
+
   def _step(self) -> None:
-    """One decode step of every slot; busy rows take their new token."""
-    s = self.slots
+    """One decode step of the busy rows, run on the smallest batch bucket that holds them; each takes its token."""
+    s = batch_bucket(self.busy, self.slots)
+    self._compact(s)
     tokens, positions, steps = np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, np.int32)
     temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
-    key_data = np.zeros((s, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
-    busy = [slot for slot, row in enumerate(self._rows) if row is not None]
+    key_data = np.zeros((s, *self._key_shape), np.uint32)
+    busy = [slot for slot in range(s) if self._rows[slot] is not None]
     for slot in busy:
       row = self._rows[slot]
       n = len(row.tokens)
@@ -322,10 +402,11 @@ class Engine:
       temperature[slot], top_p[slot], key_data[slot] = row.request.temperature, row.request.top_p, row.key_data
     # Slots at or past the busiest row's position are never read: the window covers the live rows.
     window = kv_cache.decode_window(int(positions.max()) + 1, self.context)
-    self._cache, new = _decode_jit(self._graphdef, self._state, self._cache, tokens, positions, steps, key_data,
-                                   temperature, top_p, window=window, nucleus=bool((top_p < 1).any()))
+    program = self._program(s, window, bool((top_p < 1).any()))
+    self._cache, new = program(self._state, self._cache, tokens, positions, steps, key_data, temperature, top_p)
     new = np.asarray(new)
     self.stats.decode_steps += 1
+    self.stats.batch_steps[s] += 1
     self.stats.busy_slot_steps += len(busy)
     for slot in busy:
       self._take(slot, int(new[slot]))

@@ -323,7 +323,7 @@ class Demo:
     conversation too long for the model is a UserError, before any work. Closing the generator
     before its end (the page went away) frees the engine's slot.
     """
-    from vtimellm_jax.inference import server  # pylint: disable=g-import-not-at-top
+    from vtimellm_jax.inference import chat_request  # pylint: disable=g-import-not-at-top
 
     question, _ = conversation.pending
     features, _ = self._encoded(conversation.video)
@@ -334,12 +334,12 @@ class Demo:
     positions = engine.prompt_positions(engine.bot.prompt_ids(history, asked), features.shape[0])
     if positions >= engine.context:
       raise UserError(f"the conversation fills the model's {engine.context} positions: clear it to ask more")
-    request = server.ChatRequest(tuple(history), asked, conversation.video, conversation.duration,
-                                 float(temperature), 1.0, None, self.seed)
+    request = chat_request.ChatRequest(tuple(history), asked, conversation.video, conversation.duration,
+                                       float(temperature), 1.0, None, self.seed)
     decoded: queue.Queue = queue.Queue()  # the engine thread's new ids, then None once the answer is done
     try:
       future, _, _ = self.service.submit(request, features, decoded.put)
-    except server.HTTPError as e:
+    except chat_request.HTTPError as e:
       raise UserError(e.message) from None
     future.add_done_callback(lambda _: decoded.put(None))
     deltas, ids = self.service.text_deltas(), []
@@ -384,7 +384,7 @@ def build_app(demo: Demo, examples: Sequence[pathlib.Path] = ()):
   Gradio copies each example into its own cache as the page is built and serves that copy, so the
   example's folder is never served.
   """
-  from vtimellm_jax.inference import generate, server  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax.inference import chat_request, generate  # pylint: disable=g-import-not-at-top
 
   gr = import_gradio()
 
@@ -454,7 +454,7 @@ def build_app(demo: Demo, examples: Sequence[pathlib.Path] = ()):
         with gr.Row():
           ask = gr.Button("Ask", variant="primary", elem_id="vtimellm-ask")
           clear = gr.Button("Clear conversation", elem_id="vtimellm-clear")
-        temperature = gr.Slider(0, server.MAX_TEMPERATURE, value=generate.RELEASE_TEMPERATURE, step=0.01,
+        temperature = gr.Slider(0, chat_request.MAX_TEMPERATURE, value=generate.RELEASE_TEMPERATURE, step=0.01,
                                 label="Temperature", info="0 is greedy; the release samples with 0.05")
     # One model, one request at a time, in the order asked: encoding a video, showing a question,
     # answering it and clearing share the queue, so each sees the conversation the one before left.
@@ -497,7 +497,7 @@ def launch(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool 
 
 def serve(model: str, clip: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           dtype: str = "auto", max_new_tokens: int | None = None,
-          examples: Sequence[str | os.PathLike] = ()) -> None:
+          examples: Sequence[str | os.PathLike] = (), quant: str = "none") -> None:
   """Loads `--model` (a model directory or a quickstart workdir) and serves the demo until stopped."""
   from vtimellm_jax.inference import generate, served, server  # pylint: disable=g-import-not-at-top
 
@@ -509,7 +509,7 @@ def serve(model: str, clip: str | None = None, host: str = DEFAULT_HOST, port: i
   # One slot: the page answers one question at a time (its queue's concurrency limit).
   service = server.load_service(model, clip, slots=1, context=None, media_roots=[],
                                 max_new_tokens=max_new_tokens or generate.RELEASE_MAX_NEW_TOKENS, max_waiting=8,
-                                dtype=dtype)
+                                dtype=dtype, quant=quant)
   try:
     launch(build_app(Demo(service), example_paths), host, port, block=True)
   finally:

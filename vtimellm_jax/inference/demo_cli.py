@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--port", type=cli_types.int_at_least(1), default=demo.DEFAULT_PORT, help="port (default: %(default)s)")
   parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  cli_types.add_quant_argument(parser)
   parser.add_argument("--example", action="append", default=[], metavar="VIDEO",
                       help="a video listed under the player as an example (repeatable; default: the release's "
                            "demo video when run from a checkout, which keeps it in tests/fixtures)")
@@ -60,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
   from vtimellm_jax.inference import demo  # pylint: disable=g-import-not-at-top
 
   demo.serve(args.model, args.clip, args.host, args.port, args.dtype, args.max_new_tokens,
-             args.example or checkout_examples())
+             args.example or checkout_examples(), quant=args.quant)
   return 0

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="requests that may wait for a slot; more get 503 (default: %(default)s)")
   parser.add_argument("--dtype", choices=cli_types.DTYPES_OR_AUTO, default="auto",
                       help="compute/storage dtype; auto: the dtype the model directory stores (default)")
+  cli_types.add_quant_argument(parser)
 
 
 def _is_loopback(host: str) -> bool:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print("warning: no --media-root: requests can name no video or features file", file=sys.stderr)
   service = server.load_service(args.model, args.clip, slots=args.slots, context=args.context,
                                 media_roots=args.media_root, max_new_tokens=args.max_new_tokens,
-                                max_waiting=args.max_waiting, dtype=args.dtype)
+                                max_waiting=args.max_waiting, dtype=args.dtype, quant=args.quant)
   app = server.create_app(service, api_key)
   uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=server.http_protocol())
   return 0

@@ -1,28 +1,21 @@
 """The HTTP server: an OpenAI-style chat-completions endpoint over the continuous-batching engine.
 
-  POST /v1/chat/completions  {"messages": [{"role": "user", "content": [
-                                 {"type": "video_url", "video_url": {"url": "file:///videos/x.mp4"}},
-                                 {"type": "text", "text": "During which frames can we see ...?"}]}],
-                              "temperature": 0, "max_tokens": 256, "seed": 0, "stream": false}
+  POST /v1/chat/completions  a chat request (chat_request.py) -> a chat completion, or its chunks
   GET  /v1/models            {"object": "list", "data": [{"id": <model>, "object": "model", ...}]}
   GET  /health               {"status": "ok", "slots", "busy", "waiting", "completed"}
 
-A conversation is the release's: alternating user and assistant messages ending with a user one,
-one video in the first user message (a `video_url` part naming a video file, or a features `.npy`
-with an optional `"duration"` in seconds); the server adds the release's system prompt itself, so
-a `system` message is refused. The answer comes back as an OpenAI chat completion plus `moments`:
-every "from SS to EE" of the answer, in frames and, when the video's length is known, in seconds.
-Turn k of a conversation (k earlier answers) samples with `fold_in(key(seed), k)`, as `chat` does,
-so a conversation gets `chat`'s answers; temperature 0 is greedy.
+A request's body is checked whole (`chat_request.parse_chat_request`) before any work; its media
+file and its length in the context are checked here, still before any prefill. The answer comes
+back as an OpenAI chat completion plus `moments`: every "from SS to EE" of the answer, in frames
+and, when the video's length is known, in seconds. Turn k of a conversation (k earlier answers)
+samples with `fold_in(key(seed), k)`, as `chat` does, so a conversation gets `chat`'s answers;
+temperature 0 is greedy.
 
 With `"stream": true` the answer comes as OpenAI's server-sent events: `chat.completion.chunk`s
 whose text deltas leave as the engine decodes their tokens, a last chunk with the finish reason and
 the whole answer's `moments`, the usage when `stream_options.include_usage` asks for it, then
 `data: [DONE]`. A client that goes away, streaming or not, frees its slot before the next step.
-
-Every request is checked whole before any work: a body that is not UTF-8 JSON, nests deeper than
-`MAX_JSON_DEPTH`, or holds a number JSON cannot carry (NaN, Infinity, 1e999), and every field out
-of its range get a 400 with the error JSON every refusal has (uvicorn's own refusals included).
+Every refusal, uvicorn's own included, is the error JSON of `chat_request.HTTPError`.
 
 Who may read what: the server binds 127.0.0.1 unless told otherwise; with an API key every
 /v1 request needs `Authorization: Bearer <key>` (401 without it); media are read only under the
@@ -34,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -51,199 +42,15 @@ import numpy as np
 
 from vtimellm_jax.data import records, templates
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.inference import batching, generate, moments, prompts
+from vtimellm_jax.inference import batching, moments, prompts
+from vtimellm_jax.inference.chat_request import ChatRequest, HTTPError, parse_chat_request, parse_json
 from vtimellm_jax.video import decode
 
 MAX_BODY_BYTES = 1 << 20  # a chat request is text and a path: a megabyte is generous
-MAX_JSON_DEPTH = 32  # a chat request nests 6 deep; the bound keeps the parser's recursion shallow
-MAX_TEMPERATURE = 2.0  # OpenAI's range, and the release demo's slider
-MAX_DURATION_S = 1e6  # eleven days: any video; the bound keeps the moments' seconds ordinary numbers
 FEATURE_SUFFIX = ".npy"
 OWNER = "vtimellm-jax"
 
 _log = logging.getLogger(__name__)
-
-
-class HTTPError(Exception):
-  """A request the server refuses: its status and a message for the client."""
-
-  def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-    super().__init__(message)
-    self.status, self.message, self.kind = status, message, kind
-
-  def json(self) -> dict:
-    """Returns the body every refusal has: {"error": {"message", "type", "code"}}."""
-    return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatRequest:
-  """A parsed chat-completions request."""
-
-  history: tuple[tuple[str, str], ...]  # earlier (question, answer) rounds; the first question has <video>
-  question: str
-  media_url: str
-  duration: float | None  # from the video_url part (features have no length of their own)
-  temperature: float
-  top_p: float
-  max_tokens: int | None
-  seed: int
-  stream: bool = False
-  include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
-
-
-# Strings (an unterminated one runs to the end) and brackets: what nesting depth is made of. The
-# match never fails once it starts, so the scan is linear whatever the body holds.
-_JSON_TOKENS = re.compile(rb'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
-_OPENING, _CLOSING = frozenset(b"[{"), frozenset(b"]}")
-
-
-def _json_depth_within(raw: bytes, limit: int) -> bool:
-  """Returns whether arrays and objects in a JSON text nest at most `limit` deep (strings skipped)."""
-  depth = 0
-  for match in _JSON_TOKENS.finditer(raw):
-    first = raw[match.start()]
-    if first in _OPENING:
-      depth += 1
-      if depth > limit:
-        return False
-    elif first in _CLOSING:
-      depth -= 1
-  return True
-
-
-def _refuse_constant(name: str):
-  raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-  value = float(text)
-  if not math.isfinite(value):
-    raise ValueError(f"{text} is out of the range of a double")
-  return value
-
-
-def parse_json(raw: bytes):
-  """Returns the value of a request body; HTTPError 400 if it is not UTF-8 JSON of finite numbers and bounded depth.
-
-  The depth is checked before parsing, so a deeply nested body never reaches the recursive parser;
-  NaN, Infinity and numbers beyond a double (which Python's json would take) are refused while parsing.
-  """
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise HTTPError(400, f"the body is not UTF-8 JSON: {e}") from None
-  if not _json_depth_within(raw, MAX_JSON_DEPTH):
-    raise HTTPError(400, f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH}")
-  try:
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-  except ValueError as e:
-    raise HTTPError(400, f"the body is not JSON: {e}") from None
-
-
-def _number(value, name: str, lo: float, hi: float | None = None, *, integer: bool = False,
-            lo_open: bool = False):
-  """Returns `value` if it is a finite number (an integer if asked) in its range; HTTPError 400 otherwise."""
-  kinds = (int,) if integer else (int, float)
-  ok = not isinstance(value, bool) and isinstance(value, kinds) and (integer or math.isfinite(value))
-  ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-  if not ok:
-    low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (lo, hi))
-    bound = f"in {'(' if lo_open else '['}{low}, {high}]" if hi is not None else f"{'>' if lo_open else '>='} {low}"
-    raise HTTPError(400, f"{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
-  return value
-
-
-def _option(body: dict, name: str, default, *args, **kwargs):
-  """Returns the checked number `body[name]`, or `default` when it is absent or null."""
-  value = body.get(name)
-  return default if value is None else _number(value, name, *args, **kwargs)
-
-
-def _message_parts(message: dict, index: int) -> tuple[str, list[dict]]:
-  """Returns (the message's text, its video_url parts)."""
-  content = message.get("content")
-  if isinstance(content, str):
-    return content, []
-  if not isinstance(content, list):
-    raise HTTPError(400, f"messages[{index}].content must be a string or a list of parts")
-  texts, videos = [], []
-  for k, part in enumerate(content):
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-      texts.append(part["text"])
-    elif kind == "video_url" and isinstance(part.get("video_url"), dict) and isinstance(part["video_url"].get("url"), str):
-      videos.append(part["video_url"])
-    else:
-      raise HTTPError(400, f"messages[{index}].content[{k}] must be a text part or a video_url part with a url")
-  return "\n".join(texts), videos
-
-
-def _stream_options(body: dict) -> tuple[bool, bool]:
-  """Returns (stream, include_usage) of a request; HTTPError 400 for values OpenAI would refuse too."""
-  stream, options = body.get("stream"), body.get("stream_options")
-  if stream is not None and not isinstance(stream, bool):
-    raise HTTPError(400, f"stream must be true or false, got {stream!r}")
-  if options is None:
-    return bool(stream), False
-  if not stream:
-    raise HTTPError(400, "stream_options is only taken with stream: true")
-  usage = options.get("include_usage") if isinstance(options, dict) else None
-  if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
-    raise HTTPError(400, f"stream_options must be an object with a true or false include_usage, got {options!r}")
-  return True, bool(usage)
-
-
-def parse_chat_request(body) -> ChatRequest:
-  """Returns the ChatRequest of a decoded JSON body; HTTPError 400 naming what is wrong."""
-  if not isinstance(body, dict):
-    raise HTTPError(400, "the body must be a JSON object")
-  stream, include_usage = _stream_options(body)
-  _option(body, "n", 1, 1, 1, integer=True)
-  for name in ("presence_penalty", "frequency_penalty"):  # some clients send 0; another value would go unheeded
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or value != 0):
-      raise HTTPError(400, f"{name} is not supported: 0 or absent, got {value!r}")
-  messages = body.get("messages")
-  if not isinstance(messages, list) or not messages:
-    raise HTTPError(400, "messages must be a non-empty list")
-  texts, video = [], None
-  for i, message in enumerate(messages):
-    if not isinstance(message, dict):
-      raise HTTPError(400, f"messages[{i}] must be an object")
-    role = message.get("role")
-    if role == "system":
-      raise HTTPError(400, "system messages are not taken: the model was trained with the release's system prompt")
-    expected = "user" if i % 2 == 0 else "assistant"
-    if role != expected:
-      raise HTTPError(400, f"messages[{i}].role must be {expected!r} (user and assistant alternate, starting "
-                           f"and ending with user), got {role!r}")
-    text, videos = _message_parts(message, i)
-    if videos and (i != 0 or len(videos) > 1):
-      raise HTTPError(400, "exactly one video_url part, in the first user message")
-    if i == 0:
-      if not videos:
-        raise HTTPError(400, "the first user message needs a video_url part (a video file or a features .npy)")
-      video = videos[0]
-    if prompts.VIDEO_TAG in text:
-      raise HTTPError(400, f"messages[{i}] contains {prompts.VIDEO_TAG}; the video goes in a video_url part")
-    if role == "user" and not text.strip():
-      raise HTTPError(400, f"messages[{i}] has no text")
-    texts.append(text)
-  if len(messages) % 2 == 0:
-    raise HTTPError(400, "the last message must be the user's")
-  duration = video.get("duration")
-  if duration is not None:
-    duration = float(_number(duration, "video_url.duration (seconds)", 0, MAX_DURATION_S, lo_open=True))
-  texts[0] = prompts.chat_question(texts[0])
-  history = tuple(zip(texts[0:-1:2], texts[1:-1:2]))
-  tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-  return ChatRequest(history, texts[-1], video["url"], duration,
-                     temperature=float(_option(body, "temperature", generate.RELEASE_TEMPERATURE, 0, MAX_TEMPERATURE)),
-                     top_p=float(_option(body, "top_p", 1.0, 0, 1, lo_open=True)),
-                     max_tokens=_option(body, tokens_name, None, 1, integer=True),
-                     seed=_option(body, "seed", 0, 0, 2**31 - 1, integer=True),
-                     stream=stream, include_usage=include_usage)
 
 
 class MediaRoots:
@@ -429,7 +236,12 @@ class ChatService:
   def text_deltas(self) -> TextDeltas:
     """Returns a TextDeltas of this model's tokenizer, for one streamed answer."""
     encoder = self.engine.bot.encoder
-    return TextDeltas(self.decode, lambda i: _BYTE_PIECE.fullmatch(encoder.pieces([i])[0]) is not None)
+
+    def is_byte(i: int) -> bool:  # an id past the tokenizer's pieces (a model's padded vocabulary) has no piece
+      piece = encoder.pieces([i])[0]
+      return piece is not None and _BYTE_PIECE.fullmatch(piece) is not None
+
+    return TextDeltas(self.decode, is_byte)
 
   def answer_fields(self, tokens: list[int], positions: int, max_new: int, duration: float | None) -> dict:
     """Returns what both reply forms say of an answer: its text, finish reason, usage, moments and duration."""
@@ -660,13 +472,14 @@ def http_protocol():
 
 
 def load_service(model: str, clip: str | None, *, slots: int, context: int | None, media_roots, max_new_tokens: int,
-                 max_waiting: int, dtype: str = "auto") -> ChatService:
-  """Returns a ChatService of `--model` (a model directory or a quickstart workdir) and its engine."""
+                 max_waiting: int, dtype: str = "auto", quant: str = "none") -> ChatService:
+  """Returns a ChatService of `--model` (a model directory or a quickstart workdir) and its engine
+  (`quant`: the decoder projections held quantised, `answerer.load_answerer`)."""
   from vtimellm_jax.inference import answerer, served  # pylint: disable=g-import-not-at-top
 
   spec = served.resolve(model, clip)
   media = MediaRoots(media_roots)  # before minutes of loading
-  bot = answerer.load_answerer(spec.model_dir, dtype)
+  bot = answerer.load_answerer(spec.model_dir, dtype, quant)
   engine = batching.Engine(bot, slots=slots, context=context, max_waiting=max_waiting)
   return ChatService(engine, served.VideoCache(spec, dtype), media, max_new_tokens, spec.model_dir.name)
 
