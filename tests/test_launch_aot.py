@@ -1,10 +1,10 @@
 """AOT dry run for a target topology: compiles from shapes alone (no weights, no data) and prints memory."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from gpu_fixtures import has_cuda_plugin, needs_cuda_plugin
 from vtimellm_jax import cli
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.training import aot, config_loading, gpu_targets
@@ -42,21 +42,15 @@ def test_bad_topology_and_too_few_devices_are_user_errors(tmp_path, capsys):
     aot.compile_step(config_loading.load_config(TINY), "cpu-16", seq_len=64, num_features=4, log=lambda _: None)
 
 
-def _has_cuda_plugin() -> bool:
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-  except ModuleNotFoundError:  # no jax_plugins package at all
-    return False
 
-
-@pytest.mark.skipif(_has_cuda_plugin(), reason="the CUDA plugin is installed: the next test compiles instead")
+@pytest.mark.skipif(has_cuda_plugin(), reason="the CUDA plugin is installed: the next test compiles instead")
 def test_gpu_preset_without_gpus_or_plugin_says_what_to_install(tmp_path, capsys):
   assert cli.main(["train", "--config", TINY, "--workdir", str(tmp_path), "--dry-run", "--topology", "8xH100"]) == 2
   err = capsys.readouterr().err
   assert "cannot compile for 8xH100 on this host" in err and "pip install -e '.[cuda]'" in err
 
 
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+@needs_cuda_plugin
 def test_gpu_preset_compiles_without_gpus(capsys):
   # The plugin's compile-only H100s: a real GPU compile (cuBLAS / Triton fusions), no device needed.
   report = aot.compile_step(config_loading.load_config(TINY), "8xH100", seq_len=160, num_features=4, micro_batch=2)

@@ -1,7 +1,6 @@
 """The answering layout (one module per layer, fused projections) computes what the stacked model does,
 and its decode step reads the weights and the live part of the cache, in place."""
 
-import importlib.util
 import re
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gpu_fixtures import needs_cuda_plugin
 from hf_reference import assert_cached_decode_matches_forward, hf_glm, hf_llama, jax_from_hf, jax_from_hf_glm
 from vtimellm_jax.inference import generate
 from vtimellm_jax.models import answering, chatglm, llama, lora
@@ -125,14 +125,8 @@ def test_decode_step_reads_the_weights_and_the_window_not_the_cache():
   assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * kv_per_slot * 256
 
 
-def _has_cuda_plugin() -> bool:
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-  except ModuleNotFoundError:
-    return False
 
-
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+@needs_cuda_plugin
 def test_gpu_decode_loop_reads_weights_and_cache_in_place():
   # A stretch of generate's decode loop compiled for a compile-only H100 (the CUDA plugin): 7B
   # widths, two layers, 4 rows, a 512-slot window of a 1280-slot cache. Every matmul reads its

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gpu_fixtures import needs_cuda_plugin
 from inference_fixtures import tiny_vtimellm  # noqa: F401
-from training_fixtures import make_dataset
+from training_fixtures import logged_losses as _losses, make_dataset, stage_config as _config
 from vtimellm_jax import cli, sharding
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.inference import answerer
 from vtimellm_jax.models import families, load, lora, quant
 from vtimellm_jax.models.vtimellm import VTimeLLM
-from vtimellm_jax.training import checkpointing, config_loading, model_setup, trainer
+from vtimellm_jax.training import config_loading, model_setup, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QTYPES = ("nf4", "fp4", "int8")
@@ -170,16 +171,6 @@ def dataset(tmp_path_factory):
   return make_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _config(stage, dataset, *overrides):
-  data = dataset["stage1" if stage == "stage1" else "stage2"]
-  return config_loading.load_config(str(ROOT / f"configs/{stage}.py") + ":tiny", [
-      f"--config.data.json={data}", f"--config.data.features={dataset['features']}",
-      f"--config.data.tokenizer={dataset['tokenizer']}", "--config.log_every=1000", *overrides])
-
-
-def _losses(workdir):
-  return [json.loads(line)["loss"] for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
-
 
 @pytest.mark.slow
 def test_qlora_stages_learn_and_stage_3_quantises_the_merged_base(dataset, tmp_path, capsys):
@@ -210,7 +201,7 @@ def test_qlora_stages_learn_and_stage_3_quantises_the_merged_base(dataset, tmp_p
 
   # Its export holds the full-precision base (the release's way with a --bits 4 run) and says so.
   assert cli.main(["export", "--model", str(tmp_path / "s3"), "--out", str(tmp_path / "exported")]) == 0
-  assert "trained on a nf4 base" in capsys.readouterr().out
+  assert "trained on a base quantised to nf4" in capsys.readouterr().out
   exported = load.load_model(tmp_path / "exported", VTimeLLM)
   assert not lora.quantized_layers(exported) and exported.model.layers.mlp.up_proj.kernel is not None
 
@@ -255,16 +246,8 @@ def test_answering_with_a_quantised_base(tiny_vtimellm, tmp_path, capsys):  # no
     answerer.load_answerer(tiny_vtimellm.model_dir, quant="int4")
 
 
-def _has_cuda_plugin() -> bool:
-  import importlib.util
 
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-  except ModuleNotFoundError:
-    return False
-
-
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+@needs_cuda_plugin
 @pytest.mark.parametrize("qtype", ("int8", "nf4"))
 def test_one_row_reads_the_codes_in_place_on_an_h100(qtype):
   """A decode step's projection (one row, 7B's gate/up width) compiled for an H100: no dequantised

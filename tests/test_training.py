@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from training_fixtures import make_dataset
+from training_fixtures import logged_losses as _losses, make_dataset, stage_config as _config
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import llama, lora
 from vtimellm_jax.models.llama import LlamaForCausalLM
@@ -29,16 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def dataset(tmp_path_factory):
   return make_dataset(tmp_path_factory.mktemp("data"))
 
-
-def _config(stage, dataset, *overrides):
-  data = dataset["stage1" if stage == "stage1" else "stage2"]
-  return config_loading.load_config(str(ROOT / f"configs/{stage}.py") + ":tiny", [
-      f"--config.data.json={data}", f"--config.data.features={dataset['features']}",
-      f"--config.data.tokenizer={dataset['tokenizer']}", "--config.log_every=1000", *overrides])
-
-
-def _losses(workdir):
-  return [json.loads(line)["loss"] for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
 
 
 def _quiet(_):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpu_fixtures import needs_cuda_plugin
 from vtimellm_jax import cli, model_io, sharding
 from vtimellm_jax.convert import clip as convert_clip
 from vtimellm_jax.errors import ConversionError, UserError
@@ -401,14 +402,8 @@ def test_open_clip_dir_with_config_gelu_parity(tmp_path, monkeypatch):
 # --- the GPU program, compiled ahead of time for a compile-only H100 (the CUDA plugin, no GPU) ---
 
 
-def _has_cuda_plugin() -> bool:
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-  except ModuleNotFoundError:  # no jax_plugins package at all
-    return False
 
-
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+@needs_cuda_plugin
 def test_gpu_compile_has_cudnn_attention_and_no_score_buffer():
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec

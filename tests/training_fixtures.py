@@ -9,6 +9,8 @@ import numpy as np
 
 from vtimellm_jax.data import tokenizer as tokenizer_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 COLORS = ("red", "blue", "green", "yellow")
 SHAPES = ("square", "circle", "triangle")
 
@@ -51,3 +53,18 @@ def make_dataset(root: pathlib.Path, records: int = 24, seed: int = 0) -> dict[s
   (root / "stage2.json").write_text(json.dumps(stage2))
   return {"root": root, "tokenizer": tok, "features": features, "stage1": root / "stage1.json",
           "stage2": root / "stage2.json"}
+
+
+def stage_config(stage: str, dataset: dict[str, pathlib.Path], *overrides: str):
+  """Returns configs/{stage}.py:tiny on `make_dataset`'s files, logging rarely, with `overrides`."""
+  from vtimellm_jax.training import config_loading
+
+  data = dataset["stage1" if stage == "stage1" else "stage2"]
+  return config_loading.load_config(str(ROOT / f"configs/{stage}.py") + ":tiny", [
+      f"--config.data.json={data}", f"--config.data.features={dataset['features']}",
+      f"--config.data.tokenizer={dataset['tokenizer']}", "--config.log_every=1000", *overrides])
+
+
+def logged_losses(workdir) -> list[float]:
+  """Returns the loss of every step a run logged (its metrics.jsonl)."""
+  return [json.loads(line)["loss"] for line in open(pathlib.Path(workdir) / "metrics.jsonl")]

@@ -60,7 +60,7 @@ def _quantised_note(workdir: pathlib.Path) -> str:
   from vtimellm_jax.training import model_setup
 
   qtype = model_setup.read_run_config(str(workdir)).model.get("quant")
-  return (f" (trained on a {qtype} base: written with the full-precision base it was quantised from; "
+  return (f" (trained on a base quantised to {qtype}: written with the full-precision base it was quantised from; "
           f"answer with --quant {qtype} to quantise it again)") if qtype else ""
 
 
