@@ -96,18 +96,34 @@ def quant_axes(axes: tuple, lead_axes: tuple = ()) -> dict[str, tuple]:
           "kernel_scales2": (*lead_axes, None), "kernel_offset": tuple(lead_axes)}
 
 
+@functools.cache
+def _quantizer(qtype: str, double_quant: bool):
+  return jax.jit(functools.partial(quant_lib.quantize_kernel, qtype=qtype, double_quant=double_quant))
+
+
 def sharded_quantize(kernel: jax.Array, qtype: str, double_quant: bool, axes: dict[str, tuple]) -> quant_lib.QuantizedArray:
-  """Returns `quant.quantize_kernel(kernel)` computed where the kernel lies, its parts sharded by `axes`."""
-  quantize = functools.partial(quant_lib.quantize_kernel, qtype=qtype, double_quant=double_quant)
+  """Returns `quant.quantize_kernel(kernel)` computed where the kernel lies, its parts sharded by `axes`.
+
+  A stacked kernel is quantised one layer at a time, each its own program: inside one program XLA
+  (its CPU backend at least) keeps float32 temporaries of every layer at once, several times the
+  kernel's own bytes.
+  """
+  quantize = _quantizer(qtype, double_quant)
+  if kernel.ndim > 2:
+    flat = kernel.reshape(-1, *kernel.shape[-2:])
+    layers = [quantize(flat[i]) for i in range(flat.shape[0])]
+    lead = kernel.shape[:-2]
+    q = jax.tree.map(lambda *parts: jnp.stack(parts).reshape(*lead, *parts[0].shape), *layers)
+    del layers
+  else:
+    q = quantize(kernel)
   mesh = getattr(kernel.sharding, "mesh", None)
-  shardings = None
-  if isinstance(mesh, jax.sharding.Mesh):
-    out = jax.eval_shape(quantize, kernel)
-    place = lambda name, a: None if a is None else jax.sharding.NamedSharding(  # noqa: E731
-        mesh, sharding.spec_for(axes[name], a.shape, mesh))
-    shardings = out.replace(**{field: place(name, getattr(out, field)) for field, name in
-                               zip(("codes", "scales", "scales2", "offset"), QUANT_PARTS)})
-  return jax.jit(quantize, out_shardings=shardings)(kernel)
+  if not isinstance(mesh, jax.sharding.Mesh):
+    return q
+  place = lambda name, a: None if a is None else jax.device_put(  # noqa: E731
+      a, jax.sharding.NamedSharding(mesh, sharding.spec_for(axes[name], a.shape, mesh)))
+  return q.replace(**{field: place(name, getattr(q, field)) for field, name in
+                      zip(("codes", "scales", "scales2", "offset"), QUANT_PARTS)})
 
 
 class Linear(nnx.Module):
