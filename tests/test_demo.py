@@ -347,7 +347,7 @@ def test_examples_are_listed_under_the_player_and_a_missing_one_is_refused(page,
 def test_a_checkout_lists_the_release_demo_video_by_default(official_fixtures, monkeypatch, tmp_path):
   assert demo_cli.checkout_examples() == [official_fixtures / "demo.mp4"]
   given = []
-  monkeypatch.setattr(demo, "serve", lambda *args: given.append(args[-1]))
+  monkeypatch.setattr(demo, "serve", lambda *args, **options: given.append(args[-1]))
   mine = tmp_path / "mine.mp4"
   assert cli.main(["demo", "--model", "m"]) == 0 and cli.main(["demo", "--model", "m", "--example", str(mine)]) == 0
   assert given == [[official_fixtures / "demo.mp4"], [str(mine)]]
