@@ -32,6 +32,7 @@ from vtimellm_jax.inference import generate as gen
 from vtimellm_jax.models import chatglm
 from vtimellm_jax.models.load import load_model
 from vtimellm_jax.models.vtimellm import VIDEO_TOKEN_INDEX
+from vtimellm_jax.training import export as training_export
 
 CONFIG = chatglm.tiny(vocab_size=128, num_layers=2)
 FRAMES = 4
@@ -198,11 +199,13 @@ def test_per_head_query_key_value_converts_regroups_and_exports_as_multi_query(t
                    str(tmp_path / "chatglm-out")]) == 0
   exported = json.loads((tmp_path / "chatglm-out" / "config.json").read_text())
   assert exported["multi_query_attention"] is True and exported["multi_query_group_num"] == 4
+  assert exported[chatglm_convert.QKV_REGROUPED] is True  # the regrouping travels with the export
   written = safetensors.torch.load_file(tmp_path / "chatglm-out" / "model.safetensors")
   for name, value in original_state(hf, PER_HEAD).items():
     torch.testing.assert_close(written[name], value, rtol=0, atol=0, msg=name)
   _convert(tmp_path / "chatglm-out", tmp_path / "again")
   _check_logits(tmp_path / "again", hf, PER_HEAD)
+  assert model_io.read_model_json(tmp_path / "again")[chatglm_convert.QKV_REGROUPED] is True
 
 
 def test_release_refuses_a_per_head_base_as_a_folder_or_converted(tmp_path, capsys):
@@ -224,6 +227,13 @@ def test_release_refuses_a_per_head_base_as_a_folder_or_converted(tmp_path, caps
   assert f"--base {tmp_path / 'ours' / 'model.json'}: qkv_regrouped_from_per_head is true" in err
   assert "multi_query_attention: true" in err and "Traceback" not in err
   assert not (tmp_path / "out").exists()
+  # Exported in ChatGLM3's names, and a run trained from it, carry the record and are refused as well.
+  assert cli.main(["export", "--model", str(tmp_path / "ours"), "--format", "chatglm", "--out",
+                   str(tmp_path / "exported")]) == 0
+  with pytest.raises(UserError, match=r"exported/config\.json: qkv_regrouped_from_per_head is true"):
+    release_convert.convert_release(tmp_path / "exported", tmp_path / "mm_projector.bin", tmp_path / "out",
+                                    dtype="float32")
+  assert training_export._carried_records(str(tmp_path / "ours")) == {chatglm_convert.QKV_REGROUPED: True}
 
 
 # --- the release's ChatGLM set ---------------------------------------------------------------------

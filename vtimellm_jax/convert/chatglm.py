@@ -72,8 +72,9 @@ _QKV = re.compile(r"transformer\.encoder\.layers\.(?P<layer>\d+)\.self_attention
 # Buffers the model recomputes (ChatGLM's rope table; older HF checkpoints' inv_freq).
 IGNORED = (r"transformer\.rotary_pos_emb\.inv_freq", r".*rotary_emb\.inv_freq")
 LAYOUTS = ("original", "hf")
-# model.json's record that `convert chatglm` regrouped a per-head query_key_value: LoRA folders of the
-# model it came from change those rows in the per-head order.
+# The record that `convert chatglm` regrouped a per-head query_key_value: LoRA folders of the model it
+# came from change those rows in the per-head order. model.json carries it, and so do the model
+# directories and ChatGLM3 config.json files exported from such a model (`was_regrouped`).
 QKV_REGROUPED = "qkv_regrouped_from_per_head"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 _ORIGINAL_TYPES = ("chatglm", "VTimeLLM_ChatGLM")
@@ -116,6 +117,20 @@ def layout_of(hf: dict, source: str = "config.json") -> str:
     return "hf"
   raise UserError(f"{source}: model_type {model_type!r} is not a ChatGLM3 checkpoint: expected 'chatglm' "
                   "(its original names, transformer.encoder.layers.N...) or 'glm' (HF GlmForCausalLM)")
+
+
+def was_regrouped(meta: dict) -> bool:
+  """Returns whether a model.json or config.json dict records `QKV_REGROUPED`."""
+  return bool(meta.get(QKV_REGROUPED))
+
+
+def regrouped_error(path: str | pathlib.Path, source: str | None) -> UserError:
+  """Returns the refusal of a base whose `path` records `QKV_REGROUPED` (LoRA folders would mix its heads)."""
+  origin = f" (multi_query_attention false in {source})" if source else ""
+  return UserError(f"--base {path}: {QKV_REGROUPED} is true: `convert chatglm` regrouped query_key_value from "
+                   f"per head{origin}, and the LoRA folders of such a model change its rows per head, so merging "
+                   "them here would mix heads; give --base a multi-query ChatGLM3 checkpoint "
+                   "(multi_query_attention: true, as THUDM's) or a model converted from one")
 
 
 def qkv_per_head(hf: dict) -> bool:
@@ -332,7 +347,8 @@ def convert_chatglm(src: str | pathlib.Path, out: str | pathlib.Path,
     raise ConversionError(str(src), problems + e.problems) from None
   if problems:
     raise ConversionError(str(src), problems)
-  regrouped = layout == "original" and qkv_per_head(load_config_json(src)[0])
+  hf = load_config_json(src)[0]
+  regrouped = (layout == "original" and qkv_per_head(hf)) or was_regrouped(hf)
   model_io.save_model_dir(out, kind="llama", config=config.architecture(), params=model_io.nest(flat),
                           source=str(src.absolute()), layout=layout, **{QKV_REGROUPED: regrouped})
   copy_tokenizer(src, out)

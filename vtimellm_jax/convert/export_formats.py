@@ -169,7 +169,8 @@ CHATGLM_LAYOUTS = ("chatglm", "hf")
 
 def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: str | pathlib.Path, dtype: str,
                       layout: str, tokenizer_src: str | pathlib.Path | None = None,
-                      max_shard_bytes: int = MAX_SHARD_BYTES, code_src: str | pathlib.Path | None = None) -> list[str]:
+                      max_shard_bytes: int = MAX_SHARD_BYTES, code_src: str | pathlib.Path | None = None,
+                      regrouped: bool = False) -> list[str]:
   """Writes ChatGLM3 weights (`llm` in original names) as a ChatGLM3 directory; returns lines saying what else it holds.
 
   `layout` 'chatglm': ChatGLM3's original names and config.json, with the tokenizer's data files
@@ -177,6 +178,9 @@ def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: s
   name) from `code_src`, the ChatGLM3 folder the model came from (`chatglm.code_source`; None:
   not known). Files it cannot copy are named in the lines, with where to get them: the export is
   written all the same. 'hf': an HF `GlmForCausalLM` directory, whose code is transformers' own.
+  `regrouped`: the model's query_key_value was regrouped from per head (`chatglm.QKV_REGROUPED`);
+  config.json records it (both configuration classes keep unknown keys), so `convert release`
+  refuses the directory as a base as it refuses the model directory.
   """
   folder = pathlib.Path(folder)
   if layout == "chatglm":
@@ -187,6 +191,8 @@ def write_chatglm_dir(llm: dict[str, np.ndarray], config: LlamaConfig, folder: s
     tensors, config_json = dict(chatglm.original_to_hf(llm.items(), config)), chatglm_model.to_hf_glm_dict(config)
   else:
     raise UserError(f"ChatGLM3 layout must be one of {', '.join(CHATGLM_LAYOUTS)}, got {layout!r}")
+  if regrouped:
+    config_json[chatglm.QKV_REGROUPED] = True
   write_hf_dir(tensors, config, folder, dtype, tokenizer_src, max_shard_bytes, config_json=config_json,
                tokenizer_files=chatglm.TOKENIZER_FILES)
   if layout != "chatglm":

@@ -123,17 +123,15 @@ def read_base(base: str | pathlib.Path, dtype: str, problems: list[str]):
     if meta.get("lora"):
       raise UserError(f"--base {base}: holds unmerged LoRA; merge it first (vtimellm-jax export --model {base} "
                       "--out <dir>)")
-    if meta.get(chatglm.QKV_REGROUPED):
-      raise UserError(f"--base {base / model_io.MODEL_JSON}: {chatglm.QKV_REGROUPED} is true: `convert chatglm` "
-                      f"regrouped query_key_value from per head (multi_query_attention false in {meta.get('source')}), "
-                      "and the LoRA folders of such a model change its rows per head, so merging them here would "
-                      "mix heads; give --base a multi-query ChatGLM3 checkpoint (multi_query_attention: true, as "
-                      "THUDM's) or a model converted from one")
+    if chatglm.was_regrouped(meta):
+      raise chatglm.regrouped_error(base / model_io.MODEL_JSON, meta.get("source"))
     config = LlamaConfig.from_architecture(meta["config"], param_dtype=dtype)
     family = family_of(config)
     return config, family, _model_dir_tensors(base, family)
-  hf, _ = chatglm.load_config_json(base)
+  hf, path = chatglm.load_config_json(base)
   if chatglm.is_chatglm(hf):
+    if chatglm.was_regrouped(hf):  # exported (`export --format chatglm`) from a regrouped model
+      raise chatglm.regrouped_error(path, None)
     config, layout = chatglm.read_config(base, param_dtype=dtype)
     return config, CHATGLM, chatglm.iter_original(base, config, layout, problems)
   config = LlamaConfig.from_hf_file(base, param_dtype=dtype)

@@ -6,7 +6,8 @@ import pathlib
 
 import jax
 
-from vtimellm_jax import sharding
+from vtimellm_jax import model_io, sharding
+from vtimellm_jax.convert import chatglm
 from vtimellm_jax.convert.llama import copy_tokenizer
 from vtimellm_jax.models import lora
 from vtimellm_jax.models.load import save_model
@@ -29,11 +30,21 @@ def export_workdir(workdir: str | pathlib.Path, out: str | pathlib.Path, keep_lo
   model = model_setup.build_train_model(config, _vocab_size(config), mesh, trained=str(workdir), step=step)
   if not keep_lora:
     lora.merge_lora(model)
-  save_model(model, out, source_workdir=str(pathlib.Path(workdir).absolute()), stage=config.stage)
+  save_model(model, out, source_workdir=str(pathlib.Path(workdir).absolute()), stage=config.stage,
+             **_carried_records(config.model.base))
   tokenizer_dir = config.data.tokenizer or config.model.base
   if tokenizer_dir:
     copy_tokenizer(tokenizer_dir, out)
   return pathlib.Path(out)
+
+
+def _carried_records(base: str) -> dict:
+  """Returns the base model directory's records that hold for a model trained from it (the regrouping
+  of a per-head ChatGLM3 query_key_value, which `convert release` checks)."""
+  if not base or not (pathlib.Path(base) / model_io.MODEL_JSON).is_file():
+    return {}
+  meta = model_io.read_model_json(base)
+  return {chatglm.QKV_REGROUPED: True} if chatglm.was_regrouped(meta) else {}
 
 
 def _vocab_size(config) -> int | None:

@@ -119,6 +119,7 @@ def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: st
                  adapter_format: str = "bin", with_base: bool = False) -> list[str]:
   """Writes the `release`, `hf` or `chatglm` files of a model directory to `out`; returns lines describing them."""
   from vtimellm_jax import model_io
+  from vtimellm_jax.convert import chatglm as chatglm_convert
   from vtimellm_jax.convert import export_formats, release
   from vtimellm_jax.errors import UserError
   from vtimellm_jax.models import chatglm, load, lora
@@ -147,7 +148,7 @@ def export_torch(model_dir: pathlib.Path, fmt: str, out: pathlib.Path, dtype: st
     if family is release.CHATGLM:
       code_src = _chatglm_code_source(model_dir) if layout == "chatglm" else None
       notes = export_formats.write_chatglm_dir(llm, model.config, folder, dtype, layout, tokenizer_src=model_dir,
-                                               code_src=code_src)
+                                               code_src=code_src, regrouped=chatglm_convert.was_regrouped(meta))
       return ("HF GlmForCausalLM" if layout == "hf" else "ChatGLM3 (original names)"), notes
     export_formats.write_hf_dir(llm, model.config, folder, dtype, tokenizer_src=model_dir)
     return "HF LLaMA", []
