@@ -81,7 +81,8 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert not errors, errors
   # Every step ran, in the order of priority, each line with its step's wall time.
   assert list(by_step) == ["deps", "train_none", "train_full", "train_lora", "torch_train_ckpt", "torch_nockpt_static",
-                           "decode", "eval_1024", "clip", "torch_clip_compiled", "serve", "eval", "train_none_cublas",
+                           "decode", "eval_1024", "clip", "torch_clip_compiled", "serve", "eval", "decode_int8",
+                           "decode_nf4", "train_none_cublas",
                            "train_none_dbuf", "decode_stacked", "decode_no_cmdbuf", "decode_triton", "clip_xla",
                            "clip_cublas", "train_2048", "trace_train", "trace_decode", "end"]
   assert all(r["step_wall_s"] >= 0 for step in list(by_step)[1:-1] if "skipped" not in by_step[step][0]
@@ -93,6 +94,8 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   assert by_step["train_2048"][0]["L"] == 40 - 1 + 100 and by_step["train_2048"][0]["loss_chunk"] == 16
   assert [r["what"] for r in by_step["decode"]] == ["jax_decode"]
   assert [r["what"] for r in by_step["decode_triton"]] == ["jax_decode"]
+  assert [(r["what"], r["quant"]) for r in by_step["decode"] + by_step["decode_int8"] + by_step["decode_nf4"]] == [
+      ("jax_decode", "none"), ("jax_decode", "int8"), ("jax_decode", "nf4")]
   assert [(r["layout"], by_step["decode"][0]["layout"]) for r in by_step["decode_stacked"]] == [("stacked", "answering")]
   assert "--xla_gpu_enable_command_buffer=" in by_step["decode_no_cmdbuf"][0]["xla_flags"].split()
   assert {r["attention_kernel"] for r in by_step["clip_xla"]} == {"xla"}
