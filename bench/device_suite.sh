@@ -34,6 +34,8 @@
 #                                           int8`; quantised on the device before timing): against decode,
 #                                           the bytes a token reads and the speed they buy
 #   decode_nf4             120   45    40*  the same in nf4, doubly quantised (the QLoRA base)
+#   train_qlora            150   60    50*  train_none on a base quantised to nf4, doubly (QLoRA, the
+#                                           release's --bits 4): tokens/s and memory against train_none
 #   train_none_cublas      150   60    40*  A/B: train_none with every GEMM on cuBLAS
 #                                           (XLA_FLAGS=--xla_gpu_enable_triton_gemm=false)
 #   train_none_dbuf        150   60    45*  A/B: train_none with --xla_gpu_enable_while_loop_double_buffering
@@ -50,12 +52,12 @@
 #   trace_train            120   60    45*  jax.profiler trace of one train_none step
 #   trace_decode            90   45    30*  jax.profiler trace of one decode call (prefill + one step)
 #
-# Expected: about 1,135 s for every step, 15 s of them the header and module check. The default budget
+# Expected: about 1,185 s for every step, 15 s of them the header and module check. The default budget
 # of 540 s (a 15-minute device session less a cold start) runs the figures through eval_1024 and clip,
 # skips torch_clip_compiled (150 s needed), then runs what still fits of serve and eval. The rest is one more
 # device call, with the baselines its A/Bs are measured against on that same machine:
 #   bench/device_suite.sh ... --steps torch_clip_compiled,train_none,train_none_cublas,train_none_dbuf,decode,\
-#     decode_int8,decode_nf4,decode_stacked,decode_no_cmdbuf,decode_triton,clip,clip_xla,clip_cublas,train_2048,\
+#     decode_int8,decode_nf4,train_qlora,decode_stacked,decode_no_cmdbuf,decode_triton,clip,clip_xla,clip_cublas,train_2048,\
 #     trace_train,trace_decode
 # Traces: DIR/train.{xplane.pb,perfetto.json.gz} and DIR/decode.{...}, DIR being the output file's name with
 # _traces for .jsonl ($OUT/device_suite_traces/ on the device: one level down, so they come back);
@@ -378,6 +380,7 @@ run_step serve 180 60 "${serve[@]}"
 run_step eval 120 40 "${eval_short[@]}"
 run_step decode_int8 120 45 "${decode[@]}" --quant int8
 run_step decode_nf4 120 45 "${decode[@]}" --quant nf4
+run_step train_qlora 150 60 "${train[@]}" --remat none --quant nf4
 # A/Bs, each against its figure above, measured on the same machine.
 run_step train_none_cublas 150 60 env XLA_FLAGS="$(flags --xla_gpu_enable_triton_gemm=false)" "${train[@]}" --remat none
 run_step train_none_dbuf 150 60 env XLA_FLAGS="$(flags --xla_gpu_enable_while_loop_double_buffering=true)" \

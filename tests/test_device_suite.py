@@ -82,7 +82,7 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   # Every step ran, in the order of priority, each line with its step's wall time.
   assert list(by_step) == ["deps", "train_none", "train_full", "train_lora", "torch_train_ckpt", "torch_nockpt_static",
                            "decode", "eval_1024", "clip", "torch_clip_compiled", "serve", "eval", "decode_int8",
-                           "decode_nf4", "train_none_cublas",
+                           "decode_nf4", "train_qlora", "train_none_cublas",
                            "train_none_dbuf", "decode_stacked", "decode_no_cmdbuf", "decode_triton", "clip_xla",
                            "clip_cublas", "train_2048", "trace_train", "trace_decode", "end"]
   assert all(r["step_wall_s"] >= 0 for step in list(by_step)[1:-1] if "skipped" not in by_step[step][0]
@@ -90,6 +90,7 @@ def test_tiny_suite_writes_a_line_per_step(tmp_path):
   train = [by_step[s][0] for s in ("train_none", "train_full", "train_lora", "train_2048", "train_none_cublas",
                                     "train_none_dbuf")]
   assert [r["remat"] for r in train] == ["none", "full", "lora", "full", "none", "none"]
+  assert [r["quant"] for r in train + by_step["train_qlora"]] == ["none"] * 6 + ["nf4"]
   assert all(r["what"] == "jax_lora_train" and r["size"] == "tiny" and r["temp_gib"] >= 0 for r in train)
   assert by_step["train_2048"][0]["L"] == 40 - 1 + 100 and by_step["train_2048"][0]["loss_chunk"] == 16
   assert [r["what"] for r in by_step["decode"]] == ["jax_decode"]

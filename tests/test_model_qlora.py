@@ -181,21 +181,15 @@ def test_qlora_stages_learn_and_stage_3_quantises_the_merged_base(dataset, tmp_p
   assert ("model", "layers", "mlp", "up_proj", "kernel_codes") in frozen
   assert not any(path[-1] == "kernel" and "layers" in path for path in frozen)
   del state
+  # A random base is created in float and then quantised, one projection at a time.
+  _assert_quantised_after_the_float_base(_config("stage2", dataset, *common))
   trainer.train(_config("stage2", dataset, *common), tmp_path / "s2", log=lambda _: None)
   losses = _losses(tmp_path / "s2")
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
   # Stage 3: the stage-2 LoRA merges into the float base, then the merged kernels are quantised.
   s3 = _config("stage3", dataset, *common, f"--config.load.merge_lora={tmp_path / 's2'}")
-  base = model_setup.build_base(s3)
-  float_s3 = s3.copy_and_resolve_references()
-  float_s3.model.quant = ""
-  by_hand = model_setup.build_base(float_s3)
-  lora.quantize_projections(by_hand, "nf4")
-  ours, theirs = (dict(nnx.to_flat_state(nnx.state(m, quant.QuantizedWeight))) for m in (base, by_hand))
-  assert ours.keys() == theirs.keys() and len(ours) >= 7 * 2
-  for path, variable in ours.items():
-    np.testing.assert_array_equal(variable.get_value(), theirs[path].get_value(), err_msg=str(path))
+  _assert_quantised_after_the_float_base(s3)
   trainer.train(s3, tmp_path / "s3", log=lambda _: None)
   assert len(_losses(tmp_path / "s3")) == 30
 
@@ -204,6 +198,19 @@ def test_qlora_stages_learn_and_stage_3_quantises_the_merged_base(dataset, tmp_p
   assert "trained on a base quantised to nf4" in capsys.readouterr().out
   exported = load.load_model(tmp_path / "exported", VTimeLLM)
   assert not lora.quantized_layers(exported) and exported.model.layers.mlp.up_proj.kernel is not None
+
+
+def _assert_quantised_after_the_float_base(config) -> None:
+  """The quantised base `build_base` makes equals its float base quantised by hand, bit for bit."""
+  base = model_setup.build_base(config)
+  float_config = config.copy_and_resolve_references()
+  float_config.model.quant = ""
+  by_hand = model_setup.build_base(float_config)
+  lora.quantize_projections(by_hand, config.model.quant)
+  ours, theirs = (dict(nnx.to_flat_state(nnx.state(m, quant.QuantizedWeight))) for m in (base, by_hand))
+  assert ours.keys() == theirs.keys() and len(ours) >= 7 * 2
+  for path, variable in ours.items():
+    np.testing.assert_array_equal(variable.get_value(), theirs[path].get_value(), err_msg=str(path))
 
 
 def test_config_refuses_unknown_types_and_quantised_trainables():

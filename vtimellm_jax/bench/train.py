@@ -1,6 +1,7 @@
 """LoRA training-step throughput of the stage-2 recipe on random weights (tokens/s, TFLOP/s, memory).
 
   python -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none
+  python -m vtimellm_jax.bench.train --size 7b --batch 8 --remat none --quant nf4   # QLoRA
   python -m vtimellm_jax.bench.train --size tiny --batch 2 --text-len 28 --iters 2   # CPU smoke test
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m vtimellm_jax.bench.train --size 7b --remat lora
 
@@ -11,7 +12,9 @@ text tokens, labels on the text after the first 60 answer-free positions, and us
 the same way (4 x frozen matmul parameters + 3 x attention per token), so the JSON lines of both
 scripts compare directly. XLA_FLAGS is taken from the environment as it is (training adds no flags
 of its own, unlike the answering commands of vtimellm_jax/xla_flags.py) and recorded in each line,
-so flags are compared one process per setting.
+so flags are compared one process per setting. `--quant` holds the frozen decoder projections
+quantised (the QLoRA base, random weights quantised on the device); its useful FLOPs are counted as
+the float step's, so the two compare as tokens/s.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--loss-chunk", type=cli_types.int_at_least(0), default=0, metavar="N",
                       help="compute the loss N positions at a time (the 7B/13B recipe: 512); 0: full logits")
   parser.add_argument("--lora-rank", type=cli_types.int_at_least(1), default=64)
+  parser.add_argument("--quant", default="none", choices=cli_types.ANSWER_QUANTS,
+                      help="the frozen decoder projections held quantised, as `model.quant` holds a QLoRA base "
+                           "(nf4, fp4: doubly quantised; default: %(default)s)")
   parser.add_argument("--warmup", type=cli_types.int_at_least(0), default=2)
   parser.add_argument("--iters", type=cli_types.int_at_least(1), default=10)
   parser.add_argument("--profile-dir", metavar="DIR",
@@ -66,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   # preset's random weights, created on the device.
   run = config_files.bundled("stage2").get_config(args.size)
   run.model.update(dict(dtype=dtype, param_dtype=dtype, remat=args.remat, attention_impl=args.attention,
-                        loss_chunk=args.loss_chunk))
+                        loss_chunk=args.loss_chunk, quant="" if args.quant == "none" else args.quant))
   run.lora.rank, run.lora.alpha = args.lora_rank, 2.0 * args.lora_rank
   state = trainer.TrainState(run, sharding.single_device_mesh(), None, total_steps=1000)
   config = state.model_config
@@ -113,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> dict:
   useful_flops = step_lib.training_flops_per_token(config, seq) * tokens_per_s
   stats = jax.devices()[0].memory_stats() or {}
   return dict(what="jax_lora_train", size=args.size, B=b, L=seq, remat=args.remat, dtype=dtype,
-              attention=args.attention, loss_chunk=args.loss_chunk,
+              attention=args.attention, loss_chunk=args.loss_chunk, quant=args.quant,
               backend=jax.default_backend(), step_s=round(seconds, 4), tokens_per_s=round(tokens_per_s, 1),
               useful_tflops=round(useful_flops / 1e12, 2),
               **device_peaks.fractions(jax.devices()[0], flops_per_s=useful_flops),

@@ -97,10 +97,13 @@ def build_base(config: ml_collections.ConfigDict, vocab_size: int | None = None,
 
   `load.adapter` replaces the adapter with a stage-1 run's; `load.merge_lora` merges a stage-2 run's
   LoRA into the kernels, on their shards. With `model.quant` the decoder projections are quantised
-  as they load (`load.QuantizingSource`), or, when a LoRA merges into them, right after the merge.
+  as they load (`load.QuantizingSource`); when a LoRA merges into them, or the base is random, they
+  are quantised after the merge or the initialisation, one projection at a time.
   """
-  if config.model.get("quant") and config.load.merge_lora:
-    # The stage-2 LoRA merges into the full-precision base; the merged kernels are then quantised.
+  if config.model.get("quant") and (config.load.merge_lora or not config.model.base):
+    # The stage-2 LoRA merges into the full-precision base. A random base is created in full precision
+    # too: quantised inside the one jitted initialisation, every layer's float32 temporaries would be
+    # live at once (`lora.sharded_quantize`).
     full = config.copy_and_resolve_references()
     full.model.quant = ""
     model = build_base(full, vocab_size, mesh)
