@@ -57,6 +57,23 @@ def test_quantised_projection_computes_with_the_dequantised_kernel(qtype, stacke
   assert not np.allclose(sub(x), x @ (kernel[-1] if stacked else kernel), atol=1e-3)
 
 
+@pytest.mark.parametrize("stacked", (0, 3))
+def test_decoded_scales_give_the_same_kernel(stacked):
+  layer = _linear(stacked)
+  layer.quantize("nf4")
+  x = jax.random.normal(jax.random.key(1), (5, 128))
+  doubly = quant.dequantize(layer.quantized_kernel())
+  y = None if stacked else layer(x)  # a stacked layer runs under the layer scan
+  assert layer.decode_scales() and layer.kernel_scales2 is None and layer.kernel_offset is None
+  assert layer.kernel_scales[...].dtype == jnp.float32 and not layer.decode_scales()
+  np.testing.assert_array_equal(quant.dequantize(layer.quantized_kernel()), doubly)
+  if not stacked:
+    np.testing.assert_array_equal(layer(x), y)
+  int8 = _linear(stacked)
+  int8.quantize("int8", double_quant=False)
+  assert not int8.decode_scales()
+
+
 def test_gcd_blocks_for_widths_that_64_does_not_divide():
   layer = _linear(in_features=176, out_features=64)  # the tiny model's down_proj width
   layer.quantize("nf4")
@@ -276,6 +293,18 @@ def test_one_row_reads_the_codes_in_place_on_an_h100(qtype):
   assert temp_bytes(16) >= kernel_bytes  # many rows: dequantise once, then one GEMM
 
 
+@needs_cuda_plugin
+def test_a_7b_nf4_decode_step_decodes_no_scales_into_memory_on_an_h100():
+  """The whole 7B decode step as answering holds nf4 (scales decoded once): its temporaries stay far
+  below the 0.41 GB of decoded scales that decoding them inside the step made XLA write."""
+  from vtimellm_jax.bench import decode
+  from vtimellm_jax.training import aot
+
+  cost = decode.step_cost("7b", "bfloat16", "nf4", device=aot.target_devices(aot.resolve("1xH100"))[0])
+  assert cost["temp_bytes"] < 32 * 2**20, cost
+  assert cost["weight_bytes"] < 0.32 * 13.4e9, cost  # about 4.5 bits a weight
+
+
 def test_serve_and_demo_load_a_quantised_base(tiny_vtimellm):  # noqa: F811
   from vtimellm_jax.inference import demo_cli, serve_cli, server
   import argparse
@@ -286,4 +315,5 @@ def test_serve_and_demo_load_a_quantised_base(tiny_vtimellm):  # noqa: F811
     assert parser.parse_args(["--model", "m", "--quant", "nf4"]).quant == "nf4"
   service = server.load_service(str(tiny_vtimellm.model_dir), None, slots=1, context=None, media_roots=[],
                                 max_new_tokens=4, max_waiting=1, quant="nf4")
-  assert {layer.quant for layer in lora.quantized_layers(service.engine.bot.model).values()} == {"nf4"}
+  layers = lora.quantized_layers(service.engine.bot.model).values()
+  assert {layer.quant for layer in layers} == {"nf4"} and all(layer.kernel_scales2 is None for layer in layers)

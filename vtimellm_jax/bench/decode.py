@@ -82,7 +82,7 @@ def random_model(size: str, dtype: str, layout: str = "answering", quant: str = 
   model = load.sharded_model(lambda: LlamaForCausalLM(config, nnx.Rngs(0)), what="the benchmark model")
   model = answering.answering_layout(model) if layout == "answering" else model
   if quant != "none":
-    lora.quantize_projections(model, quant, double_quant=quant != "int8")
+    lora.quantize_for_answering(model, quant)
   return model
 
 
@@ -113,7 +113,7 @@ def step_cost(size: str, dtype: str, quant: str, batch: int = 1, prompt_len: int
   def build():
     model = answering.answering_layout(LlamaForCausalLM(config, nnx.Rngs(0)))
     if quant != "none":
-      lora.quantize_projections(model, quant, double_quant=quant != "int8")
+      lora.quantize_for_answering(model, quant)
     return model
 
   model = nnx.eval_shape(build)

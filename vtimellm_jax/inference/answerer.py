@@ -75,12 +75,11 @@ class Answerer:
   def __init__(self, model, encoder, quant: str = "none"):
     """Takes `model` over: its LoRA (if any) is merged, as the release merges it to answer, its layers
     are put in the answering layout (`models/answering.py`), and with `quant` (int8, nf4, fp4) each
-    decoder projection is then quantised (`lora.quantize_projections`; int8 keeps float32 block
-    scales, the 4-bit types doubly quantise theirs as QLoRA does)."""
+    decoder projection is then quantised (`lora.quantize_for_answering`)."""
     lora.merge_lora(model)
     self.model = answering.answering_layout(model)
     if quant != "none":
-      lora.quantize_projections(self.model, quant, double_quant=quant != "int8")
+      lora.quantize_for_answering(self.model, quant)
     self.quant = quant
     self.encoder = encoder
 

@@ -101,6 +101,11 @@ def _quantizer(qtype: str, double_quant: bool):
   return jax.jit(functools.partial(quant_lib.quantize_kernel, qtype=qtype, double_quant=double_quant))
 
 
+@functools.cache
+def _scale_decoder(place):
+  return jax.jit(quant_lib.block_scales, out_shardings=place)
+
+
 def sharded_quantize(kernel: jax.Array, qtype: str, double_quant: bool, axes: dict[str, tuple]) -> quant_lib.QuantizedArray:
   """Returns `quant.quantize_kernel(kernel)` computed where the kernel lies, its parts sharded by `axes`.
 
@@ -257,6 +262,20 @@ class Linear(nnx.Module):
       q = sharded_quantize(kernel, qtype, double_quant, quant_axes(self.axes, lead_axes))
     self.kernel = nnx.data(None)
     self._hold_quantized(q, qtype, lead_axes)
+
+  def decode_scales(self) -> bool:
+    """Holds a doubly quantised kernel's block scales decoded (float32, `quant.block_scales`), where
+    they lie; returns whether there were any. The kernel's values do not change: they are the
+    scales every product would decode."""
+    if not self.quant or self.kernel_scales2 is None:
+      return False
+    q = self.quantized_kernel()
+    place = getattr(q.scales, "sharding", None)
+    scales = _scale_decoder(place)(q) if not isinstance(q.scales, jax.core.Tracer) else quant_lib.block_scales(q)
+    axes = quant_axes(self.axes, self.stack_axes)
+    self.kernel_scales = nnx.data(_param(quant_lib.QuantizedWeight, scales, axes["kernel_scales"]))
+    self.kernel_scales2, self.kernel_offset = nnx.data(None), nnx.data(None)
+    return True
 
   def merge_lora(self) -> None:
     """Folds the factors into the kernel (W + alpha/r * A @ B, in fp32) and removes them."""
@@ -433,6 +452,21 @@ def quantize_projections(model: nnx.Module, qtype: str, double_quant: bool = Tru
   for _, layer in list(lora_layers(model, QUANTIZED_PROJECTIONS)):
     layer.quantize(qtype, double_quant)
     count += math.prod(layer.stack_shape)
+  return count
+
+
+def quantize_for_answering(model: nnx.Module, qtype: str) -> int:
+  """Quantises every decoder projection as answering holds it; returns how many per-layer ones.
+
+  int8 keeps float32 block scales. nf4 and fp4 are doubly quantised as a QLoRA base is (the values
+  of bitsandbytes' 4-bit model with double quantisation, as the release loads for `--bits 4`), then
+  hold those scales decoded (`Linear.decode_scales`): a decode step reads each kernel once per
+  token, and decoding the scales inside it made XLA write them to memory and read them back,
+  more bytes than the decoded scales themselves (4 bytes a block against about 1).
+  """
+  count = quantize_projections(model, qtype, double_quant=qtype != "int8")
+  for _, layer in lora_layers(model, QUANTIZED_PROJECTIONS):
+    layer.decode_scales()
   return count
 
 
