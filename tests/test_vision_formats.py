@@ -101,6 +101,7 @@ def corpus(tmp_path_factory):
   write(folder / "mpeg2.ts", "mpeg2video", "mpegts")
   write(folder / "h264.ts", "libx264", "mpegts")
   write(folder / "bframes.avi", "mpeg4", "avi")
+  write(folder / "h264.avi", "libx264", "avi")  # AVI stores no presentation times: H.264's B-frames lose theirs
   write(folder / "opengop.mp4", "libx264", b_frames=3,
         options={"x264-params": "open-gop=1:keyint=12:min-keyint=12:scenecut=0"})
   cut_copy(folder / "h264.mp4", folder / "cut.mp4", first_shown=30)
@@ -117,6 +118,7 @@ def corpus(tmp_path_factory):
     ("mpeg2.ts", "no frame index"),
     ("h264.ts", "no frame index"),
     ("bframes.avi", None),  # its index is in decode time: seeks by presentation time land past
+    ("h264.avi", "timestamps are in decode order and the stream has B-frames"),
 ])
 @pytest.mark.parametrize("split", [None, [0.5, 2.9]])
 def test_sampled_frames_are_the_decoders_frames(corpus, name, front_to_back, split):
@@ -182,8 +184,8 @@ def test_same_frames_as_decord(corpus, name):
 
 
 def test_where_decord_is_wrong(corpus):
-  """decord's frames of MPEG-TS files, and of open-GOP H.264 read from mid-video, are other frames
-  than the index asked for, and it counts the packets an edit list hides as frames: the release's
+  """decord's frames of MPEG-TS files, of open-GOP H.264 read from mid-video and of H.264 in AVI are
+  other frames than the index asked for, and it counts the packets an edit list hides as frames: the release's
   features of such files came from other frames than its rule names. We give the true ones."""
   decord = pytest.importorskip("decord")
   for name in ("mpeg2.ts", "h264.ts"):
@@ -197,6 +199,14 @@ def test_where_decord_is_wrong(corpus):
   theirs = decord.VideoReader(str(corpus / "opengop.mp4")).get_batch(ours.indices).asnumpy()
   assert [number(f) for f in ours.frames] == ours.indices.tolist()
   assert sum(number(f) != i for f, i in zip(theirs, ours.indices.tolist())) > 0
+  # H.264 in AVI with B-frames: read in order decord's frames are right; read sparsely (it seeks),
+  # most are other frames.
+  reader = decord.VideoReader(str(corpus / "h264.avi"))
+  assert [number(reader[i].asnumpy()) for i in range(len(reader))] == list(range(FRAMES))
+  sparse = list(range(0, FRAMES, 7))
+  assert sum(number(f) != i for f, i in zip(reader.get_batch(sparse).asnumpy(), sparse)) > len(sparse) // 2
+  ours = decode.read_frames(corpus / "h264.avi", [0.5, 2.9])
+  assert [number(f) for f in ours.frames] == ours.indices.tolist()
 
 
 class _ZeroEncoder:

@@ -14,6 +14,8 @@ otherwise, the video is decoded front to back and frame i is the i-th frame the 
   the frames right after such a seek can carry shifted timestamps.
 - Packets without timestamps, or several packets sharing one (the last two frames of an MPEG-1
   file), do not name frames.
+- Timestamps in decode order on a stream with B-frames (H.264 in AVI, which stores no presentation
+  times) do not name frames either: the decoder gives each reordered frame another's timestamp.
 - A seek that lands past the frame it was for is retried at the keyframe's decode time (an AVI
   index is in decode time), then from the keyframe before; if those land past it too, the video is
   decoded front to back.
@@ -135,6 +137,11 @@ def build_index(container) -> VideoIndex:
     why = f"{untimed} of {total} packets carry no timestamp"
   elif np.any(np.diff(pts_sorted) == 0):
     why = f"{len(pts_sorted) - len(np.unique(pts_sorted))} packets repeat another's timestamp"
+  elif stream.codec_context.has_b_frames and len(pts) > 1 and np.all(np.diff(np.asarray(pts, np.int64)) > 0):
+    # H.264 in AVI: the container stores no presentation times, FFmpeg numbers the packets in
+    # decode order, and the decoder hands each reordered frame another packet's number.
+    why = (f"the {container.format.name} container's timestamps are in decode order and the stream has "
+           "B-frames, so they do not name frames")
   if not keys:  # no packet is flagged a keyframe: seeks go to the first frame
     keys = [(int(pts_sorted[0]),) * 2] if len(pts_sorted) else [(0, 0)]
   keys = np.asarray(sorted(keys), np.int64)
