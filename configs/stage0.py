@@ -1,8 +1,10 @@
 """Stage 0 (quickstart only): pretrain a tiny LLaMA on the corpus text, standing in for Vicuna.
 
-Every parameter trains; records are plain-template samples whose "caption" is corpus text and whose
-feature is a zero vector, so the same data path and train step serve. Real runs start from Vicuna
-(`convert llama`) and skip this stage.
+Every parameter trains; records are plain-template samples whose "caption" is corpus text: the
+stage-1 captions with their stills' features, the stage-2/3 dialogues with a zero feature, so the
+same data path and train step serve and the LLM learns to read its visual token, as Vicuna reads
+the adapter's output (docs/synthetic.md, "Stages"). Real runs start from Vicuna (`convert llama`)
+and skip this stage.
 """
 
 from . import common

@@ -62,6 +62,14 @@ def test_short_quickstart_runs_every_step(tiny_run):
   np.testing.assert_allclose(frames.mean(0), 0.0, atol=0.02)
   np.testing.assert_allclose(raw.mean(0), stats["mean"], rtol=1e-3, atol=1e-3)
   assert 0.9 < frames.std(0).mean() < 1.1
+  # Stage 0's captions read their stills' features, its conversations the blank (zero) feature.
+  stage0 = json.loads((workdir / "stage0.json").read_text())
+  captions = [r for r in stage0 if r["id"] != quickstart.BLANK_ID]
+  assert len(captions) == len(json.loads((workdir / "corpus" / "stage1.json").read_text())) < len(stage0)
+  for record in captions:
+    np.testing.assert_array_equal(np.load(workdir / "features" / "stage0" / f"{record['id']}.npy"),
+                                  np.load(workdir / "features" / "stills" / f"{record['id']}.npy"))
+  assert not np.load(workdir / "features" / "stage0" / f"{quickstart.BLANK_ID}.npy").any()
   # Stage 2 of the tiny run trains every parameter; stage 3 starts from its export.
   assert json.loads((workdir / "runs" / "stage3" / "run.json").read_text())["model"]["base"] == str(
       workdir / "models" / "stage2")

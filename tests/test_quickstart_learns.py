@@ -1,12 +1,13 @@
-"""A shortened quickstart learns to ground held-out videos, by a clear margin over the constant answer;
-the web demo runs on its model in a real browser.
+"""The README's quickstart learns to ground held-out videos, at the level the README states; the web
+demo runs on its model in a real browser.
 
 Minutes of CPU, so it is marked `learning` and left out of the README's test command; CI
-(`.ci/run`) runs it after the suite: `python -m pytest -q -m learning tests`. It is the quickstart's
-own schedule, shortened where that costs little (fewer videos, shorter stages 0 and 1, fewer
-held-out videos); stages 2 and 3 keep their steps: the query learns to find its frames only after
-several hundred, and the JSON lists of dense captioning take stage 3's (docs/synthetic.md, "What the
-quickstart learns"). The quickstart runs once, for both tests.
+(`.ci/run`) runs it after the suite: `python -m pytest -q -m learning tests`. It is the README's
+command with its defaults (seed 0, 1,000 training and 30 held-out videos, the quickstart's own
+schedule) on one device, so it checks the figures the README and docs/synthetic.md give, with a
+margin: the same command answered R1@0.5 52.1 / mIoU 46.4 before stage 0 saw the stills
+(docs/synthetic.md, "What the quickstart learns"), which fails here. The quickstart runs once, for
+both tests.
 
 The demo test drives headless Chromium through Selenium with the system's chromium and chromedriver
 (Debian: `apt-get install chromium chromium-driver`; `.ci/run` installs them), never a downloaded
@@ -34,8 +35,8 @@ from vtimellm_jax.evaluation import captioning
 
 # One device: tests/conftest.py gives this process 8 host devices, over which stage 0's batch of 16
 # (micro-batches of 4) does not divide; the quickstart on its own sees the one CPU device.
-SHORTENED = ["--train-videos", "800", "--eval-videos", "12", "--config.mesh.devices=1",
-             "--stage-steps", "stage0=200,stage1=150,stage2=800,stage3=200"]
+ONE_DEVICE = ["--config.mesh.devices=1"]
+EVAL_VIDEOS = 30  # the quickstart's default
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # The release's evaluation query; the quickstart's model answers it "In <colour> SS to EE."
 QUESTIONS = ("During which frames can we see a person?", "During which frames can we see a red circle?")
@@ -43,32 +44,33 @@ QUESTIONS = ("During which frames can we see a person?", "During which frames ca
 
 @pytest.fixture(scope="module")
 def quickstart_workdir(tmp_path_factory) -> pathlib.Path:
-  """A finished shortened quickstart's workdir (or VTIMELLM_QUICKSTART_WORKDIR's)."""
+  """A finished default quickstart's workdir (or VTIMELLM_QUICKSTART_WORKDIR's)."""
   given = os.environ.get("VTIMELLM_QUICKSTART_WORKDIR")
   if given:
     return pathlib.Path(given)
   workdir = tmp_path_factory.mktemp("quickstart") / "qs"
-  assert cli.main(["quickstart", "--workdir", str(workdir), *SHORTENED]) == 0
+  assert cli.main(["quickstart", "--workdir", str(workdir), *ONE_DEVICE]) == 0
   return workdir
 
 
 @pytest.mark.learning
-def test_shortened_quickstart_grounds_held_out_videos(quickstart_workdir):
+def test_quickstart_grounds_held_out_videos(quickstart_workdir):
   workdir = quickstart_workdir
   metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
   model, constant = metrics["model"], metrics["constant_baseline"]
   assert constant["R1@0.5"] < 20, metrics
-  # Answering every query with the video's first event, what the model does before it learns to
-  # find the asked one, scores about R1@0.5 23 / mIoU 21 on the full held-out set.
-  assert model["R1@0.5"] >= constant["R1@0.5"] + 25, metrics
-  assert model["mIoU"] >= constant["mIoU"] + 20, metrics
+  # The README gives R1@0.5 97.9 / mIoU 86.8 for this command (docs/synthetic.md, "What the quickstart learns").
+  # A model that answers most queries with the video's first event or another wrong one, as the
+  # quickstart did before stage 0 saw the stills (52.1 / 46.4), fails.
+  assert model["R1@0.5"] >= 70, metrics
+  assert model["mIoU"] >= 60, metrics
   # Dense captioning: the answers are lists the release's reader takes whole (metrics on them need
   # Java, which CI may lack). A model that has not learnt the format breaks every list after its
   # first event (docs/synthetic.md, "Stages").
   answers = [json.loads(line) for line in (workdir / "eval" / "answers.jsonl").read_text().splitlines()]
   parsed = [captioning.parse_answer(a["answer"]) for a in answers if a["task"] == "captioning"]
   clean = [p for p in parsed if p.items and not p.problems]
-  assert len(parsed) == 12 and len(clean) >= 6, [p.problems for p in parsed]
+  assert len(parsed) == EVAL_VIDEOS and len(clean) >= EVAL_VIDEOS // 2, [p.problems for p in parsed]
 
 
 def _browser():

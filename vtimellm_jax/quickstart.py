@@ -5,7 +5,8 @@ Steps (each through the project's own commands, each resumable by rerunning):
   2. a sentencepiece tokenizer trained on its text, chat frame included;
   3. CLIP features of every video and still (`extract-features`, a random tiny CLIP at 64 px),
      standardised per dimension with the training videos' statistics (video/standardize.py);
-  4. stage 0: a tiny LLaMA pretrained on the corpus text (standing in for Vicuna);
+  4. stage 0: a tiny LLaMA pretrained on the corpus text (standing in for Vicuna), its captions
+     with their stills' features so that it learns to read the visual token;
   5. stages 1, 2, 3 (`train --config configs/stageN.py:tiny`; stage 2 of the tiny model trains every
      parameter and stage 3 starts from its export), then `export`;
   6. `eval` (grounding and dense captioning) on held-out videos and `metrics`, next to a
@@ -48,7 +49,7 @@ _BATCH_8 = ["--config.global_batch=8", "--config.micro_batch=8"]
 _BUCKETS_4 = ["--config.data.num_buckets=4"]
 QUICKSTART_STAGES = {
     "stage0": ["--config.max_steps=250", "--config.optim.lr=2e-3", *_BUCKETS_4],
-    "stage1": ["--config.max_steps=300", "--config.optim.lr=3e-3"],
+    "stage1": ["--config.max_steps=1000", "--config.optim.lr=3e-3"],
     "stage2": ["--config.max_steps=800", "--config.optim.lr=1e-3", "--config.trainable=all", *_BUCKETS_4, *_BATCH_8],
     "stage3": ["--config.max_steps=200", "--config.optim.lr=1e-3", *_BUCKETS_4, *_BATCH_8],
 }
@@ -60,6 +61,8 @@ QUICKSTART_VOCAB = 1024
 # A dense-captioning answer in JSON is 36-79 pieces of that tokenizer on the held-out videos; the
 # budget leaves room for a model that lists an event twice before it closes the bracket.
 EVAL_MAX_NEW_TOKENS = 256
+# Stage 0's conversations have no picture: their visual token is this zero feature.
+BLANK_ID = "blank"
 QUICKSTART_COMMON = ["--config.epochs=100", "--config.data.num_buckets=2", "--config.lora.rank=64",
                      "--config.lora.alpha=128.0", "--config.lora.dropout=0.0", "--config.checkpoint.every_steps=100"]
 
@@ -109,22 +112,37 @@ def parse_stage_steps(text: str) -> dict[str, int]:
 
 
 def stage0_records(corpus: dict[str, pathlib.Path]) -> list[dict]:
-  """Returns plain-template records over the corpus text: every caption, and every stage-2/3 conversation
-  written in the v1 chat frame, so the pretrained LLM knows both formats the later stages use."""
+  """Returns plain-template records over the corpus text: every caption with its still (record id the
+  still's), and every stage-2/3 conversation written in the v1 chat frame with the blank feature (id
+  BLANK_ID), so the pretrained LLM knows both formats the later stages use and reads the visual token."""
   from vtimellm_jax.data import templates
 
-  texts = [record["conversations"][1]["value"] for record in json.loads(corpus["stage1"].read_text())]
+  def record(record_id: str, text: str) -> dict:
+    return {"id": record_id, "image": f"{record_id}.png",
+            "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": text}]}
+
+  out = [record(pathlib.Path(r["image"]).stem, r["conversations"][1]["value"])
+         for r in json.loads(corpus["stage1"].read_text())]
   for name in ("stage2", "stage3"):
-    for record in json.loads(corpus[name].read_text()):
-      prepared, _ = records.prepare(record)
+    for raw in json.loads(corpus[name].read_text()):
+      prepared, _ = records.prepare(raw)
       if prepared is None:
         continue
       turns = [(role, text.replace(templates.VIDEO_TAG + "\n", "").replace(templates.VIDEO_TAG, ""))
                for role, text in prepared.turns]
-      texts.append(templates.v1_prompt(turns))
-  return [{"id": "blank", "image": "blank.png",
-           "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": text}]}
-          for text in texts]
+      out.append(record(BLANK_ID, templates.v1_prompt(turns)))
+  return out
+
+
+def stage0_features(stills: pathlib.Path, out: pathlib.Path, stage0_data: list[dict]) -> None:
+  """Writes stage 0's feature folder: the blank (zero) feature and a copy of every caption's still."""
+  import shutil
+
+  out.mkdir(parents=True, exist_ok=True)
+  np.save(out / f"{BLANK_ID}.npy", np.zeros(records.FEATURE_DIM, np.float16))
+  for record in stage0_data:
+    if record["id"] != BLANK_ID and not (out / f"{record['id']}.npy").is_file():
+      shutil.copyfile(stills / f"{record['id']}.npy", out / f"{record['id']}.npy")
 
 
 def constant_baseline(annotations_path: pathlib.Path, stage2_path: pathlib.Path, out: pathlib.Path) -> None:
@@ -240,12 +258,14 @@ def run(args: argparse.Namespace) -> int:
   base = args.base
   if not base:
     say("4/6 stage 0: pretraining the tiny LLaMA on the corpus text")
-    text_feats = wd / "features" / "text"
-    text_feats.mkdir(parents=True, exist_ok=True)
-    np.save(text_feats / "blank.npy", np.zeros(records.FEATURE_DIM, np.float16))
+    # Captions come with their stills: with a zero feature in every sample the LLM never learnt to
+    # read its visual token, stage 1's adapter could hardly teach it, and stage 2 often kept
+    # answering with the wrong event (docs/synthetic.md, "Stages").
+    stage0_feats = wd / "features" / "stage0"
+    stage0_features(stills, stage0_feats, stage0_data)
     stage0_json = wd / "stage0.json"
     stage0_json.write_text(json.dumps(stage0_data))
-    train("stage0", stage0_json, text_feats, *(QUICKSTART_RANDOM_INIT if args.size == "tiny" else []))
+    train("stage0", stage0_json, stage0_feats, *(QUICKSTART_RANDOM_INIT if args.size == "tiny" else []))
     _cli(["export", "--workdir", str(runs / "stage0"), "--out", str(models / "stage0")])
     base = str(models / "stage0")
 
