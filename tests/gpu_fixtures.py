@@ -15,6 +15,7 @@ def has_cuda_plugin() -> bool:
     return False
 
 
-# Marks a test that compiles for a compile-only H100; CI installs the test extra, which has the plugin.
+# Marks a test that compiles for a compile-only H100. CI installs the test extra only (the cuda
+# extra's CUDA libraries are gigabytes), so these run where `pip install -e ".[cuda,test]"` was run.
 needs_cuda_plugin = pytest.mark.skipif(not has_cuda_plugin(),
-                                       reason="needs the CUDA plugin (the cuda extra); CI has the test extra")
+                                       reason="needs the CUDA plugin: pip install -e \".[cuda,test]\" (CI leaves it out)")
