@@ -115,7 +115,7 @@ class _DecodeGate:
     self.reached, self._open = threading.Event(), threading.Event()
     real = batching.Engine._program  # pylint: disable=protected-access
 
-    def program(engine, *key):  # a decode step waits at the gate; a row move does not
+    def program(engine, *key):  # a decode step waits at the gate; a row move or a prefill does not
       compiled = real(engine, *key)
 
       def step(*args):
@@ -125,7 +125,7 @@ class _DecodeGate:
         self.left -= 1
         return compiled(*args)
 
-      return compiled if key == ("move",) else step
+      return compiled if key[0] in ("move", "prefill") else step
 
     monkeypatch.setattr(batching.Engine, "_program", program)
 
@@ -186,13 +186,13 @@ def test_engine_answers_equal_the_chat_path_greedy_and_sampled(service, media, t
       assert [f.result(timeout=300) for f in futures] == expected
     # A prompt shape compiles its prefill once: an engine's first prefill, into the cache as
     # created, runs the program of the later ones (an engine of a size no other test uses).
-    programs = batching._prefill_jit._cache_size()  # pylint: disable=protected-access
     fresh = batching.Engine(bot, slots=2, context=384)
     h, q, f, _, _ = cases[0]
     for _ in range(2):
       fresh.submit(batching.Request(tuple(bot.prompt_ids(h, q)), f, 2)).result(timeout=300)
     fresh.close()
-    assert batching._prefill_jit._cache_size() == programs + 1  # pylint: disable=protected-access
+    prefills = [k for k in fresh._programs if k[0] == "prefill"]  # pylint: disable=protected-access
+    assert len(prefills) == 1 and prefills[0][1] == 1, prefills
   finally:
     small.close()
   assert small.stats.prefills == 12 and small.stats.completed == 12
@@ -222,13 +222,15 @@ def test_64_concurrent_requests_get_their_one_at_a_time_answers_in_far_fewer_ste
       return text, chunks[-1].usage.model_dump(exclude_none=True)
     return answer(_post(http, bodies[i])[1])
 
-  before = stats.decode_steps
+  before, calls = stats.decode_steps, sum(stats.prefill_batches.values())
   with concurrent.futures.ThreadPoolExecutor(64) as pool:
     together = list(pool.map(ask, range(64)))
   concurrent_steps = stats.decode_steps - before
   assert together == [answer(reply) for _, reply in alone]
-  # 64 requests on 16 slots: each step advances up to 16 answers instead of one.
+  # 64 requests on 16 slots: each step advances up to 16 answers instead of one, and requests that
+  # wait together are prefilled together.
   assert concurrent_steps * 5 <= one_at_a_time_steps, (concurrent_steps, one_at_a_time_steps)
+  assert sum(stats.prefill_batches.values()) - calls < 64 and max(stats.prefill_batches) > 1, stats.prefill_batches
 
 
 def test_moments_come_back_in_seconds_and_frames(http, service, media):

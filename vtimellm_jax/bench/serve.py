@@ -10,8 +10,9 @@ grounding questions of mixed lengths (some with an earlier round) about random f
 feature files, each with its own max_tokens, greedily. First one at a time, then all at once from
 as many client threads; with `--stream` every request asks for `stream: true` and reads its
 server-sent events as they come. Nothing is compiled while the clock runs: the engine compiles
-every decode program the requests can reach ahead (`Engine.precompile`: each batch bucket and
-window), and one warm-up request per prompt shape compiles its prefill. A random model hardly ever
+every decode and prefill program the requests can reach ahead (`Engine.precompile`: each batch
+bucket and window, each count of prompts prefilled together and prompt shape), and one warm-up
+request per prompt shape goes through the server. A random model hardly ever
 emits </s>, so its answers are max_tokens long.
 
 One JSON line per mode (total seconds, requests/s, p50 and p99 latency, with `--stream` the p50
@@ -155,13 +156,16 @@ def main(argv=None) -> int:
     ask = _post_streamed if args.stream else _post
     try:
       bodies = _bodies(args, media)
-      shapes = {}  # padded prompt positions -> one body of that prompt shape
+      shapes, lengths = {}, set()  # padded prompt positions -> one body of that prompt shape; id counts
       for body in bodies:
         parsed = chat_request.parse_chat_request(body)
-        shapes.setdefault(engine.prompt_positions(bot.prompt_ids(parsed.history, parsed.question), 100), body)
+        ids = bot.prompt_ids(parsed.history, parsed.question)
+        shapes.setdefault(engine.prompt_positions(ids, 100), body)
+        lengths.add(len(ids))
       # Every decode program a step can reach (the rows stand below the longest prompt plus the largest
-      # max_tokens), then a prefill program per prompt shape, through the server.
-      engine.precompile(max(shapes) + args.max_tokens)
+      # max_tokens) and every prefill (each power-of-two count of prompts of each length; waiting
+      # requests are prefilled together), then one request per prompt shape through the server.
+      engine.precompile(max(shapes) + args.max_tokens, prompt_lengths=sorted(lengths), num_frames=100)
       for body in shapes.values():
         ask(running.url, body | {"max_tokens": 2})
       device = jax.devices()[0]

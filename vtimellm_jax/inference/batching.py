@@ -1,10 +1,11 @@
 """Continuous batching: concurrent requests share one KV cache of fixed slots and one decode step.
 
-The cache holds `slots` rows of `context` positions. A request is prefilled alone into the lowest
+The cache holds `slots` rows of `context` positions. A waiting request is prefilled into the lowest
 free row (its prompt padded to a multiple of `answerer.PAD_MULTIPLE` tokens, the frame features
-spliced in at its placeholder) and yields its first token; after that each decode step advances
-every busy row at once, each writing at its own position (as `generate` does for rows of different
-lengths). A row that reaches its eos or its token budget frees its slot, and the next waiting
+spliced in at its placeholder) and yields its first token; requests that wait together are
+prefilled together into free rows that lie together (a power-of-two count, padded to the longest).
+After that each decode step advances every busy row at once, each writing at its own position (as
+`generate` does for rows of different lengths). A row that reaches its eos or its token budget frees its slot, and the next waiting
 request is prefilled into it before the next step.
 
 A decode step costs what its batch and its window hold, not what the cache holds: it runs on the
@@ -17,10 +18,10 @@ window, nucleus) triple, compiled when a step first needs it or ahead by `precom
 inside the bucket run through the step too; what they write is never read, since a prefill writes
 its row from position 0 and attention only sees positions before a row's own.
 
-A row's tokens depend on nothing but its own request: the prefill runs the request alone, and in a
-decode step the slots past a row's position weigh exactly zero and rows never mix, so an answer is
-the same whether its request came alone or among many (on CPU bit for bit; on a GPU another window
-or batch bucket may sum the same terms in another order, a difference in the last bit of a logit).
+A row's tokens depend on nothing but its own request: in a prefill or a decode step rows never mix
+and the positions past a row's own (its padding included) weigh exactly zero, so an answer is
+the same whether its request came alone or among many (on CPU bit for bit; on a GPU another window,
+batch bucket or prefill batch may sum the same terms in another order: the last bit of a logit).
 Sampling draws token i of a request with its key folded with i, as `generate` does, so a request
 with the key `chat` uses gets `chat`'s tokens.
 
@@ -100,15 +101,16 @@ def _pick(logits_bv, key_data_b, steps_b, temperature_b, top_p_b, *, nucleus: bo
   return jnp.where(temperature_b == 0, greedy, sampled)
 
 
-def _prefill(graphdef, state, cache, slot, ids_1t, mask_1t, features_1nf, key_data_1, temperature_1, top_p_1, *,
+def _prefill(graphdef, state, cache, row0, ids_kt, mask_kt, features_knf, key_data_k, temperature_k, top_p_k, *,
              nucleus: bool):
-  """Returns (cache with row `slot` holding the prompt, int32 first token, int32 prompt length)."""
+  """Returns (cache with rows row0 .. row0 + K - 1 holding the K prompts, int32[K] first tokens,
+  int32[K] prompt lengths)."""
   model = nnx.merge(graphdef, state)
-  embeds, mask, _ = model.embed_inputs(ids_1t, mask_1t, features_1nf)
+  embeds, mask, _ = model.embed_inputs(ids_kt, mask_kt, features_knf)
   lengths = mask.sum(-1).astype(jnp.int32)
-  cache, logits = generate_lib.prefill(model, embeds, lengths, cache, row0=slot)
-  token = _pick(logits, key_data_1, jnp.zeros((1,), jnp.int32), temperature_1, top_p_1, nucleus=nucleus)
-  return cache, token[0], lengths[0]
+  cache, logits = generate_lib.prefill(model, embeds, lengths, cache, row0=row0)
+  tokens = _pick(logits, key_data_k, jnp.zeros(lengths.shape, jnp.int32), temperature_k, top_p_k, nucleus=nucleus)
+  return cache, tokens, lengths
 
 
 def _decode(graphdef, state, cache, tokens_s, positions_s, steps_s, key_data_s, temperature_s, top_p_s, *,
@@ -131,7 +133,7 @@ def _move(cache, src, dst):
 
 
 # The cache is donated: each call updates it in place. Decode steps are compiled ahead of time by the
-# engine (`Engine._program`), one per (batch bucket, window, nucleus); a prefill per prompt shape.
+# engine (`Engine._program`), one per (batch bucket, window, nucleus); a prefill per (rows, prompt shape).
 _prefill_jit = jax.jit(_prefill, static_argnums=(0,), static_argnames=("nucleus",), donate_argnums=(2,))
 _decode_jit = jax.jit(_decode, static_argnums=(0,), static_argnames=("window", "nucleus"), donate_argnums=(2,))
 _move_jit = jax.jit(_move, donate_argnums=(0,))
@@ -149,7 +151,8 @@ class Stats:
   completed: int = 0
   cancelled: int = 0  # requests stopped by `cancel`, waiting or running
   decode_steps: int = 0
-  prefills: int = 0
+  prefills: int = 0  # requests prefilled
+  prefill_batches: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # calls per size
   busy_slot_steps: int = 0  # sum over decode steps of the rows that were busy
   batch_steps: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # steps per batch
   moves: int = 0  # busy rows moved down into a smaller batch bucket
@@ -182,7 +185,7 @@ class Engine:
     self._cache_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     self._cache)
     self._key_shape = jax.random.key_data(jax.random.key(0)).shape
-    self._programs: dict[tuple, jax.stages.Compiled] = {}  # (batch, window, nucleus) or ("move",)
+    self._programs: dict[tuple, jax.stages.Compiled] = {}  # keys: `_lower`
     self._rows: list[_Row | None] = [None] * slots
     self._waiting: collections.deque = collections.deque()  # (request, future, listener)
     self._cancelled: set[concurrent.futures.Future] = set()  # running requests to stop before the next step
@@ -195,10 +198,12 @@ class Engine:
     """Returns the cache positions a prompt takes: its padded text with the placeholder replaced by frames."""
     return -(-len(prompt_ids) // answerer_lib.PAD_MULTIPLE) * answerer_lib.PAD_MULTIPLE - 1 + num_frames
 
-  def precompile(self, up_to: int | None = None) -> int:
+  def precompile(self, up_to: int | None = None, prompt_lengths=(), num_frames: int = 100) -> int:
     """Returns how many programs it compiled ahead of the steps that will run them: the row move and
     the decode step of every batch bucket at every window up to the one a row at position `up_to`
-    reads (default: the whole context), for requests with top_p 1 (greedy or sampled).
+    reads (default: the whole context), and the prefill of every power-of-two count of prompts of
+    each of `prompt_lengths` (token ids, the placeholder included) with `num_frames` frames each;
+    all for requests with top_p 1 (greedy or sampled).
 
     May be called from any thread while the engine serves: it lowers here, compiles on worker
     threads, and touches no buffer of the engine.
@@ -208,7 +213,10 @@ class Engine:
     while windows[-1] < last:
       windows.append(kv_cache.decode_window(windows[-1] + 1, self.context))
     buckets = sorted({batch_bucket(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)})
-    keys = [k for k in [("move",), *((b, w, False) for b in buckets for w in windows)] if k not in self._programs]
+    padded = sorted({-(-n // answerer_lib.PAD_MULTIPLE) * answerer_lib.PAD_MULTIPLE for n in prompt_lengths})
+    prefills = [("prefill", b, t, num_frames, False) for b in buckets for t in padded]
+    keys = [k for k in [("move",), *((b, w, False) for b in buckets for w in windows), *prefills]
+            if k not in self._programs]
     lowered = [self._lower(key) for key in keys]  # tracing holds the GIL: one at a time
     with concurrent.futures.ThreadPoolExecutor(min(len(keys), os.cpu_count() or 1) or 1) as pool:
       for key, program in zip(keys, pool.map(lambda x: x.compile(), lowered)):
@@ -216,10 +224,19 @@ class Engine:
     return len(keys)
 
   def _lower(self, key: tuple) -> jax.stages.Lowered:
-    """Returns the lowered decode step of key (batch, window, nucleus), or of the row move for ("move",)."""
+    """Returns the lowered decode step of key (batch, window, nucleus), the row move for ("move",), or
+    the prefill of ("prefill", prompts, padded length, frames, nucleus)."""
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     if key == ("move",):
       return _move_jit.lower(self._cache_spec, i32, i32)
+    if key[0] == "prefill":
+      _, k, t, n, nucleus = key
+      ids = jax.ShapeDtypeStruct((k, t), jnp.int32)
+      return _prefill_jit.lower(self._graphdef, self._state, self._cache_spec, i32, ids, ids,
+                                jax.ShapeDtypeStruct((k, n, self.bot.feature_dim), jnp.float32),
+                                jax.ShapeDtypeStruct((k, *self._key_shape), jnp.uint32),
+                                jax.ShapeDtypeStruct((k,), jnp.float32), jax.ShapeDtypeStruct((k,), jnp.float32),
+                                nucleus=nucleus)
     batch, window, nucleus = key
     rows_i32, rows_f32 = (jax.ShapeDtypeStruct((batch,), t) for t in (jnp.int32, jnp.float32))
     key_data = jax.ShapeDtypeStruct((batch, *self._key_shape), jnp.uint32)
@@ -329,34 +346,53 @@ class Engine:
       row.future.set_exception(Cancelled(f"the request was cancelled after {len(row.tokens)} tokens"))
 
   def _admit(self) -> None:
-    """Prefills waiting requests into free slots."""
-    for slot in range(self.slots):
-      if self._rows[slot] is not None:
-        continue
+    """Prefills waiting requests into free slots, several at once where free rows lie together."""
+    while True:
+      free = [slot for slot in range(self.slots) if self._rows[slot] is None]
+      if not free:
+        return
+      run = 1  # free rows from the lowest one on
+      while run < len(free) and free[run] == free[0] + run:
+        run += 1
+      batch = []
       with self._wake:
-        if not self._waiting:
-          return
-        request, future, listener = self._waiting.popleft()
-      if not future.set_running_or_notify_cancel():
-        continue
+        # A power-of-two count (fewer prefill programs) of requests whose frames stack.
+        count = 1 << (min(run, len(self._waiting)).bit_length() - 1) if self._waiting else 0
+        while self._waiting and len(batch) < count:
+          if batch and self._waiting[0][0].features.shape != batch[0][0].features.shape:
+            break
+          batch.append(self._waiting.popleft())
+      if not batch:
+        return
+      batch = [entry for entry in batch if entry[1].set_running_or_notify_cancel()]
       try:
-        self._prefill(slot, request, future, listener)
+        if batch:
+          self._prefill(free[0], batch)
       except Exception as e:  # pylint: disable=broad-except
-        future.set_exception(e)  # this request fails; the others go on
+        for _, future, _ in batch:  # these requests fail; the others go on
+          if not future.done():
+            future.set_exception(e)
 
-  def _prefill(self, slot: int, request: Request, future: concurrent.futures.Future,
-               listener: TokenListener | None) -> None:
-    ids, lengths = generate_lib.pad_right([request.prompt_ids], self.bot.encoder.pad_id, answerer_lib.PAD_MULTIPLE)
+  def _prefill(self, row0: int, batch: list[tuple[Request, concurrent.futures.Future, TokenListener | None]]) -> None:
+    """Prefills the requests of `batch` together into rows row0, row0 + 1, ...; each takes its first token."""
+    requests = [request for request, _, _ in batch]
+    ids, lengths = generate_lib.pad_right([r.prompt_ids for r in requests], self.bot.encoder.pad_id,
+                                          answerer_lib.PAD_MULTIPLE)
     mask = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
-    key_data = np.asarray(jax.random.key_data(request.key if request.key is not None else jax.random.key(0)))
-    self._cache, token, length = _prefill_jit(
-        self._graphdef, self._state, self._cache, jnp.int32(slot), jnp.asarray(ids), jnp.asarray(mask),
-        jnp.asarray(request.features[None], jnp.float32), key_data[None],
-        jnp.asarray([request.temperature], jnp.float32), jnp.asarray([request.top_p], jnp.float32),
-        nucleus=request.top_p < 1)
-    self.stats.prefills += 1
-    self._rows[slot] = _Row(request, future, int(length), key_data, [], listener)
-    self._take(slot, int(token))
+    key_data = np.stack([np.asarray(jax.random.key_data(r.key if r.key is not None else jax.random.key(0)))
+                         for r in requests])
+    features = np.stack([r.features for r in requests]).astype(np.float32)
+    program = self._program("prefill", len(requests), ids.shape[1], features.shape[1],
+                            any(r.top_p < 1 for r in requests))
+    self._cache, tokens, lengths = program(
+        self._state, self._cache, np.int32(row0), ids, mask.astype(np.int32), features, key_data,
+        np.asarray([r.temperature for r in requests], np.float32), np.asarray([r.top_p for r in requests], np.float32))
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    self.stats.prefills += len(batch)
+    self.stats.prefill_batches[len(batch)] += 1
+    for k, (request, future, listener) in enumerate(batch):
+      self._rows[row0 + k] = _Row(request, future, int(lengths[k]), key_data[k], [], listener)
+      self._take(row0 + k, int(tokens[k]))
 
   def _take(self, slot: int, token: int) -> None:
     """Appends a row's new token, hands it to the row's listener, and frees the slot once the row is done."""
