@@ -106,6 +106,7 @@ def test_demo_in_a_browser_streams_plays_moments_and_survives_errors(quickstart_
   """Upload, an error before any video, two rounds (the first held so the question shows alone, then
   while its answer is only partly decoded), an error between them that leaves the conversation
   usable, and clicks on a bar and a chip that play their moment and stop at its end."""
+  from selenium.common.exceptions import StaleElementReferenceException  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.common.keys import Keys  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
@@ -137,11 +138,18 @@ def test_demo_in_a_browser_streams_plays_moments_and_survives_errors(quickstart_
   app = demo.build_app(page, [video])
   url = demo.launch(app, "127.0.0.1", _free_port(), block=False)
   video_js = f"return document.querySelector('#{demo.PLAYER_ID} video')"
-  chat_texts = lambda d: [e.get_attribute("textContent") for e in d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .vt-text")]
-  pending = lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.CHAT_ID} .{demo.PENDING_CLASS}")
+
+  def texts(d, selector: str) -> list[str]:
+    # One script reads them all: the page re-renders the chat as an answer streams, so an element
+    # found in one call may be gone by the next.
+    return d.execute_script("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.textContent)",
+                            selector)
+
+  chat_texts = lambda d: texts(d, f"#{demo.CHAT_ID} .vt-text")  # noqa: E731
+  pending = lambda d: texts(d, f"#{demo.CHAT_ID} .{demo.PENDING_CLASS}")  # the answers still coming  # noqa: E731
 
   def warned(d, says: str) -> bool:
-    return any(says in e.get_attribute("textContent") for e in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']"))
+    return any(says in text for text in texts(d, "[data-testid='toast-body']"))
 
   def ask(question: str) -> None:
     box = driver.find_element(By.CSS_SELECTOR, f"#{demo.QUESTION_ID} textarea")
@@ -156,7 +164,7 @@ def test_demo_in_a_browser_streams_plays_moments_and_survives_errors(quickstart_
 
   try:
     driver.get(url)
-    wait = WebDriverWait(driver, 300)
+    wait = WebDriverWait(driver, 300, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{demo.PLAYER_ID} input[type=file]"))
     ask(QUESTIONS[0])  # no video yet: a warning, nothing else
     wait.until(lambda d: warned(d, "upload a video first"))
@@ -171,8 +179,8 @@ def test_demo_in_a_browser_streams_plays_moments_and_survives_errors(quickstart_
     wait.until(lambda d: chat_texts(d) == [QUESTIONS[0], ""] and pending(d))
     start_answer.set()
     assert piece_shown.wait(300), "the answer came in one piece"
-    wait.until(lambda d: pending(d) and pending(d)[0].get_attribute("textContent"))
-    piece = pending(driver)[0].get_attribute("textContent")
+    wait.until(lambda d: pending(d) and pending(d)[0])
+    piece = pending(driver)[0]
     finish_answer.set()
     wait.until(lambda d: len(chat_texts(d)) == 2 and not pending(d))
     assert chat_texts(driver)[1].startswith(piece), (piece, chat_texts(driver))
