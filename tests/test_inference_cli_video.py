@@ -97,7 +97,8 @@ def test_chat_video_equals_chat_on_extracted_features(tiny_vtimellm, videos, cli
   assert from_video["token_ids"] != tiny_vtimellm.hf_greedy(_v1(QUERY), np.load(extracted / "v2.npy"), 6)
 
 
-@pytest.mark.parametrize("content", ["garbage", "truncated", "missing"])
+@pytest.mark.parametrize("content", ["garbage", pytest.param("truncated", marks=pytest.mark.slow),
+                                     pytest.param("missing", marks=pytest.mark.slow)])
 def test_chat_unreadable_video_is_a_user_error(tiny_vtimellm, videos, tmp_path, capsys, content):
   path = tmp_path / "broken.mp4"
   if content == "garbage":

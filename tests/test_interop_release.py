@@ -191,6 +191,7 @@ def test_convert_release_equals_release_loader(release, converted):
   _check_model_dir(converted, release.reference, release.config.vocab_size)
 
 
+@pytest.mark.slow
 def test_keep_lora_equals_merged(release, kept):
   meta = model_io.read_model_json(kept)
   assert meta["lora"]["rank"] == 8 and sorted(meta["lora"]["targets"]) == sorted(TARGETS)
@@ -249,6 +250,7 @@ def _flat(tree, prefix=""):
     yield from (_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else [(prefix + k, v)])
 
 
+@pytest.mark.slow
 def test_export_hf_loads_in_transformers(release, kept, tmp_path):
   import transformers
 

@@ -35,6 +35,7 @@ def _quiet(_):
   pass
 
 
+@pytest.mark.slow
 def test_three_stages_learn_and_hand_off(dataset, tmp_path):
   common = ["--config.epochs=40", "--config.max_steps=50", "--config.global_batch=8", "--config.micro_batch=4",
             "--config.mesh.devices=1"]

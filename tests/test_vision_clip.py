@@ -242,6 +242,7 @@ def _separate_qkv_layout(params: dict) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_model_dir_with_separate_qkv_loads_fused(tmp_path):
   model = _hf_model(seed=10)
   model.save_pretrained(tmp_path / "hf")

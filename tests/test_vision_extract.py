@@ -232,6 +232,7 @@ def test_bad_arguments_are_user_errors(tmp_path, capsys):
   assert "no video files found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_clip_directory_sets_the_input_size(video_dir, tmp_path):
   # A small CLIP (here 32 px) gets frames preprocessed to its own size, not the release's 224.
   import dataclasses
