@@ -5,8 +5,8 @@ free row (its prompt padded to a multiple of `answerer.PAD_MULTIPLE` tokens, the
 spliced in at its placeholder) and yields its first token; requests that wait together are
 prefilled together into free rows that lie together (a power-of-two count, padded to the longest).
 After that each decode step advances every busy row at once, each writing at its own position (as
-`generate` does for rows of different lengths). A row that reaches its eos or its token budget frees its slot, and the next waiting
-request is prefilled into it before the next step.
+`generate` does for rows of different lengths). A row that reaches its eos or its token budget frees
+its slot, and the next waiting request is prefilled into it before the next step.
 
 A decode step costs what its batch and its window hold, not what the cache holds: it runs on the
 first `batch_bucket(busy, slots)` rows (the smallest power of two that holds the busy rows) and
@@ -385,7 +385,7 @@ class Engine:
     program = self._program("prefill", len(requests), ids.shape[1], features.shape[1],
                             any(r.top_p < 1 for r in requests))
     self._cache, tokens, lengths = program(
-        self._state, self._cache, np.int32(row0), ids, mask.astype(np.int32), features, key_data,
+        self._state, self._cache, np.int32(row0), ids, mask, features, key_data,
         np.asarray([r.temperature for r in requests], np.float32), np.asarray([r.top_p for r in requests], np.float32))
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     self.stats.prefills += len(batch)
