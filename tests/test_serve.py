@@ -352,10 +352,15 @@ def test_text_deltas_add_up_to_the_answer_under_byte_fallback(service):
   pieces = encoder.pieces(range(len(encoder)))
   byte_ids = [i for i, p in enumerate(pieces) if p.startswith("<0x")]
   text_ids = [i for i, p in enumerate(pieces) if not p.startswith("<") and not p.startswith("\u2581<")]
-  assert len(byte_ids) == 256 and text_ids
+  # Special tokens the answer drops (a random model emits them): bytes on either side decode together.
+  # Ids past the tokenizer's pieces (a model's padded vocabulary) are dropped as well.
+  dropped_ids = [i for i, p in enumerate(pieces) if p.startswith("<") and i not in byte_ids and i != encoder.eos_id]
+  dropped_ids += [len(encoder), len(encoder) + 3]
+  assert len(byte_ids) == 256 and text_ids and dropped_ids
   naive_differs = 0
-  for _ in range(200):
-    ids = [int(rng.choice(byte_ids if rng.rand() < 0.6 else text_ids)) for _ in range(rng.randint(1, 30))]
+  for _ in range(300):
+    kinds = [byte_ids, text_ids, dropped_ids]
+    ids = [int(rng.choice(kinds[rng.choice(3, p=[0.55, 0.35, 0.1])])) for _ in range(rng.randint(1, 30))]
     # Endings the settled text must wait on: a space (stripped), a lead byte, "</s>" spelled out (cut).
     ending = [[], ["<0x20>"], ["<0xE3>"], ["<0x3C>", "<0x2F>", "<0x73>", "<0x3E>"]][rng.randint(4)]
     ids += [encoder.tokenizer.convert_tokens_to_ids(p) for p in ending]
@@ -367,11 +372,6 @@ def test_text_deltas_add_up_to_the_answer_under_byte_fallback(service):
     naive = "".join(service.decode(ids[:n])[len(service.decode(ids[:n - 1])):] for n in range(1, len(ids) + 1))
     naive_differs += naive != service.decode(ids)
   assert naive_differs, "the cases never needed holding back"
-  # A model's vocabulary may run past the tokenizer's pieces (a random model emits such ids): no piece, no byte.
-  ids = [text_ids[0], len(encoder) + 3, text_ids[1]]
-  deltas = service.text_deltas()
-  sent = "".join(deltas.push(ids[:n]) for n in range(1, 4))
-  assert sent + deltas.finish(service.decode(ids)) == service.decode(ids)
 
 
 def test_engine_hands_out_tokens_as_decoded_and_cancel_frees_the_slot(service, media, monkeypatch):

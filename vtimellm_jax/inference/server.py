@@ -110,12 +110,14 @@ class TextDeltas:
   alone would lose the space SentencePiece gives it from its neighbours and split a multi-byte
   character across tokens. A trailing run of byte-fallback tokens is left out until a text token
   closes it, because the tokenizer decodes such a run as one byte string: a byte that cannot end
-  a character turns every byte of its run into U+FFFD, the ones already decoded included.
+  a character turns every byte of its run into U+FFFD, the ones already decoded included. A token the
+  answer's decoding drops (a special token such as `<s>`) does not close a run: the tokenizer never
+  sees it, so the bytes on either side of it are decoded together.
   """
 
-  def __init__(self, decode, is_byte):
+  def __init__(self, decode, in_run):
     self._decode = decode  # ids -> text, as the whole answer is decoded
-    self._is_byte = is_byte  # id -> whether it is a byte-fallback token
+    self._in_run = in_run  # id -> whether it leaves a run of byte tokens open (a byte token, or one dropped)
     self._seen = 0  # ids looked at so far
     self._run = None  # where the trailing run of byte tokens starts, if the ids end with one
     self.sent = ""
@@ -123,7 +125,7 @@ class TextDeltas:
   def push(self, ids) -> str:
     """Returns the text the answer so far adds to what was sent ("" while its tail may still change)."""
     for i in range(self._seen, len(ids)):
-      if not self._is_byte(ids[i]):
+      if not self._in_run(ids[i]):
         self._run = None
       elif self._run is None:
         self._run = i
@@ -184,6 +186,7 @@ class ChatService:
     self.max_new_tokens = max_new_tokens
     self.model_name = model_name
     self.created = int(time.time())
+    self._run_tokens: dict[int, bool] = {}  # token -> `_in_byte_run`
 
   def model_card(self) -> dict:
     """Returns the served model as OpenAI's /v1/models lists one."""
@@ -235,13 +238,18 @@ class ChatService:
 
   def text_deltas(self) -> TextDeltas:
     """Returns a TextDeltas of this model's tokenizer, for one streamed answer."""
-    encoder = self.engine.bot.encoder
+    return TextDeltas(self.decode, self._in_byte_run)
 
-    def is_byte(i: int) -> bool:  # an id past the tokenizer's pieces (a model's padded vocabulary) has no piece
-      piece = encoder.pieces([i])[0]
-      return piece is not None and _BYTE_PIECE.fullmatch(piece) is not None
-
-    return TextDeltas(self.decode, is_byte)
+  def _in_byte_run(self, token: int) -> bool:
+    """Returns whether `token` leaves a run of byte-fallback tokens open: it is one, or the answer's
+    decoding drops it (it decodes to nothing: a special token, or an id past the tokenizer's pieces
+    in a model's padded vocabulary, which has no piece)."""
+    if token not in self._run_tokens:
+      encoder = self.engine.bot.encoder
+      piece = encoder.pieces([token])[0]
+      self._run_tokens[token] = ((piece is not None and _BYTE_PIECE.fullmatch(piece) is not None)
+                                 or encoder.answer_text([token]) == "")
+    return self._run_tokens[token]
 
   def answer_fields(self, tokens: list[int], positions: int, max_new: int, duration: float | None) -> dict:
     """Returns what both reply forms say of an answer: its text, finish reason, usage, moments and duration."""
