@@ -11,6 +11,7 @@ from flax import nnx
 
 from gpu_fixtures import needs_cuda_plugin
 from hf_reference import assert_cached_decode_matches_forward, hf_glm, hf_llama, jax_from_hf, jax_from_hf_glm
+from vtimellm_jax import sharding
 from vtimellm_jax.inference import generate
 from vtimellm_jax.models import answering, chatglm, llama, lora
 from vtimellm_jax.models.kv_cache import CacheStep
@@ -126,6 +127,18 @@ def test_decode_step_reads_the_weights_and_the_window_not_the_cache():
 
 
 
+def test_cpu_decode_step_multiplies_the_window_as_matmuls():
+  # On a CPU both products with the cache window (logits, then values) are dots: XLA's CPU backend
+  # runs the multiply-and-reduce form through a reduce fusion many times slower (models/kv_cache.py).
+  config = llama.tiny(num_kv_heads=2)
+  model = answering.answering_layout(LlamaForCausalLM(config, nnx.Rngs(0)))
+  window, kv, group = 256, config.num_kv_heads, config.num_heads // config.num_kv_heads
+  text = _compiled_decode_step(model, 1024, window).as_text()
+  logits = re.findall(rf"= f32\[{_B},{kv},{group},{window}\]\S* dot\(", text)
+  values = re.findall(rf"= f32\[{_B},{kv},{group},{config.head_size}\]\S* dot\(", text)
+  assert len(logits) == len(values) == config.num_layers, (logits, values)
+  assert not re.search(rf"= f32\[[\d,]*{window}\]\S* reduce\(", text)  # no logit comes from a reduction
+
 @needs_cuda_plugin
 def test_gpu_decode_loop_reads_weights_and_cache_in_place():
   # A stretch of generate's decode loop compiled for a compile-only H100 (the CUDA plugin): 7B
@@ -147,10 +160,12 @@ def test_gpu_decode_loop_reads_weights_and_cache_in_place():
   floats = place(jax.ShapeDtypeStruct((), jnp.float32))
   sampling = (place(jax.eval_shape(lambda: jax.random.split(jax.random.key(0), _B))), floats, floats, ints(), ints(1))
   cache = jax.tree.map(place, jax.eval_shape(lambda: model.init_cache(_B, cache_len)))
-  compiled = generate._continue_jit.lower(  # pylint: disable=protected-access
-      graphdef, jax.tree.map(place, state), cache,
-      ints(_B, new_tokens), place(jax.ShapeDtypeStruct((_B,), jnp.bool_)), ints(), ints(), ints(), ints(_B), *sampling,
-      window=512, greedy=True, nucleus=False, top_k=0).compile()
+  # Traced under the H100's mesh, so that the decode attention takes its GPU form, not this host's.
+  with jax.sharding.use_abstract_mesh(sharding.single_device_mesh(device).abstract_mesh):
+    compiled = generate._continue_jit.lower(  # pylint: disable=protected-access
+        graphdef, jax.tree.map(place, state), cache,
+        ints(_B, new_tokens), place(jax.ShapeDtypeStruct((_B,), jnp.bool_)), ints(), ints(), ints(), ints(_B),
+        *sampling, window=512, greedy=True, nucleus=False, top_k=0).compile()
   text = compiled.as_text()
   # A copy of one kernel (4096 x 4096), of one layer's cache (4 x 32 x 1280 x 128) or of one window
   # (4 x 32 x 512 x 128) would each take 16 MiB or more of temporaries; the loop needs a few.

@@ -82,10 +82,10 @@ def test_platform_is_the_context_meshs():
   # An AOT compile for a TPU from this CPU host traces under the TPU mesh: "auto" must see a TPU.
   from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
 
-  assert llama.target_platform() == "cpu"
+  assert sharding.target_platform() == "cpu"
   tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=AbstractDevice("TPU v5 lite", None, "tpu"))
   with jax.sharding.use_abstract_mesh(tpu_mesh):
-    assert llama.target_platform() == "tpu"
+    assert sharding.target_platform() == "tpu"
 
 
 def test_unknown_attention_impl_is_refused():

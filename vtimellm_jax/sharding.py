@@ -129,6 +129,17 @@ def state_shardings(state: nnx.State, mesh: Mesh):
   return out
 
 
+def target_platform() -> str:
+  """Returns the platform being compiled for: the context mesh's, else the default backend's.
+
+  The trainer traces its step under its mesh, so an AOT compile for a TPU from a CPU host sees "tpu".
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def single_device_mesh(device=None) -> Mesh:
   """Returns a (1, 1, 1) mesh over one device (default: this process's first), where every array lives whole."""
   return Mesh(np.asarray([device or jax.local_devices()[0]]).reshape(1, 1, 1), MESH_AXES)

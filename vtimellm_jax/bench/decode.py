@@ -104,6 +104,7 @@ def step_cost(size: str, dtype: str, quant: str, batch: int = 1, prompt_len: int
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vtimellm_jax import sharding  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.inference import generate  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models import answering, families, kv_cache, lora  # pylint: disable=g-import-not-at-top
   from vtimellm_jax.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
@@ -130,7 +131,10 @@ def step_cost(size: str, dtype: str, quant: str, batch: int = 1, prompt_len: int
   placed = jax.sharding.SingleDeviceSharding(device)
   args = (state, cache, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch, 1), jnp.int32))
   args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), args)
-  compiled = jax.jit(step).lower(*args).compile()
+  # Traced under the device's mesh, so that what depends on the platform (`sharding.target_platform`)
+  # is decided for that device rather than for this host.
+  with jax.sharding.use_abstract_mesh(sharding.single_device_mesh(device).abstract_mesh):
+    compiled = jax.jit(step).lower(*args).compile()
   cost = compiled.cost_analysis()  # None from a compile-only GPU client
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   memory = compiled.memory_analysis()

@@ -31,7 +31,7 @@ from flax import nnx
 
 from vtimellm_jax import model_io
 from vtimellm_jax.errors import UserError
-from vtimellm_jax.models.llama import target_platform
+from vtimellm_jax.sharding import target_platform
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -156,7 +156,7 @@ class Embeddings(nnx.Module):
 def attention_kernel(requested: str, dtype, head_dim: int) -> str:
   """Returns the `jax.nn.dot_product_attention` implementation `requested` means ("auto" resolved).
 
-  "auto" is decided for the platform being compiled for (`llama.target_platform`): cuDNN flash
+  "auto" is decided for the platform being compiled for (`sharding.target_platform`): cuDNN flash
   attention on a GPU when the compute is 16-bit and the head dim fits it, else XLA. The XLA path
   writes float32 scores [B, N, T, T] to memory and reads them back for the softmax; cuDNN keeps
   them on chip. float32 stays on XLA, the exact path the parity tests check. A TPU takes XLA:

@@ -19,10 +19,14 @@ carried through the layers and the decode loop, and every write updates it in pl
            to a power of two (`decode_window`), so one compiled step serves many lengths and the
            slots beyond the window are never read.
 
-Decode attention is written as multiply-and-reduce rather than as matmuls: at one query per row it
-is a matrix-vector product bound by reading the cache, and as a reduction XLA fuses the window
-slice, the upcast and the product into one pass over the keys (and one over the values); a matmul
-would take a copy of the window as its operand.
+Decode attention against the cache is a matrix-vector product per row and head, bound by reading the
+cache. On GPU and TPU it is written as multiply-and-reduce: XLA fuses the window slice, the upcast
+and the product into one pass over the keys (and one over the values), where a matmul would take a
+copy of the window as its operand. On CPU it is written as matmuls (einsum): XLA's CPU backend
+hands a broadcast multiply-and-reduce to its YNNPACK reduce fusion, which runs it an order of
+magnitude slower than a matmul of the same window (docs/performance.md, "Decoding on a CPU").
+The platform is the one being compiled for (`sharding.target_platform`), so an AOT compile for a
+GPU from a CPU host gets the GPU form.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from vtimellm_jax.sharding import target_platform
 
 # The smallest window a decode step reads; windows are powers of two from here (a few compiled steps
 # per cache length), and cache lengths multiples of it (so prompts of nearby lengths share them).
@@ -155,7 +161,11 @@ def decode_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, ca
   k_bksh, v_bkhs = _read(cache.k, layer, (b, heads, window, h)), _read(cache.v, layer, (b, heads, h, window))
   q_bkgth = f32(q_btnh.reshape(b, t, heads, n // heads, h).transpose(0, 2, 3, 1, 4)) * jnp.float32(h**-0.5)
   k_bkuh, v_bkuh = (x.transpose(0, 2, 1, 3) for x in (k_btkh, v_btkh))  # the new tokens as keys: u indexes them
-  old = jnp.sum(q_bkgth[..., None, :] * f32(k_bksh[:, :, None, None]), axis=-1)  # [B, K, G, T, S]
+  by_matmul = target_platform() == "cpu"  # see the module docstring
+  if by_matmul:
+    old = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, f32(k_bksh))
+  else:
+    old = jnp.sum(q_bkgth[..., None, :] * f32(k_bksh[:, :, None, None]), axis=-1)  # [B, K, G, T, S]
   new = jnp.sum(q_bkgth[..., None, :] * f32(k_bkuh[:, :, None, None]), axis=-1)  # [B, K, G, T, U]
   slots = jnp.arange(window)
   if step.slot is not None:
@@ -170,8 +180,11 @@ def decode_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, ca
                             jnp.where(causal, new, -jnp.inf)], axis=-1)
   probs = f32(jax.nn.softmax(logits, axis=-1).astype(cache.dtype))
   # Values are stored with the slots last, so this reduces over the minor axis as the logits do.
-  out = (jnp.sum(probs[..., None, :window] * f32(v_bkhs[:, :, None, None]), axis=-1)
-         + jnp.sum(probs[..., window:, None] * f32(v_bkuh[:, :, None, None]), axis=-2))  # [B, K, G, T, H]
+  if by_matmul:
+    out_old = jnp.einsum("bkgts,bkhs->bkgth", probs[..., :window], f32(v_bkhs))
+  else:
+    out_old = jnp.sum(probs[..., None, :window] * f32(v_bkhs[:, :, None, None]), axis=-1)  # [B, K, G, T, H]
+  out = out_old + jnp.sum(probs[..., window:, None] * f32(v_bkuh[:, :, None, None]), axis=-2)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 

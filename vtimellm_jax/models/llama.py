@@ -33,6 +33,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from vtimellm_jax import cli_types, sharding
+from vtimellm_jax.sharding import target_platform
 from vtimellm_jax.errors import UserError
 from vtimellm_jax.models import kv_cache, per_head_attention, quant
 from vtimellm_jax.models.kv_cache import CacheStep, KVCache
@@ -260,17 +261,6 @@ def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: b
   cos, sin = cos[:, :, None, :].astype(x_btnh.dtype), sin[:, :, None, :].astype(x_btnh.dtype)
   out = rot * cos + rotated * sin
   return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
-
-
-def target_platform() -> str:
-  """Returns the platform being compiled for: the context mesh's, else the default backend's.
-
-  The trainer traces its step under its mesh, so an AOT compile for a TPU from a CPU host sees "tpu".
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
 
 
 def attention_impl(config: LlamaConfig) -> str:
