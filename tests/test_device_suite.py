@@ -165,6 +165,7 @@ def test_missing_module_is_reported_before_measuring(tmp_path):
   assert "vtimellm_no_such_module" in lines[-1]["error"] and f"not among the wheels in {wheels}" in lines[-1]["error"]
 
 
+@pytest.mark.slow  # the suite's command end to end, twice (CI's second run)
 def test_steps_runs_only_the_named_steps(tmp_path):
   out = tmp_path / "suite.jsonl"
   proc = _run("--size", "tiny", "--out", str(out), "--steps", "decode,torch_train_ckpt", tmp_path=tmp_path, timeout=300)

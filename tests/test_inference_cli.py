@@ -137,6 +137,7 @@ def _release_iou(answer, start, end, duration):
   return round(max(0, min(e, ge) - max(s, gs)) / (max(e, ge) - min(s, gs)), 2)
 
 
+@pytest.mark.slow  # eval end to end, interrupted and resumed (CI's second run)
 def test_eval_is_resumable_and_writes_the_release_log(tiny_vtimellm, feats, tmp_path, capsys):
   folder, arrays = feats
   data = _annotations(tmp_path / "ann.json")

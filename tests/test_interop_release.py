@@ -214,6 +214,7 @@ def test_chat_greedy_equals_torch_generate(release, converted, tmp_path, capsys)
   assert got == ref.hf_greedy(prompt, feats, 6)
 
 
+@pytest.mark.slow  # an export read back through peft (CI's second run)
 def test_export_release_loads_in_peft_and_round_trips(release, kept, tmp_path):
   out = tmp_path / "torch"
   assert cli.main(["export", "--model", str(kept), "--format", "release", "--out", str(out)]) == 0
